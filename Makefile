@@ -1,0 +1,36 @@
+# Every target that needs the virtualenv builds it first (scripts/bootstrap.sh is quick when nothing changed).
+VENV ?= .venv
+BIN := $(VENV)/bin
+SOURCES := imagegen tests bench
+
+.PHONY: setup demo demo-stop test format lint typecheck check bench
+
+setup:
+	@bash scripts/bootstrap.sh
+
+## The two commands of the README
+demo: setup
+	@$(BIN)/python -m imagegen.devstack up
+
+test: setup
+	$(BIN)/python -m pytest
+
+demo-stop:
+	@$(BIN)/python -m imagegen.devstack down
+
+## Tooling
+format: setup
+	$(BIN)/ruff format $(SOURCES)
+	$(BIN)/ruff check --fix $(SOURCES)
+
+lint: setup
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+
+typecheck: setup
+	$(BIN)/mypy imagegen tests
+
+check: lint typecheck test
+
+bench: setup
+	$(BIN)/python -m bench

@@ -1,0 +1,102 @@
+"""`imagegen check`: one probe per configured service, none of which costs a generation credit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from arq import create_pool
+from redis.exceptions import RedisError
+
+from .errors import ImagegenError, excerpt
+from .pocketbase import PocketBaseClient
+from .settings import Settings
+from .storage import Storage, open_s3_client
+from .worker import redis_settings
+
+CHECK_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class ServiceCheck:
+    service: str
+    ok: bool
+    detail: str
+
+
+async def check_redis(settings: Settings, http: aiohttp.ClientSession) -> str:
+    try:
+        redis = await create_pool(redis_settings(settings, retries=0))
+    except (RedisError, OSError) as exc:
+        raise ImagegenError(
+            f"cannot connect to {settings.redis_host}:{settings.redis_port} ({type(exc).__name__}); "
+            "check REDIS_HOST, REDIS_PORT and REDIS_PASSWORD"
+        ) from None
+    try:
+        queued = await redis.zcard(settings.queue_name)
+    finally:
+        await redis.aclose()
+    return f"{settings.redis_host}:{settings.redis_port} db {settings.redis_db}, {queued} jobs in {settings.queue_name}"
+
+
+async def check_pocketbase(settings: Settings, http: aiohttp.ClientSession) -> str:
+    await PocketBaseClient(http, settings).check()
+    return (
+        f"{settings.pocketbase_url}, logged in as {settings.pocketbase_email}, "
+        f"collection {settings.pocketbase_collection}"
+    )
+
+
+async def check_storage(settings: Settings, http: aiohttp.ClientSession) -> str:
+    if not settings.tos_bucket:
+        raise ImagegenError("TOS_BUCKET is not set")
+    async with open_s3_client(settings) as client:
+        await Storage(client, settings).check()
+    return f"bucket {settings.tos_bucket} at {settings.tos_endpoint}, public URLs {settings.tos_public_base_url}/..."
+
+
+async def check_jimeng(settings: Settings, http: aiohttp.ClientSession) -> str:
+    """Reachability and key acceptance through the model list: generating an image would cost credits."""
+    if not settings.jimeng_api_key.get_secret_value():
+        raise ImagegenError("JIMENG_API_KEY is not set")
+    url = f"{settings.jimeng_api_url}/models"
+    headers = {"Authorization": f"Bearer {settings.jimeng_api_key.get_secret_value()}"}
+    try:
+        async with http.get(url, headers=headers) as response:
+            body = await response.text(errors="replace")
+    except aiohttp.ClientError as exc:
+        raise ImagegenError(f"cannot reach {settings.jimeng_api_url} ({type(exc).__name__})") from None
+    if response.status in (401, 403):
+        raise ImagegenError(f"{url} refused the key (HTTP {response.status}); check JIMENG_API_KEY")
+    if response.status >= 500:
+        raise ImagegenError(f"{url} answered HTTP {response.status} ({excerpt(body, 80)})")
+    return (
+        f"{settings.jimeng_api_url} reachable "
+        f"(model {settings.jimeng_model}, {settings.jimeng_ratio}, {settings.jimeng_resolution})"
+    )
+
+
+CHECKS: dict[str, Callable[[Settings, aiohttp.ClientSession], Awaitable[str]]] = {
+    "redis": check_redis,
+    "pocketbase": check_pocketbase,
+    "storage": check_storage,
+    "jimeng": check_jimeng,
+}
+
+
+async def _run_one(name: str, settings: Settings, http: aiohttp.ClientSession) -> ServiceCheck:
+    try:
+        detail = await asyncio.wait_for(CHECKS[name](settings, http), CHECK_TIMEOUT)
+    except TimeoutError:
+        return ServiceCheck(name, False, f"no answer within {CHECK_TIMEOUT:.0f} s")
+    except ImagegenError as exc:
+        return ServiceCheck(name, False, str(exc))
+    return ServiceCheck(name, True, detail)
+
+
+async def check_services(settings: Settings) -> list[ServiceCheck]:
+    """Probe every service at once; each result says what is wrong in one line."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT)) as http:
+        return list(await asyncio.gather(*(_run_one(name, settings, http) for name in CHECKS)))

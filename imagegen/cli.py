@@ -1,0 +1,208 @@
+"""The `imagegen` command: a thin shell over `control` and `checks`.
+
+Exit codes: 0 success; 1 some ids were not found, invalid or failed; 2 bad settings or usage;
+3 a service could not be reached or refused us. Expected failures print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, NoReturn
+
+import click
+
+from .checks import check_services
+from .control import Control, EnqueueOutcome, EnqueueReport, JobReport, open_control
+from .errors import ConfigError, ImagegenError
+from .logs import setup_logging
+from .settings import Settings, load_settings
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
+_BAD_OUTCOMES = {EnqueueOutcome.NOT_FOUND, EnqueueOutcome.INVALID, EnqueueOutcome.ERROR}
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"imagegen: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings | None = ctx.obj.get("settings")
+    if settings is None:
+        try:
+            settings = load_settings(ctx.obj["env_file"])
+        except ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
+        setup_logging("ERROR", settings.secrets())
+        ctx.obj["settings"] = settings
+    return settings
+
+
+def run(ctx: click.Context, work: Callable[[Settings], Coroutine[Any, Any, int]]) -> NoReturn:
+    """Run one command's coroutine; expected failures become one line and an exit code."""
+    settings = _settings(ctx)
+    try:
+        code = asyncio.run(work(settings))
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    except ImagegenError as exc:
+        fail(str(exc), EXIT_SERVICE)
+    sys.exit(code)
+
+
+def with_control(ctx: click.Context, action: Callable[[Control], Awaitable[int]]) -> NoReturn:
+    async def work(settings: Settings) -> int:
+        async with open_control(settings) as control:
+            return await action(control)
+
+    run(ctx, work)
+
+
+def _emit_reports(reports: list[EnqueueReport], as_json: bool, verbose: bool = True) -> int:
+    counts: dict[str, int] = {}
+    for report in reports:
+        counts[report.outcome.value] = counts.get(report.outcome.value, 0) + 1
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "results": [{"id": r.prompt_id, "outcome": r.outcome.value, "detail": r.detail} for r in reports],
+                    "counts": counts,
+                },
+                ensure_ascii=False,
+            )
+        )
+    else:
+        for report in reports if verbose else []:
+            detail = f": {report.detail}" if report.detail else ""
+            click.echo(f"{report.prompt_id}  {report.outcome.value}{detail}")
+        summary = ", ".join(f"{n} {name}" for name, n in counts.items()) or "nothing to queue"
+        click.echo(summary)
+    return EXIT_PARTIAL if any(r.outcome in _BAD_OUTCOMES for r in reports) else EXIT_OK
+
+
+@click.group()
+@click.option("--env-file", default=".env", show_default=True, help="Settings file read after the environment.")
+@click.pass_context
+def cli(ctx: click.Context, env_file: str) -> None:
+    """Turn PocketBase prompt records into hosted images through the jimeng API."""
+    ctx.ensure_object(dict)
+    ctx.obj["env_file"] = env_file
+
+
+@cli.command()
+@click.argument("prompt_ids", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Run again even when the record is already done or failed.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def add(ctx: click.Context, prompt_ids: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Queue the given prompt records (ids are 15 characters of a-z0-9)."""
+
+    async def action(control: Control) -> int:
+        reports = [await control.enqueue(prompt_id, force=force) for prompt_id in prompt_ids]
+        return _emit_reports(reports, as_json)
+
+    with_control(ctx, action)
+
+
+@cli.command("add-pending")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--list", "show_each", is_flag=True, help="Print one line per record, not only the counts.")
+@click.pass_context
+def add_pending(ctx: click.Context, as_json: bool, show_each: bool) -> None:
+    """Queue every record that has no image yet and has not failed."""
+
+    async def action(control: Control) -> int:
+        return _emit_reports(await control.enqueue_pending(), as_json, verbose=show_each)
+
+    with_control(ctx, action)
+
+
+@cli.command("retry-failed")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--list", "show_each", is_flag=True, help="Print one line per record, not only the counts.")
+@click.pass_context
+def retry_failed(ctx: click.Context, as_json: bool, show_each: bool) -> None:
+    """Queue every failed record again."""
+
+    async def action(control: Control) -> int:
+        from .models import RecordStatus
+
+        failed = control.pocketbase.status_filter(RecordStatus.FAILED)
+        return _emit_reports(await control.enqueue_where(failed, force=True), as_json, verbose=show_each)
+
+    with_control(ctx, action)
+
+
+def _format_report(report: JobReport) -> str:
+    data: dict[str, Any] = report.to_json()
+    lines = [
+        f"id:        {report.prompt_id}",
+        f"state:     {report.state.value}",
+        f"tries:     {report.tries}",
+    ]
+    for label, key in (
+        ("enqueued:", "enqueued_at"),
+        ("started:", "started_at"),
+        ("finished:", "finished_at"),
+        ("next try:", "scheduled_for"),
+    ):
+        if data[key]:
+            lines.append(f"{label:<10} {data[key]}")
+    if data["duration_seconds"] is not None:
+        lines.append(f"duration:  {data['duration_seconds']:.1f}s")
+    if report.error:
+        lines.append(f"error:     {report.error}")
+    if report.record_status is None:
+        lines.append("record:    not found in PocketBase")
+    else:
+        lines.append(f"record:    {report.record_status or 'pending'}")
+        for url in report.images or ([report.image_url] if report.image_url else []):
+            lines.append(f"image:     {url}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("prompt_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def inspect(ctx: click.Context, prompt_id: str, as_json: bool) -> None:
+    """Show a prompt's job state, tries, timings, last error and image URLs."""
+
+    async def action(control: Control) -> int:
+        report = await control.inspect(prompt_id)
+        click.echo(json.dumps(report.to_json(), ensure_ascii=False) if as_json else _format_report(report))
+        return EXIT_OK
+
+    try:
+        from .models import validate_prompt_id
+
+        validate_prompt_id(prompt_id)
+    except ImagegenError as exc:
+        fail(str(exc), EXIT_USAGE)
+    with_control(ctx, action)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def check(ctx: click.Context, as_json: bool) -> None:
+    """Test each configured service; one line per service saying what is wrong."""
+
+    async def work(settings: Settings) -> int:
+        results = await check_services(settings)
+        if as_json:
+            click.echo(json.dumps([{"service": r.service, "ok": r.ok, "detail": r.detail} for r in results]))
+        else:
+            for r in results:
+                click.echo(f"{r.service:<11} {'ok  ' if r.ok else 'FAIL'} {r.detail}")
+        return EXIT_OK if all(r.ok for r in results) else EXIT_SERVICE
+
+    run(ctx, work)
+
+
+def main() -> None:
+    cli(obj={})

@@ -1,0 +1,132 @@
+"""Streaming the generated images from the API's short-lived links.
+
+The real image type is read from the first bytes (PNG, JPEG, WebP), never from the URL, and the body is
+handed on chunk by chunk with a size cap, so memory stays bounded whatever the image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .errors import DownloadError, FailureKind, LinkExpiredError, excerpt
+from .models import ImageType
+
+_HEAD_BYTES = 16
+
+
+def sniff_image_type(head: bytes) -> ImageType | None:
+    """The image type announced by a file's first bytes, or None when it is not PNG, JPEG or WebP."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ImageType.PNG
+    if head.startswith(b"\xff\xd8\xff"):
+        return ImageType.JPEG
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return ImageType.WEBP
+    return None
+
+
+def describe_link(url: str) -> str:
+    """A link without its query string: signatures and expiry tokens stay out of logs."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+class ImageDownload:
+    """An image body being downloaded: `read(n)` returns exactly n bytes until the end, as uploads expect."""
+
+    def __init__(self, response: aiohttp.ClientResponse, url: str, max_bytes: int) -> None:
+        self._response = response
+        self._url = url
+        self._max_bytes = max_bytes
+        self._pending = b""
+        self.declared_length = response.content_length
+        self.bytes_read = 0
+        self.image_type = ImageType.PNG
+
+    async def _start(self) -> None:
+        head = await self._read_raw(_HEAD_BYTES)
+        found = sniff_image_type(head)
+        if found is None:
+            raise DownloadError(
+                f"{describe_link(self._url)} did not serve an image (first bytes {head[:8]!r}, "
+                f"Content-Type {self._response.content_type})",
+                kind=FailureKind.TRANSIENT,
+            )
+        self.image_type = found
+        self._pending = head
+
+    async def _read_raw(self, n: int) -> bytes:
+        chunks: list[bytes] = []
+        wanted = n
+        try:
+            while wanted > 0:
+                chunk = await self._response.content.read(wanted)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                wanted -= len(chunk)
+        except aiohttp.ClientPayloadError as exc:
+            raise DownloadError(
+                f"download of {describe_link(self._url)} was cut off after {self.bytes_read} bytes "
+                f"({excerpt(str(exc), 80)})"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise DownloadError(f"download of {describe_link(self._url)} failed: {type(exc).__name__}") from None
+        data = b"".join(chunks)
+        self.bytes_read += len(data)
+        if self.bytes_read > self._max_bytes:
+            raise DownloadError(
+                f"image at {describe_link(self._url)} is larger than DOWNLOAD_MAX_BYTES={self._max_bytes}",
+                kind=FailureKind.PERMANENT,
+            )
+        if len(data) < n and self.declared_length is not None and self.bytes_read < self.declared_length:
+            raise DownloadError(
+                f"download of {describe_link(self._url)} was cut off at {self.bytes_read} of "
+                f"{self.declared_length} bytes"
+            )
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to n bytes (all that is left when n < 0); fewer only at the end of the image."""
+        if n < 0:
+            rest = await self._read_raw(self._max_bytes + 1 - self.bytes_read)
+            data, self._pending = self._pending + rest, b""
+            return data
+        if len(self._pending) >= n:
+            data, self._pending = self._pending[:n], self._pending[n:]
+            return data
+        data = self._pending + await self._read_raw(n - len(self._pending))
+        self._pending = b""
+        return data
+
+
+@asynccontextmanager
+async def open_image(
+    session: aiohttp.ClientSession, url: str, *, max_bytes: int, time_limit: float
+) -> AsyncIterator[ImageDownload]:
+    """Open a generated image link and yield its body, type already sniffed from the first bytes."""
+    link = describe_link(url)
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=time_limit)) as response:
+            if response.status in (403, 404, 410):
+                raise LinkExpiredError(
+                    f"{link} answered HTTP {response.status}: the link has expired", status=response.status
+                )
+            if response.status != 200:
+                raise DownloadError(f"{link} answered HTTP {response.status}", status=response.status)
+            if response.content_length is not None and response.content_length > max_bytes:
+                raise DownloadError(
+                    f"image at {link} is {response.content_length} bytes, over DOWNLOAD_MAX_BYTES={max_bytes}",
+                    kind=FailureKind.PERMANENT,
+                )
+            download = ImageDownload(response, url, max_bytes)
+            await download._start()
+            yield download
+    except TimeoutError:
+        raise DownloadError(f"download of {link} took longer than {time_limit:.0f} s") from None
+    except aiohttp.ClientError as exc:
+        raise DownloadError(f"download of {link} failed: {type(exc).__name__}") from None

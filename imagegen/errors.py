@@ -1,0 +1,131 @@
+"""Every error imagegen raises, in one tree.
+
+    ImagegenError                      base: one readable line, `kind` says what to do about it
+    ├── ConfigError                    a setting is missing or invalid (kind = account)
+    ├── InvalidPromptId                a prompt id that is not 15 chars of [a-z0-9] (permanent)
+    └── ServiceError                   a call to an outside service failed; keeps service/status/detail
+        ├── JimengError                the image API (with the proxy's `code` when it sent one)
+        ├── DownloadError              fetching the generated image bytes
+        │   └── LinkExpiredError       the image link answered 403/404: generate again
+        ├── StorageError               the S3-compatible bucket
+        ├── PocketBaseError            the record store
+        │   └── RecordNotFound         no record with that id (permanent)
+        └── QueueError                 Redis, which holds the queue
+
+`FailureKind` is the split that drives retries:
+- TRANSIENT: try the same job again later (timeouts, dropped connections, 5xx, 429, empty results);
+- PERMANENT: this prompt can't succeed as it is (moderation, bad request, empty prompt): fail it now;
+- ACCOUNT: the account or configuration is wrong (expired key, no credits, bad S3 credentials):
+  every job would fail the same way, so the queue must stop.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FailureKind(StrEnum):
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    ACCOUNT = "account"
+
+
+class ImagegenError(Exception):
+    """Base of every expected failure; `str()` is one line fit for a log or a CLI message."""
+
+    kind: FailureKind = FailureKind.PERMANENT
+
+    def __init__(self, message: str, *, kind: FailureKind | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if kind is not None:
+            self.kind = kind
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ImagegenError):
+    """A setting is missing or invalid; the message names the variable and the fix."""
+
+    kind = FailureKind.ACCOUNT
+
+
+class InvalidPromptId(ImagegenError):
+    kind = FailureKind.PERMANENT
+
+
+class ServiceError(ImagegenError):
+    """A call to an outside service failed.
+
+    `service` names it ("jimeng", "pocketbase", ...), `status` is the HTTP status when there was one and
+    `detail` an excerpt of what the service said, already free of secrets.
+    """
+
+    service = "service"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: FailureKind | None = None,
+        status: int | None = None,
+        detail: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, kind=kind)
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"{self.service}: {self.message}"
+
+
+class JimengError(ServiceError):
+    service = "jimeng"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: FailureKind | None = None,
+        status: int | None = None,
+        code: int | None = None,
+        detail: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, kind=kind, status=status, detail=detail, retry_after=retry_after)
+        self.code = code
+
+
+class DownloadError(ServiceError):
+    service = "image download"
+    kind = FailureKind.TRANSIENT
+
+
+class LinkExpiredError(DownloadError):
+    """The generated image link no longer serves the image (the API's links expire within hours)."""
+
+
+class StorageError(ServiceError):
+    service = "storage"
+
+
+class PocketBaseError(ServiceError):
+    service = "pocketbase"
+
+
+class RecordNotFound(PocketBaseError):
+    kind = FailureKind.PERMANENT
+
+
+class QueueError(ServiceError):
+    service = "redis"
+    kind = FailureKind.TRANSIENT
+
+
+def excerpt(text: str, limit: int = 200) -> str:
+    """One line of at most `limit` characters of a service's answer, for error messages."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"

@@ -1,0 +1,17 @@
+"""A jimeng-compatible image API for tests and the local stack: real images, the proxy's error bodies,
+scripted failures, latency, and counters of calls per prompt."""
+
+from .modes import PROXY_ERRORS, TRANSIENT_MODES
+from .render import ImageFormat, render_image
+from .server import JimengSandbox, SandboxConfig
+from .thread import SandboxThread
+
+__all__ = [
+    "PROXY_ERRORS",
+    "TRANSIENT_MODES",
+    "ImageFormat",
+    "JimengSandbox",
+    "SandboxConfig",
+    "SandboxThread",
+    "render_image",
+]

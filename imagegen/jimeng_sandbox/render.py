@@ -1,0 +1,46 @@
+"""Real, distinct images rendered from a prompt: a colour from the prompt's hash and the prompt's words."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import textwrap
+from enum import StrEnum
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+class ImageFormat(StrEnum):
+    PNG = "PNG"
+    JPEG = "JPEG"
+    WEBP = "WEBP"
+
+    @property
+    def content_type(self) -> str:
+        return {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[self.value]
+
+    @property
+    def extension(self) -> str:
+        return {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}[self.value]
+
+
+# The formats of one generation, by position: the real API mixes them too.
+FORMAT_CYCLE = (ImageFormat.PNG, ImageFormat.JPEG, ImageFormat.WEBP, ImageFormat.PNG)
+
+
+def render_image(prompt: str, index: int, fmt: ImageFormat, size: int = 256, salt: str = "") -> bytes:
+    """An image that differs per prompt, position and salt, with the prompt written on it."""
+    digest = hashlib.sha256(f"{salt}|{index}|{prompt}".encode()).digest()
+    background = (digest[0], digest[1], digest[2])
+    foreground = tuple(255 - c for c in background)
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    accent = (digest[3], digest[4], digest[5])
+    inset = size // 8 + digest[6] % (size // 8)
+    draw.ellipse((inset, inset, size - inset, size - inset), outline=accent, width=max(2, size // 64))
+    font = ImageFont.load_default(size=max(10, size // 18))
+    text = "\n".join(textwrap.wrap(prompt[:200], width=24)[:8]) or "(empty prompt)"
+    draw.multiline_text((size // 16, size // 16), f"#{index + 1}\n{text}", fill=foreground, font=font)
+    out = io.BytesIO()
+    image.save(out, format=fmt.value, **({"quality": 85} if fmt is not ImageFormat.PNG else {}))
+    return out.getvalue()

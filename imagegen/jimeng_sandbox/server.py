@@ -1,0 +1,304 @@
+"""A jimeng-compatible image API on this machine: the fake of the tests and the sandbox of the local stack.
+
+`POST /v1/images/generations` answers like the OpenAI-compatible proxy (errors as HTTP 200 with a negative
+`code`), `GET /img/<token>` serves the generated images until their links expire, `GET /v1/models` lists
+models. Control endpoints under `/_sandbox/` (no auth) script outcomes and read the counters that tests use
+to assert "generated exactly once".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .modes import (
+    EXPIRED_BODY,
+    HTTP_ERRORS,
+    NGINX_502,
+    PROXY_ERRORS,
+    TRANSIENT_MODES,
+    is_known,
+    marker_mode,
+)
+from .render import FORMAT_CYCLE, ImageFormat, render_image
+
+ANY_PROMPT = "*"
+_REJECTED_FIELDS = ("size", "width", "height")
+
+
+@dataclass
+class SandboxConfig:
+    api_key: str
+    latency: float = 0.0
+    jitter: float = 0.0
+    images_per_call: int = 4
+    image_size: int = 256
+    link_ttl: float = 3 * 3600
+    retry_after: int = 2
+    huge_bytes: int = 64 * 1024 * 1024
+    fail_rate: float = 0.0
+    seed: int = 0
+    public_base: str | None = None
+
+
+@dataclass
+class HostedImage:
+    prompt: str
+    fmt: ImageFormat
+    data: bytes
+    expires: float
+    mode: str
+
+
+class JimengSandbox:
+    """State (images, scripts, counters) and the aiohttp application; safe to read from another thread."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._random = random.Random(config.seed)
+        self._calls: Counter[str] = Counter()
+        self._generations: Counter[str] = Counter()
+        self._downloads: Counter[str] = Counter()
+        self._served: dict[str, list[bytes]] = {}
+        self._images: dict[str, HostedImage] = {}
+        self._scripts: dict[str, deque[str]] = {}
+        self.base_url = ""
+        self.app = web.Application()
+        self.app.add_routes(
+            [
+                web.post("/v1/images/generations", self._generate),
+                web.get("/v1/models", self._models),
+                web.get("/img/{token}", self._image),
+                web.get("/_sandbox/stats", self._stats),
+                web.post("/_sandbox/reset", self._reset),
+                web.post("/_sandbox/script", self._script),
+                web.post("/_sandbox/expire", self._expire),
+            ]
+        )
+
+    # --- Python API, for tests in the same process ---
+    def script(self, prompt: str, outcomes: list[str]) -> None:
+        """Queue outcomes (e.g. ["-2007", "ok"]) for the next calls with this prompt ("*": any prompt)."""
+        unknown = [o for o in outcomes if not is_known(o)]
+        if unknown:
+            raise ValueError(f"unknown sandbox outcomes: {unknown}")
+        with self._lock:
+            self._scripts.setdefault(prompt, deque()).extend(outcomes)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._calls.clear()
+            self._generations.clear()
+            self._downloads.clear()
+            self._served.clear()
+            self._images.clear()
+            self._scripts.clear()
+
+    def expire_links(self) -> None:
+        with self._lock:
+            for image in self._images.values():
+                image.expires = 0.0
+
+    def calls(self, prompt: str) -> int:
+        """Generation calls received for this prompt, failed ones included."""
+        with self._lock:
+            return self._calls[prompt]
+
+    def generations(self, prompt: str) -> int:
+        """Calls for this prompt that returned images: the paid ones."""
+        with self._lock:
+            return self._generations[prompt]
+
+    def served_images(self, prompt: str) -> list[bytes]:
+        """The image bytes of the latest successful generation for this prompt, in link order."""
+        with self._lock:
+            return list(self._served.get(prompt, []))
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "calls": dict(self._calls),
+                "generations": dict(self._generations),
+                "downloads": dict(self._downloads),
+                "total_calls": sum(self._calls.values()),
+                "total_generations": sum(self._generations.values()),
+                "total_downloads": sum(self._downloads.values()),
+            }
+
+    # --- the API ---
+    def _choose(self, prompt: str) -> str:
+        with self._lock:
+            for key in (prompt, ANY_PROMPT):
+                queue = self._scripts.get(key)
+                if queue:
+                    return queue.popleft()
+            marked = marker_mode(prompt)
+            if marked is not None:
+                return marked
+            if self.config.fail_rate and self._random.random() < self.config.fail_rate:
+                return self._random.choice(TRANSIENT_MODES)
+        return "ok"
+
+    @staticmethod
+    def _proxy_error(code: int, message: str) -> web.Response:
+        return web.json_response({"code": code, "message": message, "data": None})
+
+    def _check_request(self, request: web.Request, payload: Any) -> web.Response | None:
+        auth = request.headers.get("Authorization", "")
+        if not auth:
+            return self._proxy_error(-2000, "缺少 Authorization 请求头 (missing Authorization)")
+        if auth != f"Bearer {self.config.api_key}":
+            return self._proxy_error(-2002, "[登录失效]: login error (ret 1015), 请重新获取 sessionid")
+        if not isinstance(payload, dict):
+            return self._proxy_error(-2000, "请求体必须是 JSON 对象")
+        rejected = [f for f in _REJECTED_FIELDS if f in payload]
+        if rejected:
+            return self._proxy_error(-1000, f"不支持的参数: {', '.join(rejected)}, 请使用 ratio 和 resolution 参数")
+        if not isinstance(payload.get("prompt"), str) or not payload["prompt"].strip():
+            return self._proxy_error(-2000, "请求参数非法: prompt 不能为空")
+        return None
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            payload = await request.json()
+        except ValueError:
+            payload = None
+        refused = self._check_request(request, payload)
+        if refused is not None:
+            return refused
+        prompt: str = payload["prompt"]
+        with self._lock:
+            self._calls[prompt] += 1
+        mode = self._choose(prompt)
+        delay = self.config.latency + self._random.uniform(0, self.config.jitter)
+        if mode.startswith("slow:"):
+            delay += float(mode[5:])
+        if delay:
+            await asyncio.sleep(delay)
+        return await self._play(request, prompt, mode)
+
+    async def _play(self, request: web.Request, prompt: str, mode: str) -> web.StreamResponse:
+        if mode in PROXY_ERRORS:
+            code, message = PROXY_ERRORS[mode]
+            return self._proxy_error(code, message)
+        if mode in HTTP_ERRORS:
+            status, kind = HTTP_ERRORS[mode]
+            headers = {"Retry-After": str(self.config.retry_after)} if status == 429 else {}
+            body = {"error": {"message": f"gateway: {kind.replace('_', ' ')}", "type": kind, "code": status}}
+            return web.json_response(body, status=status, headers=headers)
+        if mode == "html-502":
+            return web.Response(status=502, text=NGINX_502, content_type="text/html")
+        if mode == "nonjson":
+            return web.Response(text="upstream error: please retry later", content_type="text/plain")
+        if mode == "empty":
+            return web.json_response({"created": int(time.time()), "data": []})
+        if mode == "hang":
+            await asyncio.sleep(3600)
+        if mode == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError
+        return web.json_response({"created": int(time.time()), "data": self._new_images(request, prompt, mode)})
+
+    def _new_images(self, request: web.Request, prompt: str, mode: str) -> list[dict[str, str]]:
+        base = self.config.public_base or f"{request.scheme}://{request.host}"
+        salt = secrets.token_hex(4)
+        expires = time.time() + self.config.link_ttl
+        links, served = [], []
+        for index in range(self.config.images_per_call):
+            fmt = FORMAT_CYCLE[index % len(FORMAT_CYCLE)]
+            data = render_image(prompt, index, fmt, self.config.image_size, salt)
+            token = secrets.token_hex(12)
+            with self._lock:
+                self._images[token] = HostedImage(prompt, fmt, data, expires, mode)
+            served.append(data)
+            # The second link carries a misleading extension: clients must sniff the bytes.
+            extension = "png" if index == 1 else fmt.extension
+            signature = secrets.token_hex(16)
+            links.append({"url": f"{base}/img/{token}.{extension}?x-expires={int(expires)}&x-signature={signature}"})
+        with self._lock:
+            self._generations[prompt] += 1
+            self._served[prompt] = served
+        return links
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.config.api_key}":
+            return web.json_response({"error": {"message": "invalid api key", "type": "invalid_api_key"}}, status=401)
+        models = ["jimeng-4.5", "jimeng-4.0", "jimeng-3.1", "jimeng-3.0"]
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+
+    async def _image(self, request: web.Request) -> web.StreamResponse:
+        token = request.match_info["token"].split(".", 1)[0]
+        with self._lock:
+            image = self._images.get(token)
+            if image is not None:
+                self._downloads[image.prompt] += 1
+        if image is None or image.mode == "img-404":
+            return web.Response(status=404, text="Not Found")
+        if image.expires <= time.time() or image.mode == "img-403":
+            return web.Response(status=403, text=EXPIRED_BODY, content_type="application/xml")
+        if image.mode == "img-notimage":
+            return web.Response(body=b"<html><body>captcha required</body></html>", content_type="image/png")
+        if image.mode in ("img-huge", "img-truncate"):
+            return await self._stream_bad_image(request, image)
+        return web.Response(body=image.data, content_type=image.fmt.content_type)
+
+    async def _stream_bad_image(self, request: web.Request, image: HostedImage) -> web.StreamResponse:
+        huge = image.mode == "img-huge"
+        response = web.StreamResponse(headers={"Content-Type": image.fmt.content_type})
+        response.content_length = self.config.huge_bytes if huge else len(image.data) + 4096
+        await response.prepare(request)
+        if not huge:
+            await response.write(image.data[: len(image.data) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        await response.write(image.data[:16])
+        chunk = bytes(64 * 1024)
+        sent = 16
+        while sent < self.config.huge_bytes:
+            piece = chunk[: self.config.huge_bytes - sent]
+            await response.write(piece)
+            sent += len(piece)
+        await response.write_eof()
+        return response
+
+    # --- control endpoints ---
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+    async def _expire(self, request: web.Request) -> web.Response:
+        self.expire_links()
+        return web.json_response({"ok": True})
+
+    async def _script(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            self.script(str(body.get("prompt", ANY_PROMPT)), [str(o) for o in body["outcomes"]])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return web.json_response({"error": str(exc) or "need {prompt, outcomes}"}, status=400)
+        return web.json_response({"ok": True})
+
+
+async def start_site(sandbox: JimengSandbox, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve the sandbox; returns the runner (to clean up) and the bound port."""
+    runner = web.AppRunner(sandbox.app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = int(runner.addresses[0][1])
+    sandbox.base_url = f"http://{host}:{bound}/v1"
+    return runner, bound

@@ -1,0 +1,57 @@
+"""What a paid generation produced, remembered in Redis until the record is done.
+
+A retry after a download, upload or PocketBase failure reads this instead of paying for a new generation:
+it reuses the image links and skips every image that already landed in the bucket.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from redis.asyncio import Redis
+
+from . import keys
+from .models import StoredImage
+
+
+@dataclass
+class GenerationRecord:
+    """The links of one paid generation and the images of it already stored, by position."""
+
+    created: float
+    urls: list[str]
+    stored: dict[int, StoredImage] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "created": self.created,
+                "urls": self.urls,
+                "stored": {str(i): asdict(s) for i, s in self.stored.items()},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> GenerationRecord:
+        data = json.loads(raw)
+        stored = {int(i): StoredImage(**s) for i, s in data.get("stored", {}).items()}
+        return cls(created=float(data["created"]), urls=[str(u) for u in data["urls"]], stored=stored)
+
+
+class GenerationLedger:
+    """Per-prompt generation memory; entries expire after `ttl` seconds."""
+
+    def __init__(self, redis: Redis, ttl: int) -> None:
+        self._redis = redis
+        self._ttl = ttl
+
+    async def load(self, prompt_id: str) -> GenerationRecord | None:
+        raw = await self._redis.get(keys.generation(prompt_id))
+        return GenerationRecord.from_json(raw) if raw else None
+
+    async def save(self, prompt_id: str, record: GenerationRecord) -> None:
+        await self._redis.set(keys.generation(prompt_id), record.to_json(), ex=self._ttl)
+
+    async def forget(self, prompt_id: str) -> None:
+        await self._redis.delete(keys.generation(prompt_id))

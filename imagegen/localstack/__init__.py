@@ -1,0 +1,22 @@
+"""Real local services (Redis, PocketBase, SeaweedFS) for the test fixtures and the demo stack.
+
+Each `*_spec` function prepares a data dir and returns a `ServiceSpec`; `RunningService` runs one directly,
+the demo stack hands the same specs to supervisord.
+"""
+
+from .pocketbase import pocketbase_spec
+from .process import LocalStackError, RunningService, ServiceSpec, find_binary, free_port
+from .redis import redis_spec
+from .seaweed import ensure_bucket, seaweed_spec
+
+__all__ = [
+    "LocalStackError",
+    "RunningService",
+    "ServiceSpec",
+    "ensure_bucket",
+    "find_binary",
+    "free_port",
+    "pocketbase_spec",
+    "redis_spec",
+    "seaweed_spec",
+]

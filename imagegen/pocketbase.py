@@ -1,0 +1,207 @@
+"""The PocketBase collection holding the prompts: the source of truth for what to generate and where it is.
+
+One superuser login per process, reused; an expired token (PocketBase answers 403 on records, 401 on
+collections) triggers one fresh login and one retry. Record ids are validated before any call and records
+are addressed by path, never spliced raw into a filter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from .errors import FailureKind, PocketBaseError, RecordNotFound, excerpt
+from .models import PromptRecord, RecordStatus, validate_prompt_id
+from .settings import Settings
+
+PAGE_SIZE = 500
+
+
+def filter_literal(value: str) -> str:
+    """A PocketBase filter string literal: backslash, then double quote, escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class PocketBaseClient:
+    """Reads and patches prompt records over one shared aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+        self._session = session
+        self._base = settings.pocketbase_url
+        self._email = settings.pocketbase_email
+        self._password = settings.pocketbase_password
+        self.collection = settings.pocketbase_collection
+        self._records = f"{self._base}/api/collections/{self.collection}/records"
+        self._token: str | None = None
+        self._login_lock = asyncio.Lock()
+        self._timeout = aiohttp.ClientTimeout(total=30)
+        self.f_prompt = settings.pocketbase_field_prompt
+        self.f_negative = settings.pocketbase_field_negative_prompt
+        self.f_image_url = settings.pocketbase_field_image_url
+        self.f_status = settings.pocketbase_field_status
+        self.f_error = settings.pocketbase_field_error
+        self.f_images = settings.pocketbase_field_images
+
+    async def login(self) -> None:
+        """Log in as the configured superuser; a refusal is an account-level failure."""
+        url = f"{self._base}/api/collections/_superusers/auth-with-password"
+        body = {"identity": self._email, "password": self._password.get_secret_value()}
+        try:
+            async with self._session.post(url, json=body, timeout=self._timeout) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise PocketBaseError(
+                        f"login as {self._email or '(no POCKETBASE_EMAIL)'} failed (HTTP {response.status}); "
+                        "check POCKETBASE_EMAIL and POCKETBASE_PASSWORD",
+                        kind=FailureKind.ACCOUNT,
+                        status=response.status,
+                    )
+                self._token = str(json.loads(text)["token"])
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from None
+        except TimeoutError:
+            raise PocketBaseError(f"no answer from {self._base}", kind=FailureKind.TRANSIENT) from None
+
+    def _unreachable(self, exc: Exception) -> PocketBaseError:
+        return PocketBaseError(
+            f"cannot reach {self._base} ({type(exc).__name__}); is PocketBase running and POCKETBASE_URL right?",
+            kind=FailureKind.TRANSIENT,
+        )
+
+    async def _ensure_token(self, stale: str | None = None) -> str:
+        async with self._login_lock:
+            if self._token is None or self._token == stale:
+                await self.login()
+            assert self._token is not None
+            return self._token
+
+    async def _request(
+        self, method: str, url: str, *, params: Mapping[str, str] | None = None, body: Any = None
+    ) -> tuple[int, Any]:
+        token = await self._ensure_token()
+        for attempt in (1, 2):
+            try:
+                async with self._session.request(
+                    method,
+                    url,
+                    params=params,
+                    json=body,
+                    headers={"Authorization": token},
+                    timeout=self._timeout,
+                ) as response:
+                    text = await response.text()
+                    status = response.status
+            except aiohttp.ClientError as exc:
+                raise self._unreachable(exc) from None
+            except TimeoutError:
+                raise PocketBaseError(f"{method} {url} got no answer in time", kind=FailureKind.TRANSIENT) from None
+            if status in (401, 403) and attempt == 1:
+                token = await self._ensure_token(stale=token)
+                continue
+            try:
+                payload = json.loads(text) if text else None
+            except ValueError:
+                payload = None
+            return status, payload
+        raise PocketBaseError(
+            f"{method} {url} refused after a fresh login (HTTP {status}); does POCKETBASE_EMAIL name a superuser?",
+            kind=FailureKind.ACCOUNT,
+            status=status,
+        )
+
+    def _fail(self, action: str, status: int, payload: Any) -> PocketBaseError:
+        message = payload.get("message", "") if isinstance(payload, dict) else ""
+        fields = payload.get("data", {}) if isinstance(payload, dict) else {}
+        detail = excerpt(f"{message} {json.dumps(fields, ensure_ascii=False) if fields else ''}", 240)
+        kind = FailureKind.TRANSIENT if status >= 500 or status == 429 else FailureKind.PERMANENT
+        if status == 404 and action.startswith("listing"):
+            kind = FailureKind.ACCOUNT
+            detail = f"collection {self.collection!r} not found; check POCKETBASE_COLLECTION"
+        return PocketBaseError(f"{action} failed (HTTP {status}): {detail}", kind=kind, status=status, detail=detail)
+
+    def _record(self, item: Mapping[str, Any]) -> PromptRecord:
+        images = item.get(self.f_images) if self.f_images else None
+        return PromptRecord(
+            id=str(item["id"]),
+            prompt=str(item.get(self.f_prompt) or ""),
+            negative_prompt=str(item.get(self.f_negative) or ""),
+            image_url=str(item.get(self.f_image_url) or ""),
+            images=[str(u) for u in images] if isinstance(images, list) else [],
+            status=str(item.get(self.f_status) or ""),
+            error=str(item.get(self.f_error) or ""),
+        )
+
+    async def get_record(self, prompt_id: str) -> PromptRecord:
+        """The record with this id; RecordNotFound when there is none."""
+        validate_prompt_id(prompt_id)
+        status, payload = await self._request("GET", f"{self._records}/{prompt_id}")
+        if status == 404:
+            raise RecordNotFound(f"no record {prompt_id!r} in collection {self.collection!r}", status=404)
+        if status != 200 or not isinstance(payload, dict):
+            raise self._fail(f"reading record {prompt_id}", status, payload)
+        return self._record(payload)
+
+    async def update_record(self, prompt_id: str, fields: Mapping[str, Any]) -> PromptRecord:
+        """Patch some fields of a record; RecordNotFound when it has been deleted."""
+        validate_prompt_id(prompt_id)
+        status, payload = await self._request("PATCH", f"{self._records}/{prompt_id}", body=dict(fields))
+        if status == 404:
+            raise RecordNotFound(f"record {prompt_id!r} was deleted from {self.collection!r}", status=404)
+        if status != 200 or not isinstance(payload, dict):
+            raise self._fail(f"updating record {prompt_id}", status, payload)
+        return self._record(payload)
+
+    async def create_record(self, prompt: str, negative_prompt: str = "") -> PromptRecord:
+        """Add a pending prompt record (used to seed the local stack)."""
+        body = {self.f_prompt: prompt, self.f_negative: negative_prompt}
+        status, payload = await self._request("POST", self._records, body=body)
+        if status != 200 or not isinstance(payload, dict):
+            raise self._fail(f"creating a record in {self.collection}", status, payload)
+        return self._record(payload)
+
+    async def set_status(self, prompt_id: str, status: RecordStatus, error: str = "") -> PromptRecord:
+        return await self.update_record(prompt_id, {self.f_status: status.value, self.f_error: error})
+
+    async def set_done(self, prompt_id: str, urls: list[str]) -> PromptRecord:
+        fields: dict[str, Any] = {
+            self.f_image_url: urls[0],
+            self.f_status: RecordStatus.DONE.value,
+            self.f_error: "",
+        }
+        if self.f_images:
+            fields[self.f_images] = urls
+        return await self.update_record(prompt_id, fields)
+
+    def pending_filter(self) -> str:
+        """Records still waiting for images: no image URL and not failed."""
+        return f'{self.f_image_url} = "" && {self.f_status} != {filter_literal(RecordStatus.FAILED.value)}'
+
+    def status_filter(self, status: RecordStatus) -> str:
+        return f"{self.f_status} = {filter_literal(status.value)}"
+
+    async def iter_records(self, record_filter: str, page_size: int = PAGE_SIZE) -> AsyncIterator[PromptRecord]:
+        """Every record matching the filter, in id order, paged by key (`id > last`) so it scales."""
+        last = ""
+        while True:
+            clauses = f"({record_filter})" + (f" && id > {filter_literal(last)}" if last else "")
+            params = {"filter": clauses, "sort": "id", "perPage": str(page_size), "skipTotal": "1"}
+            status, payload = await self._request("GET", self._records, params=params)
+            if status != 200 or not isinstance(payload, dict):
+                raise self._fail(f"listing {self.collection}", status, payload)
+            items = payload.get("items") or []
+            for item in items:
+                yield self._record(item)
+            if len(items) < page_size:
+                return
+            last = str(items[-1]["id"])
+
+    async def check(self) -> None:
+        """Raise PocketBaseError unless login works and the collection can be listed."""
+        await self.login()
+        status, payload = await self._request("GET", self._records, params={"perPage": "1", "skipTotal": "1"})
+        if status != 200:
+            raise self._fail(f"listing {self.collection}", status, payload)

@@ -1,0 +1,190 @@
+"""Settings from the environment and `.env`, built once at an entry point and passed down.
+
+Variable names are the attribute names in upper case (`REDIS_HOST` -> `redis_host`), the same names the
+BullMQ system used, so existing `.env` files keep working. `load_settings()` turns a validation failure
+into one `ConfigError` line naming the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9")
+RESOLUTIONS = ("1k", "2k", "4k")
+MIB = 1024 * 1024
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+SECRET_FIELDS = ("redis_password", "jimeng_api_key", "tos_access_key_secret", "pocketbase_password")
+
+
+class Settings(BaseSettings):
+    """Everything imagegen can be told; see `.env.example` for each variable's meaning."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # Redis (the queue)
+    redis_host: str = "localhost"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_password: SecretStr | None = None
+    redis_db: int = Field(0, ge=0)
+
+    # jimeng API
+    jimeng_api_key: SecretStr = SecretStr("")
+    jimeng_api_url: str = "https://jimeng-api.kevisual.cn/v1"
+    jimeng_timeout: int = Field(600_000, gt=0, description="milliseconds")
+    jimeng_model: str = "jimeng-4.0"
+    jimeng_ratio: str = "1:1"
+    jimeng_resolution: str = "2k"
+
+    # object storage (Volcengine TOS or any S3-compatible store)
+    tos_bucket: str = ""
+    tos_access_key_id: str = ""
+    tos_access_key_secret: SecretStr = SecretStr("")
+    tos_region: str = "cn-beijing"
+    tos_endpoint: str = "https://tos-s3-cn-beijing.volces.com"
+    tos_addressing_style: Literal["virtual", "path"] = "virtual"
+    tos_public_base_url: str = ""
+    tos_key_prefix: str = "imagegen/"
+
+    # PocketBase (the prompts)
+    pocketbase_url: str = "http://127.0.0.1:8090"
+    pocketbase_email: str = ""
+    pocketbase_password: SecretStr = SecretStr("")
+    pocketbase_collection: str = "prompts"
+    pocketbase_field_prompt: str = "prompt"
+    pocketbase_field_negative_prompt: str = "negativePrompt"
+    pocketbase_field_image_url: str = "imageUrl"
+    pocketbase_field_status: str = "status"
+    pocketbase_field_error: str = "error"
+    pocketbase_field_images: str = "images"
+
+    # queue and worker
+    queue_name: str = "imagegen:queue"
+    queue_concurrency: int = Field(5, ge=1, le=1000)
+    queue_max_failed: int = Field(10, ge=1)
+    queue_attempts: int = Field(3, ge=1, le=100)
+    queue_backoff: float = Field(5.0, ge=0)
+    queue_job_timeout: int = Field(3600, ge=10, description="seconds")
+    queue_keep_result: int = Field(7 * 24 * 3600, ge=60, description="seconds")
+    worker_shutdown_grace: int = Field(120, ge=0, description="seconds")
+
+    # image download and upload
+    download_max_bytes: int = Field(50 * MIB, ge=1024)
+    download_timeout: int = Field(300, gt=0, description="seconds")
+    upload_multipart_threshold: int = Field(8 * MIB, ge=5 * MIB)
+    prompt_max_chars: int = Field(4000, ge=1)
+
+    log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("jimeng_ratio")
+    @classmethod
+    def _known_ratio(cls, value: str) -> str:
+        if value not in RATIOS:
+            raise ValueError(f"must be one of {', '.join(RATIOS)}")
+        return value
+
+    @field_validator("jimeng_resolution")
+    @classmethod
+    def _known_resolution(cls, value: str) -> str:
+        if value.lower() not in RESOLUTIONS:
+            raise ValueError(f"must be one of {', '.join(RESOLUTIONS)}")
+        return value.lower()
+
+    @field_validator("jimeng_api_url", "pocketbase_url", "tos_public_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("tos_endpoint")
+    @classmethod
+    def _endpoint_url(cls, value: str) -> str:
+        # The seed wrote bare host names (tos-cn-beijing.volces.com); S3 clients need a URL.
+        value = value.strip().rstrip("/")
+        if value and "://" not in value:
+            value = "https://" + value
+        return value
+
+    @field_validator(
+        "pocketbase_collection",
+        "pocketbase_field_prompt",
+        "pocketbase_field_negative_prompt",
+        "pocketbase_field_image_url",
+        "pocketbase_field_status",
+        "pocketbase_field_error",
+    )
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not _FIELD_NAME.match(value):
+            raise ValueError("must be a PocketBase name: letters, digits and _, not starting with a digit")
+        return value
+
+    @field_validator("pocketbase_field_images")
+    @classmethod
+    def _optional_identifier(cls, value: str) -> str:
+        if value and not _FIELD_NAME.match(value):
+            raise ValueError("must be a PocketBase field name, or empty when the collection has no images field")
+        return value
+
+    @field_validator("tos_key_prefix")
+    @classmethod
+    def _key_prefix(cls, value: str) -> str:
+        value = value.lstrip("/")
+        return value if not value or value.endswith("/") else value + "/"
+
+    @model_validator(mode="after")
+    def _public_base(self) -> Settings:
+        if not self.tos_public_base_url and self.tos_endpoint and self.tos_bucket:
+            parts = urlsplit(self.tos_endpoint)
+            if self.tos_addressing_style == "virtual":
+                self.tos_public_base_url = f"{parts.scheme}://{self.tos_bucket}.{parts.netloc}"
+            else:
+                self.tos_public_base_url = f"{self.tos_endpoint}/{self.tos_bucket}"
+        return self
+
+    @property
+    def jimeng_timeout_seconds(self) -> float:
+        return self.jimeng_timeout / 1000
+
+    def secrets(self) -> list[str]:
+        """The configured secret values, for scrubbing them out of any text that leaves the process."""
+        values = [getattr(self, name) for name in SECRET_FIELDS]
+        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+
+
+def load_settings(env_file: Path | str | None = ".env") -> Settings:
+    """Build the settings once; a bad value raises one ConfigError line naming the variable."""
+    try:
+        return Settings(_env_file=env_file)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        shown = "" if name in SECRET_FIELDS else f" (got {error.get('input')!r})"
+        problems.append(f"{name.upper()}: {message}{shown}")
+    return "invalid setting " + "; ".join(problems) + " - fix it in the environment or .env"
+
+
+def require(settings: Settings, *names: str) -> None:
+    """Fail with one line when a setting a command needs is empty."""
+    missing = []
+    for name in names:
+        value = getattr(settings, name)
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not raw:
+            missing.append(name.upper())
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not set - add it to the environment or .env")

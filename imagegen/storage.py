@@ -1,0 +1,167 @@
+"""Hosting images in an S3-compatible bucket (Volcengine TOS in production, SeaweedFS locally).
+
+Object keys derive from the prompt id only (`<prefix><id>/<n>.<ext>`), so a retry overwrites instead of
+duplicating; uploads stream from the download with bounded memory (multipart above a threshold).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import aioboto3
+from aiobotocore.config import AioConfig
+from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .download import ImageDownload
+from .errors import FailureKind, StorageError
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+_ACCOUNT_CODES = {
+    "InvalidAccessKeyId": "the access key is unknown; check TOS_ACCESS_KEY_ID",
+    "SignatureDoesNotMatch": "the secret does not match the key; check TOS_ACCESS_KEY_SECRET",
+    "NoSuchBucket": "the bucket does not exist; check TOS_BUCKET",
+    "InvalidBucketName": "the bucket name is invalid; check TOS_BUCKET",
+    "AccessDenied": "access denied; check the key's permissions on TOS_BUCKET",
+    "AllAccessDisabled": "access to the bucket is disabled",
+    "InvalidToken": "the credentials are invalid",
+}
+
+
+def storage_error(exc: Exception, action: str, bucket: str) -> StorageError:
+    """Turn a botocore failure into a StorageError: credential and bucket problems are account-level."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _ACCOUNT_CODES:
+            return StorageError(
+                f"{action} in bucket {bucket!r} failed: {code}: {_ACCOUNT_CODES[code]}",
+                kind=FailureKind.ACCOUNT,
+                status=status,
+                detail=code,
+            )
+        if code in ("404", "NotFound") and action.startswith("checking"):
+            return StorageError(
+                f"bucket {bucket!r} not found; check TOS_BUCKET", kind=FailureKind.ACCOUNT, status=status
+            )
+        if code in ("403", "Forbidden"):
+            return StorageError(
+                f"{action} in bucket {bucket!r} was refused (HTTP 403); check TOS_ACCESS_KEY_ID, "
+                "TOS_ACCESS_KEY_SECRET and TOS_BUCKET",
+                kind=FailureKind.ACCOUNT,
+                status=status,
+            )
+        return StorageError(
+            f"{action} in bucket {bucket!r} failed: {code or 'error'} (HTTP {status})",
+            kind=FailureKind.TRANSIENT,
+            status=status,
+            detail=code,
+        )
+    return StorageError(f"{action} in bucket {bucket!r} failed: {type(exc).__name__}", kind=FailureKind.TRANSIENT)
+
+
+@asynccontextmanager
+async def open_s3_client(settings: Settings) -> AsyncIterator[S3Client]:
+    """The one S3 client of a process; closed when the block ends."""
+    config = AioConfig(
+        signature_version="s3v4",
+        s3={"addressing_style": settings.tos_addressing_style},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        retries={"max_attempts": 2, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    session = aioboto3.Session()
+    async with session.client(
+        "s3",
+        endpoint_url=settings.tos_endpoint or None,
+        region_name=settings.tos_region,
+        aws_access_key_id=settings.tos_access_key_id,
+        aws_secret_access_key=settings.tos_access_key_secret.get_secret_value(),
+        config=config,
+    ) as client:
+        yield client
+
+
+class Storage:
+    """The bucket where images are hosted; built around one shared S3 client."""
+
+    def __init__(self, client: S3Client, settings: Settings) -> None:
+        self._client = client
+        self.bucket = settings.tos_bucket
+        self._prefix = settings.tos_key_prefix
+        self._public_base = settings.tos_public_base_url
+        self._threshold = settings.upload_multipart_threshold
+        self._transfer = TransferConfig(
+            multipart_threshold=self._threshold,
+            multipart_chunksize=self._threshold,
+            max_concurrency=1,
+            max_io_queue=1,
+        )
+
+    def prompt_prefix(self, prompt_id: str) -> str:
+        return f"{self._prefix}{prompt_id}/"
+
+    def object_key(self, prompt_id: str, index: int, extension: str) -> str:
+        return f"{self.prompt_prefix(prompt_id)}{index}.{extension}"
+
+    def public_url(self, key: str) -> str:
+        return f"{self._public_base}/{key}"
+
+    async def upload_image(self, key: str, image: ImageDownload) -> int:
+        """Stream one downloaded image into the bucket under `key`; returns the bytes stored."""
+        extra: dict[str, Any] = {"ContentType": image.image_type.value}
+        try:
+            if image.declared_length is not None and image.declared_length < self._threshold:
+                body = await image.read(-1)
+                await self._client.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
+                return len(body)
+            await self._client.upload_fileobj(
+                image,  # type: ignore[arg-type]  # any object with `async read(n)` streams
+                self.bucket,
+                key,
+                ExtraArgs=extra,
+                Config=self._transfer,
+            )
+            return image.bytes_read
+        except (ClientError, BotoCoreError) as exc:
+            raise storage_error(exc, f"uploading {key}", self.bucket) from None
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self._client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise storage_error(exc, f"checking {key}", self.bucket) from None
+        except BotoCoreError as exc:
+            raise storage_error(exc, f"checking {key}", self.bucket) from None
+
+    async def remove_others(self, prompt_id: str, keep: Iterable[str]) -> list[str]:
+        """Delete objects under the prompt's prefix that are not in `keep` (left by an earlier run)."""
+        wanted = set(keep)
+        stale: list[str] = []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prompt_prefix(prompt_id)):
+                stale.extend(o["Key"] for o in page.get("Contents", []) if o["Key"] not in wanted)
+            for key in stale:
+                await self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise storage_error(exc, f"cleaning {self.prompt_prefix(prompt_id)}", self.bucket) from None
+        return stale
+
+    async def check(self) -> None:
+        """Raise StorageError unless the bucket is reachable with these credentials."""
+        try:
+            await self._client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise storage_error(exc, "checking access", self.bucket) from None

@@ -1,0 +1,281 @@
+"""Real services for the whole session: Redis, PocketBase, SeaweedFS (S3) and the jimeng fake.
+
+Each runs on a free loopback port with its data in a temp dir and is stopped at the end. Every test gets a
+clean state: Redis flushed, the prompts collection truncated, the bucket emptied, the fake's counters reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from imagegen.jimeng_sandbox import SandboxConfig, SandboxThread
+from imagegen.localstack import (
+    RunningService,
+    ensure_bucket,
+    free_port,
+    pocketbase_spec,
+    redis_spec,
+    seaweed_spec,
+)
+from imagegen.models import PromptRecord
+from imagegen.pocketbase import PocketBaseClient
+from imagegen.settings import Settings
+from imagegen.storage import open_s3_client
+
+BIN = Path(sys.executable).parent
+REDIS_PASSWORD = "test-redis-pw-3f9c"
+PB_EMAIL = "admin@imagegen.test"
+PB_PASSWORD = "test-pb-password-51ab"
+S3_ACCESS = "test-access-key"
+S3_SECRET = "test-secret-key-8d2e"
+JIMENG_KEY = "test-jimeng-key-77c1"
+BUCKET = "imagegen-test"
+SECRETS = (REDIS_PASSWORD, PB_PASSWORD, S3_SECRET, JIMENG_KEY)
+
+
+@dataclass
+class Stack:
+    redis: RunningService
+    pocketbase: RunningService
+    seaweed: RunningService
+    jimeng: SandboxThread
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def settings(self, **overrides: object) -> Settings:
+        values: dict[str, object] = {name.lower(): value for name, value in self.env.items()}
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+    def process_env(self, **overrides: str) -> dict[str, str]:
+        """The environment of a CLI or worker subprocess: the stack's settings and nothing of the user's."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_SETTING_PREFIXES)}
+        env.update(self.env)
+        env.update(overrides)
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+
+_SETTING_PREFIXES = (
+    "REDIS_",
+    "JIMENG_",
+    "TOS_",
+    "POCKETBASE_",
+    "QUEUE_",
+    "DOWNLOAD_",
+    "UPLOAD_",
+    "WORKER_",
+    "PROMPT_",
+    "LOG_",
+    "AWS_",
+)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("stack")
+    services: list[RunningService] = []
+    try:
+        redis_port, pb_port, s3_port = free_port(), free_port(), free_port(also_free_offset=10000, below=55535)
+        redis = RunningService(redis_spec(root / "redis", redis_port, password=REDIS_PASSWORD))
+        pocketbase = RunningService(
+            pocketbase_spec(root / "pocketbase", pb_port, admin_email=PB_EMAIL, admin_password=PB_PASSWORD)
+        )
+        seaweed = RunningService(seaweed_spec(root / "seaweed", s3_port, access_key=S3_ACCESS, secret_key=S3_SECRET))
+        for service in (redis, pocketbase, seaweed):
+            service.start()
+            services.append(service)
+        s3_url = f"http://127.0.0.1:{s3_port}"
+        asyncio.run(ensure_bucket(s3_url, S3_ACCESS, S3_SECRET, BUCKET))
+        with SandboxThread(SandboxConfig(api_key=JIMENG_KEY)) as jimeng:
+            workdir = root / "work"
+            workdir.mkdir()
+            env = {
+                "REDIS_HOST": "127.0.0.1",
+                "REDIS_PORT": str(redis_port),
+                "REDIS_PASSWORD": REDIS_PASSWORD,
+                "REDIS_DB": "0",
+                "JIMENG_API_KEY": JIMENG_KEY,
+                "JIMENG_API_URL": jimeng.base_url,
+                "JIMENG_TIMEOUT": "20000",
+                "TOS_BUCKET": BUCKET,
+                "TOS_ACCESS_KEY_ID": S3_ACCESS,
+                "TOS_ACCESS_KEY_SECRET": S3_SECRET,
+                "TOS_REGION": "us-east-1",
+                "TOS_ENDPOINT": s3_url,
+                "TOS_ADDRESSING_STYLE": "path",
+                "POCKETBASE_URL": f"http://127.0.0.1:{pb_port}",
+                "POCKETBASE_EMAIL": PB_EMAIL,
+                "POCKETBASE_PASSWORD": PB_PASSWORD,
+                "QUEUE_BACKOFF": "0.2",
+                "QUEUE_CONCURRENCY": "5",
+                "DOWNLOAD_TIMEOUT": "20",
+                "WORKER_SHUTDOWN_GRACE": "20",
+            }
+            yield Stack(redis, pocketbase, seaweed, jimeng, workdir, env)
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+@pytest.fixture
+def settings(stack: Stack) -> Settings:
+    return stack.settings()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def pocketbase(stack: Stack, settings: Settings, http: aiohttp.ClientSession) -> PocketBaseClient:
+    return PocketBaseClient(http, settings)
+
+
+@pytest.fixture
+async def redis_client(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(host=settings.redis_host, port=settings.redis_port, password=REDIS_PASSWORD)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _empty_bucket(settings: Settings) -> None:
+    async with open_s3_client(settings) as s3:
+        paginator = s3.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=settings.tos_bucket):
+            for item in page.get("Contents", []):
+                await s3.delete_object(Bucket=settings.tos_bucket, Key=item["Key"])
+
+
+@pytest.fixture(autouse=True)
+async def clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Give each test that uses the stack an empty queue, collection and bucket and fresh fake counters."""
+    if "stack" not in request.fixturenames:
+        yield
+        return
+    stack: Stack = request.getfixturevalue("stack")
+    settings = stack.settings()
+    client = aioredis.Redis(host="127.0.0.1", port=settings.redis_port, password=REDIS_PASSWORD)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    async with aiohttp.ClientSession() as session:
+        pb = PocketBaseClient(session, settings)
+        await pb.login()
+        async with session.delete(
+            f"{settings.pocketbase_url}/api/collections/{settings.pocketbase_collection}/truncate",
+            headers={"Authorization": pb._token or ""},
+        ) as response:
+            assert response.status == 204, await response.text()
+    await _empty_bucket(settings)
+    stack.jimeng.sandbox.reset()
+    yield
+
+
+class RecordFactory:
+    """Creates prompt records and remembers them."""
+
+    def __init__(self, client: PocketBaseClient) -> None:
+        self.client = client
+        self.created: list[PromptRecord] = []
+
+    async def create(self, prompt: str, negative_prompt: str = "") -> PromptRecord:
+        record = await self.client.create_record(prompt, negative_prompt)
+        self.created.append(record)
+        return record
+
+    async def many(self, count: int, prefix: str = "a watercolour lighthouse") -> list[PromptRecord]:
+        return [await self.create(f"{prefix} #{i}") for i in range(count)]
+
+
+@pytest.fixture
+async def records(pocketbase: PocketBaseClient) -> RecordFactory:
+    return RecordFactory(pocketbase)
+
+
+def run_cli(stack: Stack, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    """`imagegen ...` as a real subprocess, in a directory with no .env, with the stack's settings."""
+    return subprocess.run(
+        [str(BIN / "imagegen"), *args],
+        cwd=stack.workdir,
+        env=stack.process_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class WorkerProcess:
+    """`arq imagegen.WorkerSettings` as a real subprocess, its output in a log file."""
+
+    def __init__(self, stack: Stack, log_path: Path, **env: str) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [str(BIN / "arq"), "imagegen.WorkerSettings"],
+            cwd=stack.workdir,
+            env=stack.process_env(**env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 40) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_worker(stack: Stack, tmp_path: Path) -> Iterator[object]:
+    workers: list[WorkerProcess] = []
+
+    def start(**env: str) -> WorkerProcess:
+        worker = WorkerProcess(stack, tmp_path / f"worker-{len(workers)}.log", **env)
+        workers.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+async def wait_for_records(
+    client: PocketBaseClient, ids: list[str], statuses: tuple[str, ...] = ("done",), deadline: float = 90
+) -> list[PromptRecord]:
+    """Poll PocketBase until every record reaches one of `statuses` (or the deadline passes)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        found = [await client.get_record(i) for i in ids]
+        if all(r.status in statuses for r in found) or loop.time() > end:
+            return found
+        await asyncio.sleep(0.2)

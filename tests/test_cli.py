@@ -1,0 +1,215 @@
+"""The `imagegen` command as a user runs it: a real subprocess against the real services."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import SECRETS, RecordFactory, Stack, run_cli, wait_for_records
+from .test_pipeline import run_queue
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+
+
+def assert_one_clean_line(text: str) -> None:
+    assert len(text.strip().splitlines()) == 1, text
+    assert "Traceback" not in text
+
+
+async def test_add_reports_each_id(stack: Stack, records: RecordFactory):
+    record = await records.create("a kite over the dunes")
+    missing = "zzzzzzzzzzzzzzz"
+    result = run_cli(stack, "add", record.id, missing, "not-an-id")
+    lines = result.stdout.splitlines()
+    assert f"{record.id}  queued" in lines
+    assert any(line.startswith(f"{missing}  not found") for line in lines)
+    assert any(line.startswith("not-an-id  invalid id") for line in lines)
+    assert result.returncode == 1
+    assert_no_secret(result.stdout, result.stderr)
+
+    again = run_cli(stack, "add", record.id)
+    assert again.stdout.splitlines()[0] == f"{record.id}  already queued"
+    assert again.returncode == 0
+
+
+async def test_add_marks_the_record_queued(stack: Stack, records: RecordFactory, pocketbase):
+    record = await records.create("a red umbrella")
+    assert run_cli(stack, "add", record.id).returncode == 0
+    assert (await pocketbase.get_record(record.id)).status == "queued"
+
+
+async def test_add_pending_queues_only_pending_records(stack: Stack, records: RecordFactory, pocketbase):
+    pending = await records.many(3)
+    failed = await records.create("failed before")
+    done = await records.create("done before")
+    await pocketbase.update_record(failed.id, {"status": "failed", "error": "earlier"})
+    await pocketbase.update_record(done.id, {"status": "done", "imageUrl": "http://example.invalid/x.png"})
+
+    result = run_cli(stack, "add-pending", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["counts"] == {"queued": 3}
+    assert sorted(r["id"] for r in report["results"]) == sorted(r.id for r in pending)
+
+    second = run_cli(stack, "add-pending")
+    assert second.stdout.strip() == "3 already queued"
+
+
+async def test_add_done_record_needs_force(stack: Stack, records: RecordFactory, settings):
+    record = await records.create("a glass of water")
+    run_cli(stack, "add", record.id)
+    await run_queue(settings)
+
+    result = run_cli(stack, "add", record.id)
+    assert result.stdout.startswith(f"{record.id}  already done: {settings.tos_public_base_url}/")
+    assert result.returncode == 0
+    forced = run_cli(stack, "add", "--force", record.id)
+    assert forced.stdout.splitlines()[0] == f"{record.id}  queued"
+
+
+async def test_retry_failed_requeues_failed_records(stack: Stack, records: RecordFactory, pocketbase):
+    record = await records.create("try again")
+    await pocketbase.update_record(record.id, {"status": "failed", "error": "earlier"})
+    result = run_cli(stack, "retry-failed", "--json")
+    assert json.loads(result.stdout)["counts"] == {"queued": 1}
+    assert (await pocketbase.get_record(record.id)).status == "queued"
+
+
+async def test_inspect_follows_a_job_from_queued_to_done(stack: Stack, records: RecordFactory, settings):
+    record = await records.create("a snail on a leaf")
+    unknown = run_cli(stack, "inspect", record.id, "--json")
+    assert json.loads(unknown.stdout)["state"] == "unknown"
+
+    run_cli(stack, "add", record.id)
+    queued = json.loads(run_cli(stack, "inspect", record.id, "--json").stdout)
+    assert queued["state"] == "queued"
+    assert queued["record"]["status"] == "queued"
+
+    await run_queue(settings)
+    done = json.loads(run_cli(stack, "inspect", record.id, "--json").stdout)
+    assert done["state"] == "done"
+    assert done["tries"] == 1
+    assert done["duration_seconds"] > 0
+    assert len(done["record"]["images"]) == 4
+    text = run_cli(stack, "inspect", record.id)
+    assert "state:     done" in text.stdout
+    assert done["record"]["imageUrl"] in text.stdout
+
+
+async def test_inspect_failed_job_shows_the_error(stack: Stack, records: RecordFactory, settings):
+    record = await records.create("forbidden [[jimeng:-2006]]")
+    run_cli(stack, "add", record.id)
+    await run_queue(settings)
+    report = json.loads(run_cli(stack, "inspect", record.id, "--json").stdout)
+    assert report["state"] == "failed"
+    assert "moderation" in report["error"]
+    assert report["record"]["status"] == "failed"
+
+
+async def test_inspect_unknown_and_invalid_ids(stack: Stack):
+    unknown = run_cli(stack, "inspect", "aaaaaaaaaaaaaaa")
+    assert unknown.returncode == 0
+    assert "state:     unknown" in unknown.stdout
+    assert "record:    not found in PocketBase" in unknown.stdout
+    invalid = run_cli(stack, "inspect", "../etc/passwd")
+    assert invalid.returncode == 2
+    assert_one_clean_line(invalid.stderr)
+    assert "15 characters" in invalid.stderr
+
+
+def test_check_reports_every_service_ok(stack: Stack):
+    result = run_cli(stack, "check")
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["redis", "pocketbase", "storage", "jimeng"]
+    assert all(line.split()[1] == "ok" for line in lines)
+    assert_no_secret(result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("env", "service", "words"),
+    [
+        ({"REDIS_PORT": "1"}, "redis", "cannot connect"),
+        ({"POCKETBASE_PASSWORD": "wrong-password"}, "pocketbase", "check POCKETBASE_EMAIL and POCKETBASE_PASSWORD"),
+        ({"POCKETBASE_URL": "http://127.0.0.1:1"}, "pocketbase", "cannot reach"),
+        ({"TOS_ACCESS_KEY_SECRET": "wrong-secret"}, "storage", "TOS_ACCESS_KEY"),
+        ({"TOS_ACCESS_KEY_ID": "nobody"}, "storage", "TOS_ACCESS_KEY"),
+        ({"TOS_BUCKET": "no-such-bucket"}, "storage", "TOS_BUCKET"),
+        ({"JIMENG_API_URL": "http://127.0.0.1:1/v1"}, "jimeng", "cannot reach"),
+    ],
+)
+def test_check_names_the_broken_service(stack: Stack, env, service, words):
+    result = run_cli(stack, "check", "--json", **env)
+    assert result.returncode == 3
+    checks = {c["service"]: c for c in json.loads(result.stdout)}
+    assert not checks[service]["ok"]
+    assert words in checks[service]["detail"]
+    assert all(c["ok"] for name, c in checks.items() if name != service)
+    assert_no_secret(result.stdout, result.stderr, "wrong-secret", "wrong-password")
+
+
+def test_redis_down_gives_one_line_and_exit_3(stack: Stack):
+    result = run_cli(stack, "add", "aaaaaaaaaaaaaaa", REDIS_PORT="1")
+    assert result.returncode == 3
+    assert_one_clean_line(result.stderr)
+    assert "cannot reach Redis at 127.0.0.1:1" in result.stderr
+
+
+def test_pocketbase_down_gives_one_line_and_exit_3(stack: Stack):
+    result = run_cli(stack, "add-pending", POCKETBASE_URL="http://127.0.0.1:1")
+    assert result.returncode == 3
+    assert_one_clean_line(result.stderr)
+    assert "cannot reach http://127.0.0.1:1" in result.stderr
+
+
+def test_wrong_pocketbase_password_gives_one_line(stack: Stack):
+    result = run_cli(stack, "add", "aaaaaaaaaaaaaaa", POCKETBASE_PASSWORD="nope-nope-nope")
+    assert result.returncode == 3
+    assert_one_clean_line(result.stderr)
+    assert "login as" in result.stderr
+    assert "nope-nope-nope" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("QUEUE_CONCURRENCY", "lots"), ("JIMENG_RESOLUTION", "8k"), ("TOS_ADDRESSING_STYLE", "x")]
+)
+def test_invalid_env_value_gives_one_line_and_exit_2(stack: Stack, name, value):
+    result = run_cli(stack, "add-pending", **{name: value})
+    assert result.returncode == 2
+    assert_one_clean_line(result.stderr)
+    assert name in result.stderr
+
+
+def test_invalid_value_in_dot_env_file_is_named(stack: Stack, tmp_path):
+    env_file = tmp_path / "custom.env"
+    env_file.write_text("JIMENG_RATIO=7:7\n")
+    result = run_cli(stack, "--env-file", str(env_file), "check")
+    assert result.returncode == 2
+    assert "JIMENG_RATIO" in result.stderr
+    assert_one_clean_line(result.stderr)
+
+
+async def test_worker_refuses_to_start_without_settings(stack: Stack, start_worker):
+    worker = start_worker(JIMENG_API_KEY="")
+    assert worker.process.wait(30) == 2
+    output = worker.output()
+    assert "JIMENG_API_KEY not set" in output
+    assert "Traceback" not in output
+
+
+async def test_records_done_by_a_worker_process(stack: Stack, records: RecordFactory, pocketbase, start_worker):
+    created = await records.many(3, prefix="a paper crane")
+    worker = start_worker()
+    assert run_cli(stack, "add", *[r.id for r in created]).returncode == 0
+    finished = await wait_for_records(pocketbase, [r.id for r in created])
+    assert [r.status for r in finished] == ["done"] * 3
+    assert worker.stop() == 0
+    log = worker.output()
+    for record in created:
+        assert f"{record.id} | job done: 4 images" in log
+    assert_no_secret(log)

@@ -1,0 +1,233 @@
+"""The job, run by a real arq worker in this process, against real Redis, PocketBase and SeaweedFS.
+
+Each test checks what a user would: the record's status, error and image URLs, what the bucket holds, and
+how many paid generations the fake counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import aiohttp
+import pytest
+from arq.worker import Worker
+
+from imagegen.control import open_control
+from imagegen.download import sniff_image_type
+from imagegen.settings import Settings
+from imagegen.storage import open_s3_client
+from imagegen.worker import worker_options
+
+from .conftest import RecordFactory, Stack
+
+
+async def run_queue(settings: Settings) -> Worker:
+    """Run an in-process worker until the queue is empty (retries included)."""
+    worker = Worker(**worker_options(settings), burst=True, handle_signals=False, poll_delay=0.05)
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+    return worker
+
+
+async def enqueue(settings: Settings, *ids: str, force: bool = False) -> None:
+    async with open_control(settings) as control:
+        for prompt_id in ids:
+            report = await control.enqueue(prompt_id, force=force)
+            assert report.outcome.value == "queued", report
+
+
+async def bucket_keys(settings: Settings) -> list[str]:
+    async with open_s3_client(settings) as s3:
+        listing = await s3.list_objects_v2(Bucket=settings.tos_bucket)
+        return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+async def fetch(http: aiohttp.ClientSession, url: str) -> tuple[int, str, bytes]:
+    async with http.get(url) as response:
+        return response.status, response.content_type, await response.read()
+
+
+async def test_record_gets_all_four_images_hosted_with_their_real_type(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase, http
+):
+    record = await records.create("a lighthouse at dawn", "blurry")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+
+    done = await pocketbase.get_record(record.id)
+    assert done.status == "done"
+    assert done.error == ""
+    assert len(done.images) == 4
+    assert done.image_url == done.images[0]
+    served = stack.jimeng.sandbox.served_images(record.prompt)
+    assert len(served) == 4
+    for url, original in zip(done.images, served, strict=True):
+        assert url.startswith(f"{settings.tos_public_base_url}/imagegen/{record.id}/")
+        status, content_type, body = await fetch(http, url)
+        assert status == 200
+        assert hashlib.sha256(body).hexdigest() == hashlib.sha256(original).hexdigest()
+        kind = sniff_image_type(body[:16])
+        assert kind is not None
+        assert content_type == kind.value
+        assert url.endswith("." + kind.extension)
+    assert stack.jimeng.sandbox.generations(record.prompt) == 1
+    assert await bucket_keys(settings) == sorted(u.split(f"/{settings.tos_bucket}/", 1)[1] for u in done.images)
+
+
+@pytest.mark.parametrize(
+    ("marker", "words"),
+    [
+        ("-2006", "moderation"),
+        ("-2007-2038", "moderation (2038)"),
+        ("-1000", "rejected as invalid"),
+    ],
+)
+async def test_permanent_errors_fail_the_record_after_one_call(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase, marker, words
+):
+    record = await records.create(f"a prompt [[jimeng:{marker}]]")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+
+    failed = await pocketbase.get_record(record.id)
+    assert failed.status == "failed"
+    assert words in failed.error
+    assert failed.image_url == ""
+    assert stack.jimeng.sandbox.calls(record.prompt) == 1
+    assert await bucket_keys(settings) == []
+
+
+async def test_transient_error_is_retried_and_then_succeeds(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase
+):
+    record = await records.create("a harbour at night")
+    stack.jimeng.sandbox.script(record.prompt, ["-2007", "http-502", "ok"])
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+
+    done = await pocketbase.get_record(record.id)
+    assert done.status == "done"
+    assert len(done.images) == 4
+    assert stack.jimeng.sandbox.calls(record.prompt) == 3
+    assert stack.jimeng.sandbox.generations(record.prompt) == 1
+
+
+async def test_transient_errors_exhaust_the_attempts_then_fail(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase
+):
+    record = await records.create("a mountain lake [[jimeng:empty]]")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+
+    failed = await pocketbase.get_record(record.id)
+    assert failed.status == "failed"
+    assert "no images" in failed.error
+    assert stack.jimeng.sandbox.calls(record.prompt) == settings.queue_attempts
+
+
+async def test_bad_image_bytes_are_retried_without_paying_again(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase
+):
+    record = await records.create("a desert road [[jimeng:img-notimage]]")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+
+    failed = await pocketbase.get_record(record.id)
+    assert failed.status == "failed"
+    assert "did not serve an image" in failed.error
+    # Three attempts at the download, one paid generation.
+    assert stack.jimeng.sandbox.calls(record.prompt) == 1
+    assert await bucket_keys(settings) == []
+
+
+async def test_oversized_image_fails_with_the_limit_named(stack: Stack, records: RecordFactory, pocketbase):
+    settings = stack.settings(download_max_bytes=1024 * 1024)
+    record = await records.create("a whale [[jimeng:img-huge]]")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+
+    failed = await pocketbase.get_record(record.id)
+    assert failed.status == "failed"
+    assert "DOWNLOAD_MAX_BYTES" in failed.error
+    assert stack.jimeng.sandbox.calls(record.prompt) == 1
+
+
+async def test_expired_links_are_generated_again_and_the_log_says_so(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase
+):
+    record = await records.create("a forest path [[jimeng:img-403]]")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+
+    failed = await pocketbase.get_record(record.id)
+    # Every link answers 403: the first attempt generates, finds the links dead and generates once more;
+    # each later attempt tries the remembered links, then generates once more.
+    assert failed.status == "failed"
+    assert "expired" in failed.error
+    assert stack.jimeng.sandbox.calls(record.prompt) == 1 + settings.queue_attempts
+
+
+@pytest.mark.parametrize(("prompt", "words"), [("   ", "empty prompt"), ("x" * 5000, "PROMPT_MAX_CHARS")])
+async def test_unusable_prompts_fail_without_any_paid_call(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase, prompt, words
+):
+    record = await records.create(prompt)
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+
+    failed = await pocketbase.get_record(record.id)
+    assert failed.status == "failed"
+    assert words in failed.error
+    assert stack.jimeng.sandbox.stats()["total_calls"] == 0
+
+
+async def test_record_deleted_after_queueing_fails_the_job_and_writes_nothing(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase
+):
+    record = await records.create("a ghost ship")
+    await enqueue(settings, record.id)
+    await pocketbase._request("DELETE", f"{pocketbase._records}/{record.id}")
+    await run_queue(settings)
+
+    async with open_control(settings) as control:
+        report = await control.inspect(record.id)
+    assert report.state.value == "failed"
+    assert "no record" in report.error
+    assert report.record_status is None
+    assert stack.jimeng.sandbox.stats()["total_calls"] == 0
+    assert await bucket_keys(settings) == []
+
+
+async def test_forced_rerun_overwrites_and_leaves_no_stray_objects(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase
+):
+    record = await records.create("a teapot")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+    first = await pocketbase.get_record(record.id)
+
+    await enqueue(settings, record.id, force=True)
+    await run_queue(settings)
+    second = await pocketbase.get_record(record.id)
+
+    assert second.status == "done"
+    assert stack.jimeng.sandbox.generations(record.prompt) == 2
+    keys = await bucket_keys(settings)
+    assert len(keys) == 4
+    assert all(k.startswith(f"imagegen/{record.id}/") for k in keys)
+    assert sorted(second.images) == sorted(settings.tos_public_base_url + "/" + k for k in keys)
+    assert len(first.images) == 4
+
+
+async def test_a_done_record_is_not_generated_again_without_force(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase
+):
+    record = await records.create("a quiet library")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+    async with open_control(settings) as control:
+        report = await control.enqueue(record.id)
+    assert report.outcome.value == "already done"
+    assert stack.jimeng.sandbox.generations(record.prompt) == 1
