@@ -67,6 +67,10 @@ class StackPaths:
         return self.state / "stack.json"
 
     @property
+    def env_file(self) -> Path:
+        return self.state / "imagegen.env"
+
+    @property
     def sockets_file(self) -> Path:
         return self.state / "sockets.json"
 
@@ -154,7 +158,7 @@ def plan_stack(paths: StackPaths, configured: set[str]) -> tuple[list[ServiceSpe
         argv = [
             sys.executable,
             "-m",
-            "imagegen.sandbox",
+            "imagegen.jimeng_sandbox",
             "--host",
             "127.0.0.1",
             "--port",
@@ -254,6 +258,8 @@ def start_stack(paths: StackPaths, specs: list[ServiceSpec], env: dict[str, str]
     else:
         paths.conf.write_text(supervisord_conf(paths, specs, env, workers))
         paths.conf.chmod(0o600)
+        paths.env_file.write_text("".join(f"{k}={v}\n" for k, v in sorted(env.items())))
+        paths.env_file.chmod(0o600)
         sockets = [str(p) for spec in specs for p in spec.stale_sockets]
         paths.sockets_file.write_text(json.dumps(sockets))
         subprocess.run([_supervisor_bin("supervisord"), "-c", str(paths.conf)], check=True)
@@ -346,7 +352,10 @@ def up(workers: int, wait: float) -> None:
         raise click.ClickException(str(exc)) from None
     done = sum(r.status == RecordStatus.DONE for r in records)
     click.echo(f"\n{done} of {len(records)} records done. Worker logs: logs/worker-out.log, logs/worker-error.log")
-    click.echo("Stop everything with: make demo-stop")
+    click.echo(
+        "Use the CLI against this stack: .venv/bin/imagegen --env-file .env --env-file .stack/imagegen.env "
+        "inspect <id>\nStop everything with: make demo-stop"
+    )
     if done < len(records):
         sys.exit(1)
 

@@ -8,6 +8,7 @@ into one `ConfigError` line naming the variable.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -160,10 +161,11 @@ class Settings(BaseSettings):
         return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
 
 
-def load_settings(env_file: Path | str | None = ".env") -> Settings:
+def load_settings(env_file: Path | str | Sequence[Path | str] | None = ".env") -> Settings:
     """Build the settings once; a bad value raises one ConfigError line naming the variable."""
     try:
-        return Settings(_env_file=env_file)
+        files = env_file if env_file is None or isinstance(env_file, (str, Path)) else tuple(env_file)
+        return Settings(_env_file=files)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None
 

@@ -1,18 +1,20 @@
 """Hosting images in an S3-compatible bucket (Volcengine TOS in production, SeaweedFS locally).
 
 Object keys derive from the prompt id only (`<prefix><id>/<n>.<ext>`), so a retry overwrites instead of
-duplicating; uploads stream from the download with bounded memory (multipart above a threshold).
+duplicating; uploads stream from the download with bounded memory: one part of
+`UPLOAD_MULTIPART_THRESHOLD` bytes in memory at a time, multipart above that size.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aioboto3
 from aiobotocore.config import AioConfig
-from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError
 
 from .download import ImageDownload
@@ -21,6 +23,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
 _ACCOUNT_CODES = {
     "InvalidAccessKeyId": "the access key is unknown; check TOS_ACCESS_KEY_ID",
@@ -99,12 +102,6 @@ class Storage:
         self._prefix = settings.tos_key_prefix
         self._public_base = settings.tos_public_base_url
         self._threshold = settings.upload_multipart_threshold
-        self._transfer = TransferConfig(
-            multipart_threshold=self._threshold,
-            multipart_chunksize=self._threshold,
-            max_concurrency=1,
-            max_io_queue=1,
-        )
 
     def prompt_prefix(self, prompt_id: str) -> str:
         return f"{self._prefix}{prompt_id}/"
@@ -116,23 +113,49 @@ class Storage:
         return f"{self._public_base}/{key}"
 
     async def upload_image(self, key: str, image: ImageDownload) -> int:
-        """Stream one downloaded image into the bucket under `key`; returns the bytes stored."""
-        extra: dict[str, Any] = {"ContentType": image.image_type.value}
+        """Stream one downloaded image into the bucket under `key`; returns the bytes stored.
+
+        Below the threshold one PUT; above it a multipart upload holding one part in memory at a time.
+        """
         try:
-            if image.declared_length is not None and image.declared_length < self._threshold:
-                body = await image.read(-1)
-                await self._client.put_object(Bucket=self.bucket, Key=key, Body=body, **extra)
-                return len(body)
-            await self._client.upload_fileobj(
-                image,  # type: ignore[arg-type]  # any object with `async read(n)` streams
-                self.bucket,
-                key,
-                ExtraArgs=extra,
-                Config=self._transfer,
-            )
-            return image.bytes_read
+            first = await image.read(self._threshold)
+            if len(first) < self._threshold:
+                await self._client.put_object(
+                    Bucket=self.bucket, Key=key, Body=first, ContentType=image.image_type.value
+                )
+                return len(first)
+            return await self._upload_parts(key, image, first)
         except (ClientError, BotoCoreError) as exc:
             raise storage_error(exc, f"uploading {key}", self.bucket) from None
+
+    async def _upload_parts(self, key: str, image: ImageDownload, first: bytes) -> int:
+        created = await self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType=image.image_type.value
+        )
+        upload_id = created["UploadId"]
+        parts: list[CompletedPartTypeDef] = []
+        total = 0
+        try:
+            chunk = first
+            while chunk:
+                number = len(parts) + 1
+                part = await self._client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+                )
+                parts.append({"ETag": part["ETag"], "PartNumber": number})
+                total += len(chunk)
+                chunk = await image.read(self._threshold)
+            await self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            # Parts of an unfinished upload cost storage until aborted.
+            with contextlib.suppress(ClientError, BotoCoreError):
+                await asyncio.shield(
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                )
+            raise
+        return total
 
     async def exists(self, key: str) -> bool:
         try:

@@ -60,14 +60,14 @@ class Stack:
 
     def process_env(self, **overrides: str) -> dict[str, str]:
         """The environment of a CLI or worker subprocess: the stack's settings and nothing of the user's."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_SETTING_PREFIXES)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
         env.update(self.env)
         env.update(overrides)
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         return env
 
 
-_SETTING_PREFIXES = (
+SETTING_PREFIXES = (
     "REDIS_",
     "JIMENG_",
     "TOS_",

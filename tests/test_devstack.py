@@ -1,0 +1,50 @@
+"""The README's first command: the local stack comes up, its records end with images that serve, it stops."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from imagegen.download import sniff_image_type
+
+from .conftest import SETTING_PREFIXES
+
+
+def devstack(project: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
+    return subprocess.run(
+        [sys.executable, "-m", "imagegen.devstack", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_local_stack_turns_the_sample_prompts_into_hosted_images(tmp_path: Path):
+    try:
+        up = devstack(tmp_path, "up", "--wait", "120")
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert "6 of 6 records done" in up.stdout
+        urls = re.findall(r"^    (http://\S+)  \(HTTP 200, image/", up.stdout, flags=re.MULTILINE)
+        assert len(urls) == 24
+        for url in urls[:4]:
+            with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback
+                assert sniff_image_type(response.read(16)) is not None
+        assert (tmp_path / "logs" / "worker-out.log").read_text().count("job done: 4 images") == 6
+
+        again = devstack(tmp_path, "up", "--wait", "60")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "already running" in again.stdout
+        assert "queued 0 of 0 pending records" in again.stdout
+    finally:
+        down = devstack(tmp_path, "down")
+    assert down.returncode == 0
+    assert "local stack stopped" in down.stdout
+    assert devstack(tmp_path, "down").stdout.strip() == "the local stack is not running"

@@ -1,0 +1,89 @@
+"""The PocketBase and storage clients against the real servers."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from imagegen.errors import FailureKind, PocketBaseError, RecordNotFound, StorageError
+from imagegen.models import RecordStatus
+from imagegen.pocketbase import PocketBaseClient
+from imagegen.storage import Storage, open_s3_client
+
+from .conftest import RecordFactory, Stack
+from .test_pipeline import bucket_keys, enqueue, run_queue
+
+MIB = 1024 * 1024
+
+
+async def test_expired_token_triggers_one_fresh_login(pocketbase: PocketBaseClient, records: RecordFactory):
+    record = await records.create("token test")
+    pocketbase._token = "expired-or-forged-token"
+    assert (await pocketbase.get_record(record.id)).prompt == "token test"
+    assert pocketbase._token != "expired-or-forged-token"
+
+
+async def test_paging_walks_every_pending_record_once(pocketbase: PocketBaseClient, records: RecordFactory):
+    created = await records.many(7)
+    failed, done = await records.create("failed one"), await records.create("done one")
+    await pocketbase.set_status(failed.id, RecordStatus.FAILED, "boom")
+    await pocketbase.set_done(done.id, ["http://example.invalid/a.png"])
+    seen = [r.id async for r in pocketbase.iter_records(pocketbase.pending_filter(), page_size=3)]
+    assert sorted(seen) == sorted(r.id for r in created)
+
+
+async def test_unknown_record_and_wrong_password(stack: Stack, settings, http: aiohttp.ClientSession, pocketbase):
+    with pytest.raises(RecordNotFound):
+        await pocketbase.get_record("aaaaaaaaaaaaaaa")
+    wrong = PocketBaseClient(http, stack.settings(pocketbase_password="not-the-password"))
+    with pytest.raises(PocketBaseError) as caught:
+        await wrong.get_record("aaaaaaaaaaaaaaa")
+    assert caught.value.kind is FailureKind.ACCOUNT
+    assert "not-the-password" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ({"tos_access_key_secret": "wrong-secret"}, "SignatureDoesNotMatch"),
+        ({"tos_access_key_id": "nobody"}, "InvalidAccessKeyId"),
+        ({"tos_bucket": "missing-bucket"}, "NoSuchBucket"),
+    ],
+)
+async def test_storage_credential_and_bucket_errors_are_account_level(stack: Stack, override, words):
+    settings = stack.settings(**override)
+    async with open_s3_client(settings) as s3:
+        storage = Storage(s3, settings)
+        with pytest.raises(StorageError) as caught:
+            await storage.remove_others("aaaaaaaaaaaaaaa", [])
+    assert caught.value.kind is FailureKind.ACCOUNT
+    assert words in str(caught.value)
+    assert "wrong-secret" not in str(caught.value)
+
+
+async def test_wrong_storage_secret_fails_the_record_with_a_clear_error(
+    stack: Stack, records: RecordFactory, pocketbase
+):
+    settings = stack.settings(tos_access_key_secret="wrong-secret")
+    record = await records.create("an orchard")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+    failed = await pocketbase.get_record(record.id)
+    assert failed.status == "failed"
+    assert "TOS_ACCESS_KEY_SECRET" in failed.error
+    assert stack.jimeng.sandbox.generations(record.prompt) == 1
+
+
+async def test_large_images_stream_as_multipart_uploads(stack: Stack, records: RecordFactory, pocketbase, http):
+    settings = stack.settings(upload_multipart_threshold=5 * MIB, download_max_bytes=64 * MIB)
+    stack.jimeng.sandbox.config.huge_bytes = 12 * MIB
+    record = await records.create("a very detailed panorama [[jimeng:img-huge]]")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+    done = await pocketbase.get_record(record.id)
+    assert done.status == "done", done.error
+    async with http.get(done.image_url) as response:
+        body = await response.read()
+    assert len(body) == 12 * MIB
+    assert body[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(await bucket_keys(settings)) == 4
