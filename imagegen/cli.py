@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from .checks import check_services
-from .control import Control, EnqueueOutcome, EnqueueReport, JobReport, open_control
+from .control import Control, EnqueueOutcome, EnqueueReport, JobReport, StatusReport, open_control
 from .errors import ConfigError, ImagegenError
 from .logs import setup_logging
 from .settings import Settings, load_settings
@@ -183,6 +183,66 @@ def inspect(ctx: click.Context, prompt_id: str, as_json: bool) -> None:
         validate_prompt_id(prompt_id)
     except ImagegenError as exc:
         fail(str(exc), EXIT_USAGE)
+    with_control(ctx, action)
+
+
+@cli.command()
+@click.option("--reason", default="paused by an operator", show_default=True, help="Why; shown by `status`.")
+@click.pass_context
+def pause(ctx: click.Context, reason: str) -> None:
+    """Pause the queue for every worker: no new generation starts; jobs in flight finish."""
+
+    async def action(control: Control) -> int:
+        info = await control.pause(reason)
+        click.echo(f"queue paused: {info.reason}")
+        return EXIT_OK
+
+    with_control(ctx, action)
+
+
+@cli.command()
+@click.pass_context
+def resume(ctx: click.Context) -> None:
+    """Resume a paused queue (and reset the consecutive-failure count)."""
+
+    async def action(control: Control) -> int:
+        lifted = await control.resume()
+        click.echo(f"queue resumed (was paused: {lifted.reason})" if lifted else "queue was not paused")
+        return EXIT_OK
+
+    with_control(ctx, action)
+
+
+def _format_status(report: StatusReport) -> str:
+    data = report.to_json()
+    lines = [
+        "jobs:      " + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in data["jobs"].items()),
+        "records:   " + ", ".join(f"{n} {name}" for name, n in data["records"].items()),
+    ]
+    paused = data["paused"]
+    lines.append(
+        f"queue:     paused since {paused['since']} ({paused['source']}): {paused['reason']}"
+        if paused
+        else "queue:     running"
+    )
+    lines.append(f"failures:  {report.consecutive_failures} in a row (pause at {report.max_failed})")
+    lines.append(f"workers:   {len(report.workers)} live")
+    for worker in report.workers:
+        lines.append(f"  {worker['id']}  running {len(worker['running'])}, done {worker['jobs_done']}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Counts by state, whether the queue is paused (why, since when), failure streak, live workers."""
+
+    async def action(control: Control) -> int:
+        report = await control.status()
+        click.echo(json.dumps(report.to_json(), ensure_ascii=False) if as_json else _format_status(report))
+        return EXIT_OK
+
     with_control(ctx, action)
 
 

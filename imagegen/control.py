@@ -5,24 +5,27 @@ The CLI is a thin shell over these; none of them touches the jimeng API, so noth
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 import aiohttp
 from arq import create_pool
 from arq.connections import ArqRedis
-from arq.constants import result_key_prefix
+from arq.constants import in_progress_key_prefix, result_key_prefix
 from arq.jobs import Job, JobResult, JobStatus
 from redis.exceptions import RedisError
 
+from . import keys
 from .errors import ImagegenError, InvalidPromptId, QueueError, RecordNotFound
 from .models import JobState, PromptRecord, RecordStatus, validate_prompt_id
 from .pocketbase import PocketBaseClient
 from .settings import Settings
+from .state import PauseInfo, QueueState
 from .worker import JOB_NAME, redis_settings
 
 
@@ -93,6 +96,36 @@ def _queue_error(exc: Exception, settings: Settings) -> QueueError:
     )
 
 
+@dataclass
+class StatusReport:
+    """Everything `imagegen status` shows."""
+
+    queued: int
+    deferred: int
+    in_progress: int
+    records: dict[str, int]
+    paused: PauseInfo | None
+    consecutive_failures: int
+    max_failed: int
+    workers: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "jobs": {"queued": self.queued, "deferred": self.deferred, "in_progress": self.in_progress},
+            "records": self.records,
+            "paused": None
+            if self.paused is None
+            else {
+                "reason": self.paused.reason,
+                "since": datetime.fromtimestamp(self.paused.since, tz=UTC).isoformat(),
+                "source": self.paused.source,
+            },
+            "consecutive_failures": self.consecutive_failures,
+            "max_failed": self.max_failed,
+            "workers": self.workers,
+        }
+
+
 class Control:
     """Queue operations over one Redis pool and one PocketBase client."""
 
@@ -100,6 +133,44 @@ class Control:
         self.settings = settings
         self.redis = redis
         self.pocketbase = pocketbase
+        self.state = QueueState(redis, settings.queue_max_failed)
+
+    async def pause(self, reason: str) -> PauseInfo:
+        try:
+            return await self.state.pause(reason, source="manual")
+        except (RedisError, OSError) as exc:
+            raise _queue_error(exc, self.settings) from None
+
+    async def resume(self) -> PauseInfo | None:
+        try:
+            return await self.state.resume()
+        except (RedisError, OSError) as exc:
+            raise _queue_error(exc, self.settings) from None
+
+    async def status(self) -> StatusReport:
+        """Jobs by state, records by status, the pause, the failure streak and the live workers."""
+        now_ms = time.time() * 1000
+        try:
+            members = await self.redis.zrange(self.settings.queue_name, 0, -1, withscores=True)
+            running = 0
+            if members:
+                flags = await self.redis.exists(*(in_progress_key_prefix + m.decode() for m, _ in members))
+                running = int(flags)
+            due = sum(1 for _, score in members if score <= now_ms)
+            report = StatusReport(
+                queued=due - running,
+                deferred=len(members) - due,
+                in_progress=running,
+                records={},
+                paused=await self.state.paused(),
+                consecutive_failures=await self.state.consecutive_failures(),
+                max_failed=self.settings.queue_max_failed,
+                workers=await self.state.workers(),
+            )
+        except (RedisError, OSError) as exc:
+            raise _queue_error(exc, self.settings) from None
+        report.records = await self.pocketbase.count_by_status()
+        return report
 
     def job(self, prompt_id: str) -> Job:
         return Job(prompt_id, self.redis, _queue_name=self.settings.queue_name)
@@ -114,8 +185,9 @@ class Control:
         try:
             if await self._live_job(record.id):
                 return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
-            # A finished job's result would make arq refuse the same job id: this is a new run.
-            await self.redis.delete(result_key_prefix + record.id)
+            # A finished job's result would make arq refuse the same job id: this is a new run,
+            # with all its attempts.
+            await self.redis.delete(result_key_prefix + record.id, keys.attempts(record.id))
             job = await self.redis.enqueue_job(
                 JOB_NAME, record.id, force, _job_id=record.id, _queue_name=self.settings.queue_name
             )
@@ -160,13 +232,17 @@ class Control:
             raise _queue_error(exc, self.settings) from None
         report = JobReport(prompt_id, JobState.UNKNOWN)
         if info is not None:
-            report.tries = info.job_try or 0
             report.enqueued_at = info.enqueue_time
             if info.score and status is JobStatus.deferred:
                 report.scheduled_for = datetime.fromtimestamp(info.score / 1000, tz=info.enqueue_time.tzinfo)
+        try:
+            report.tries = await self.state.attempts(prompt_id)
+        except (RedisError, OSError) as exc:
+            raise _queue_error(exc, self.settings) from None
         if status is JobStatus.complete and isinstance(info, JobResult):
             report.started_at, report.finished_at = info.start_time, info.finish_time
             outcome = info.result if isinstance(info.result, dict) else {}
+            report.tries = int(outcome.get("attempt", report.tries))
             if info.success and outcome.get("status") == "done":
                 report.state = JobState.DONE
             else:
@@ -204,4 +280,4 @@ async def open_control(settings: Settings) -> AsyncIterator[Control]:
         yield Control(settings, redis, PocketBaseClient(http, settings))
 
 
-__all__ = ["Control", "EnqueueOutcome", "EnqueueReport", "ImagegenError", "JobReport", "open_control"]
+__all__ = ["Control", "EnqueueOutcome", "EnqueueReport", "ImagegenError", "JobReport", "StatusReport", "open_control"]

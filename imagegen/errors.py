@@ -3,6 +3,7 @@
     ImagegenError                      base: one readable line, `kind` says what to do about it
     ├── ConfigError                    a setting is missing or invalid (kind = account)
     ├── InvalidPromptId                a prompt id that is not 15 chars of [a-z0-9] (permanent)
+    ├── QueuePaused                    the queue was paused before this job could generate (wait, no attempt used)
     └── ServiceError                   a call to an outside service failed; keeps service/status/detail
         ├── JimengError                the image API (with the proxy's `code` when it sent one)
         ├── DownloadError              fetching the generated image bytes
@@ -53,6 +54,12 @@ class ConfigError(ImagegenError):
 
 class InvalidPromptId(ImagegenError):
     kind = FailureKind.PERMANENT
+
+
+class QueuePaused(ImagegenError):
+    """Raised before a paid call when the queue is paused; the job waits and loses no attempt."""
+
+    kind = FailureKind.TRANSIENT
 
 
 class ServiceError(ImagegenError):

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 PREFIX = "imagegen:"
+PAUSE = f"{PREFIX}pause"
+CONSECUTIVE_FAILURES = f"{PREFIX}consecutive-failures"
+WORKER_PREFIX = f"{PREFIX}worker:"
 
 
 def generation(prompt_id: str) -> str:
     """The remembered result of a paid generation for one prompt (links + what already landed)."""
     return f"{PREFIX}generation:{prompt_id}"
+
+
+def attempts(prompt_id: str) -> str:
+    """How many real attempts (not waits while paused) a prompt's current run has made."""
+    return f"{PREFIX}attempts:{prompt_id}"
+
+
+def worker(worker_id: str) -> str:
+    """A live worker's heartbeat, expiring when it stops beating."""
+    return f"{WORKER_PREFIX}{worker_id}"

@@ -20,6 +20,7 @@ from .ledger import GenerationLedger, GenerationRecord
 from .models import PromptRecord, RecordStatus, StoredImage
 from .pocketbase import PocketBaseClient
 from .settings import Settings
+from .state import PauseGate
 from .storage import Storage
 
 
@@ -50,6 +51,7 @@ class Services:
     jimeng: JimengClient
     storage: Storage
     ledger: GenerationLedger
+    gate: PauseGate
 
 
 def check_prompt(record: PromptRecord, max_chars: int) -> str:

@@ -199,6 +199,21 @@ class PocketBaseClient:
                 return
             last = str(items[-1]["id"])
 
+    async def count(self, record_filter: str) -> int:
+        status, payload = await self._request(
+            "GET", self._records, params={"filter": record_filter, "perPage": "1", "fields": "id"}
+        )
+        if status != 200 or not isinstance(payload, dict):
+            raise self._fail(f"listing {self.collection}", status, payload)
+        return int(payload.get("totalItems", 0))
+
+    async def count_by_status(self) -> dict[str, int]:
+        """How many records are pending, queued, processing, done and failed."""
+        counts = {"pending": await self.count(f'{self.f_image_url} = "" && {self.status_filter(RecordStatus.PENDING)}')}
+        for status in (RecordStatus.QUEUED, RecordStatus.PROCESSING, RecordStatus.DONE, RecordStatus.FAILED):
+            counts[status.value] = await self.count(self.status_filter(status))
+        return counts
+
     async def check(self) -> None:
         """Raise PocketBaseError unless login works and the collection can be listed."""
         await self.login()

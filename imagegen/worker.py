@@ -7,30 +7,33 @@ with one line.
 
 from __future__ import annotations
 
-import asyncio
-import random
 import sys
-import time
 from contextlib import AsyncExitStack
-from typing import Any, TypedDict
+from typing import Any
 
 import aiohttp
-from arq import Retry
-from arq.connections import ArqRedis, RedisSettings
+from arq.connections import RedisSettings
 from arq.worker import func
 from loguru import logger
+from redis.asyncio.retry import Retry as RedisRetry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import ConfigError, FailureKind, ImagegenError, RecordNotFound
+from .errors import ConfigError
+from .heartbeat import Heartbeat
 from .jimeng import JimengClient
+from .jobs import JobRunner
 from .ledger import GenerationLedger
 from .logs import setup_logging
-from .models import RecordStatus
 from .pipeline import Pipeline, Services
 from .pocketbase import PocketBaseClient
 from .settings import Settings, load_settings, require
+from .state import PauseGate, QueueState
 from .storage import Storage, open_s3_client
 
 JOB_NAME = "generate_images"
+ARQ_MAX_TRIES = 100_000
 WORKER_REQUIRED = (
     "jimeng_api_key",
     "jimeng_api_url",
@@ -42,20 +45,8 @@ WORKER_REQUIRED = (
 )
 
 
-class WorkerContext(TypedDict, total=False):
-    """What arq's `ctx` holds for our job: arq's own keys and the clients made at start-up."""
-
-    redis: ArqRedis
-    job_id: str
-    job_try: int
-    settings: Settings
-    services: Services
-    pipeline: Pipeline
-    exit_stack: AsyncExitStack
-
-
 def redis_settings(settings: Settings, *, retries: int = 3) -> RedisSettings:
-    """arq's connection settings; a worker retries a lost Redis, a CLI command fails fast."""
+    """arq's connection settings; a worker rides out a Redis restart, a CLI command fails fast."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
     return RedisSettings(
         host=settings.redis_host,
@@ -65,13 +56,10 @@ def redis_settings(settings: Settings, *, retries: int = 3) -> RedisSettings:
         conn_timeout=3,
         conn_retries=retries,
         conn_retry_delay=1,
+        retry=RedisRetry(ExponentialBackoff(cap=5.0, base=0.2), retries=30) if retries else None,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError] if retries else None,
+        retry_on_timeout=bool(retries),
     )
-
-
-def retry_delay(settings: Settings, attempt: int, retry_after: float | None) -> float:
-    """Exponential backoff from QUEUE_BACKOFF with up to 25% jitter; a longer Retry-After wins."""
-    delay: float = settings.queue_backoff * (2 ** (attempt - 1)) * random.uniform(1.0, 1.25)
-    return max(delay, retry_after or 0.0)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -82,6 +70,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15))
     )
     s3 = await stack.enter_async_context(open_s3_client(settings))
+    state = QueueState(ctx["redis"], settings.queue_max_failed)
     services = Services(
         settings=settings,
         http=http,
@@ -89,10 +78,17 @@ async def startup(ctx: dict[str, Any]) -> None:
         jimeng=JimengClient(http, settings),
         storage=Storage(s3, settings),
         ledger=GenerationLedger(ctx["redis"], settings.queue_keep_result),
+        gate=PauseGate(state),
     )
+    heartbeat = Heartbeat(ctx["redis"], state, settings.queue_name)
+    heartbeat.start()
+    stack.push_async_callback(heartbeat.stop)
     ctx["exit_stack"] = stack
     ctx["services"] = services
-    ctx["pipeline"] = Pipeline(services)
+    ctx["runner"] = JobRunner(services, Pipeline(services), state, heartbeat)
+    paused = await state.paused()
+    if paused is not None:
+        logger.warning("the queue is paused since {}: {}; `imagegen resume` continues", paused.since, paused.reason)
     logger.info(
         "worker ready: queue {}, concurrency {}, jimeng {} ({} {}), bucket {}, pocketbase {}/{}",
         settings.queue_name,
@@ -113,60 +109,18 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     logger.info("worker stopped")
 
 
-async def _record_failure(services: Services, prompt_id: str, status: RecordStatus, error: str) -> None:
-    """Write the failure onto the record; a record store that is down too must not hide the first error."""
-    try:
-        await services.pocketbase.set_status(prompt_id, status, error[:4000])
-    except RecordNotFound:
-        logger.bind(prompt_id=prompt_id).warning("record was deleted; nothing to mark")
-    except ImagegenError as exc:
-        logger.bind(prompt_id=prompt_id).warning("could not mark the record {}: {}", status.value, exc)
-
-
 async def generate_images(ctx: dict[str, Any], prompt_id: str, force: bool = False) -> dict[str, Any]:
-    """The job: bring one prompt record to `done`, retrying transient failures with backoff."""
-    settings: Settings = ctx["settings"]
-    services: Services = ctx["services"]
-    attempt: int = ctx.get("job_try", 1)
-    log = logger.bind(prompt_id=prompt_id)
-    started = time.monotonic()
-    log.info("job started (attempt {}/{})", attempt, settings.queue_attempts)
-    try:
-        result = await ctx["pipeline"].run(prompt_id, force=force)
-    except asyncio.CancelledError:
-        # Shutdown past the grace period: arq puts the job back in the queue; the record says so too.
-        note = "the worker stopped during this job; it is queued again"
-        await asyncio.shield(_record_failure(services, prompt_id, RecordStatus.QUEUED, note))
-        raise
-    except ImagegenError as exc:
-        if exc.kind is FailureKind.TRANSIENT and attempt < settings.queue_attempts:
-            delay = retry_delay(settings, attempt, getattr(exc, "retry_after", None))
-            note = f"attempt {attempt} of {settings.queue_attempts} failed: {exc}; retrying in {delay:.0f}s"
-            log.warning(note)
-            await _record_failure(services, prompt_id, RecordStatus.QUEUED, note)
-            raise Retry(defer=delay) from None
-        elapsed = time.monotonic() - started
-        log.error("job failed after {:.1f}s ({} failure, attempt {}): {}", elapsed, exc.kind.value, attempt, exc)
-        if not isinstance(exc, RecordNotFound):
-            await _record_failure(services, prompt_id, RecordStatus.FAILED, str(exc))
-        return {"status": "failed", "kind": exc.kind.value, "error": str(exc), "attempt": attempt}
-    if result.skipped:
-        return {"status": "done", "skipped": True, "images": [], "attempt": attempt}
-    timings = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.timings.items())
-    log.info("job done: {} images ({})", len(result.images), timings)
-    return {
-        "status": "done",
-        "images": [image.public_url for image in result.images],
-        "generated": result.generated,
-        "timings": result.timings,
-        "attempt": attempt,
-    }
+    """The job: bring one prompt record to `done` (see `jobs` for the failure policy)."""
+    runner: JobRunner = ctx["runner"]
+    return await runner.run(prompt_id, force)
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
     """The keyword arguments of arq's Worker for these settings."""
     return {
-        "functions": [func(generate_images, name=JOB_NAME, max_tries=settings.queue_attempts + 2)],
+        # Attempts are counted by the job itself (waiting while paused must not use them), so arq's own
+        # limit only guards against a job bouncing forever.
+        "functions": [func(generate_images, name=JOB_NAME, max_tries=ARQ_MAX_TRIES)],
         "queue_name": settings.queue_name,
         "redis_settings": redis_settings(settings),
         "on_startup": startup,

@@ -6,7 +6,11 @@ how many paid generations the fake counted.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
@@ -29,6 +33,31 @@ async def run_queue(settings: Settings) -> Worker:
     finally:
         await worker.close()
     return worker
+
+
+@asynccontextmanager
+async def worker_running(settings: Settings) -> AsyncIterator[Worker]:
+    """An in-process worker that keeps running (through pauses) until the block ends."""
+    worker = Worker(**worker_options(settings), handle_signals=False, poll_delay=0.05)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield worker
+    finally:
+        await worker.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def wait_until(condition, deadline: float = 30):
+    """Poll an async condition until it holds; returns its last value."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        value = await condition()
+        if value or loop.time() > end:
+            return value
+        await asyncio.sleep(0.05)
 
 
 async def enqueue(settings: Settings, *ids: str, force: bool = False) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from imagegen.control import open_control
 from imagegen.errors import FailureKind, PocketBaseError, RecordNotFound, StorageError
 from imagegen.models import RecordStatus
 from imagegen.pocketbase import PocketBaseClient
+from imagegen.state import QueueState
 from imagegen.storage import Storage, open_s3_client
 
 from .conftest import RecordFactory, Stack
-from .test_pipeline import bucket_keys, enqueue, run_queue
+from .test_pipeline import bucket_keys, enqueue, run_queue, wait_until, worker_running
 
 MIB = 1024 * 1024
 
@@ -61,17 +63,37 @@ async def test_storage_credential_and_bucket_errors_are_account_level(stack: Sta
     assert "wrong-secret" not in str(caught.value)
 
 
-async def test_wrong_storage_secret_fails_the_record_with_a_clear_error(
-    stack: Stack, records: RecordFactory, pocketbase
+async def test_wrong_storage_secret_pauses_the_queue_and_keeps_the_generation(
+    stack: Stack, records: RecordFactory, pocketbase, redis_client
 ):
-    settings = stack.settings(tos_access_key_secret="wrong-secret")
+    # One job at a time, so the second has not reached the API when the first finds the bad secret.
+    settings = stack.settings(tos_access_key_secret="wrong-secret", queue_concurrency=1)
     record = await records.create("an orchard")
-    await enqueue(settings, record.id)
-    await run_queue(settings)
-    failed = await pocketbase.get_record(record.id)
-    assert failed.status == "failed"
-    assert "TOS_ACCESS_KEY_SECRET" in failed.error
+    second = await records.create("a second orchard")
+    await enqueue(settings, record.id, second.id)
+    async with worker_running(settings):
+        state = QueueState(redis_client, settings.queue_max_failed)
+        paused = await wait_until(state.paused)
+        waiting = await wait_until(lambda: _status_is(pocketbase, record.id, "queued"))
+    assert paused is not None
+    assert "TOS_ACCESS_KEY_SECRET" in paused.reason
+    assert waiting.error.startswith("waiting: queue paused")
+    # One paid generation for the first prompt; the second never reached the API.
+    assert stack.jimeng.sandbox.stats()["total_calls"] == 1
+
+    # Fixed settings and a resume: both finish, and the first reuses its generation.
+    async with open_control(stack.settings()) as control:
+        await control.resume()
+    await run_queue(stack.settings())
+    for prompt_id in (record.id, second.id):
+        assert (await pocketbase.get_record(prompt_id)).status == "done"
     assert stack.jimeng.sandbox.generations(record.prompt) == 1
+    assert stack.jimeng.sandbox.generations(second.prompt) == 1
+
+
+async def _status_is(pocketbase, prompt_id: str, status: str):
+    record = await pocketbase.get_record(prompt_id)
+    return record if record.status == status and record.error else None
 
 
 async def test_large_images_stream_as_multipart_uploads(stack: Stack, records: RecordFactory, pocketbase, http):

@@ -39,6 +39,7 @@ class SandboxConfig:
     api_key: str
     latency: float = 0.0
     jitter: float = 0.0
+    image_latency: float = 0.0
     images_per_call: int = 4
     image_size: int = 256
     link_ttl: float = 3 * 3600
@@ -242,6 +243,8 @@ class JimengSandbox:
             image = self._images.get(token)
             if image is not None:
                 self._downloads[image.prompt] += 1
+        if self.config.image_latency:
+            await asyncio.sleep(self.config.image_latency)
         if image is None or image.mode == "img-404":
             return web.Response(status=404, text="Not Found")
         if image.expires <= time.time() or image.mode == "img-403":

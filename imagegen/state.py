@@ -1,0 +1,129 @@
+"""Queue-wide state in Redis, shared by every worker process on every host and by the CLI.
+
+- pause: one JSON value with the reason, since when and who paused; while it exists no generation starts.
+- consecutive failures: jobs that exhausted their attempts in a row; QUEUE_MAX_FAILED of them pause.
+- attempts: real attempts per prompt run; waiting while paused never counts.
+- worker heartbeats: one key per live worker process, expiring shortly after it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from . import keys
+
+ATTEMPTS_TTL = 14 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class PauseInfo:
+    reason: str
+    since: float
+    source: str  # "manual" or "auto"
+
+
+class QueueState:
+    """Reads and changes the shared state; every method is one or two Redis round trips."""
+
+    def __init__(self, redis: Redis, max_failed: int) -> None:
+        self._redis = redis
+        self._max_failed = max_failed
+
+    async def pause(self, reason: str, source: str = "manual") -> PauseInfo:
+        """Pause the queue; an existing pause keeps its original reason and time."""
+        info = PauseInfo(reason, time.time(), source)
+        await self._redis.set(keys.PAUSE, json.dumps(asdict(info)), nx=True)
+        return await self.paused() or info
+
+    async def resume(self) -> PauseInfo | None:
+        """Lift the pause and reset the failure streak; returns the pause that was lifted."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(keys.PAUSE)
+            pipe.delete(keys.PAUSE)
+            pipe.delete(keys.CONSECUTIVE_FAILURES)
+            raw, _, _ = await pipe.execute()
+        return PauseInfo(**json.loads(raw)) if raw else None
+
+    async def paused(self) -> PauseInfo | None:
+        raw = await self._redis.get(keys.PAUSE)
+        return PauseInfo(**json.loads(raw)) if raw else None
+
+    async def consecutive_failures(self) -> int:
+        return int(await self._redis.get(keys.CONSECUTIVE_FAILURES) or 0)
+
+    async def record_success(self) -> None:
+        await self._redis.set(keys.CONSECUTIVE_FAILURES, 0)
+
+    async def record_exhausted(self, error: str) -> PauseInfo | None:
+        """Count a job that used up its attempts; pauses the queue at QUEUE_MAX_FAILED in a row."""
+        count = int(await self._redis.incr(keys.CONSECUTIVE_FAILURES))
+        if count >= self._max_failed:
+            return await self.pause(f"{count} jobs in a row failed after all their attempts; last: {error}", "auto")
+        return None
+
+    async def begin_attempt(self, prompt_id: str) -> int:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(keys.attempts(prompt_id))
+            pipe.expire(keys.attempts(prompt_id), ATTEMPTS_TTL)
+            count, _ = await pipe.execute()
+        return int(count)
+
+    async def give_back_attempt(self, prompt_id: str) -> None:
+        await self._redis.decr(keys.attempts(prompt_id))
+
+    async def attempts(self, prompt_id: str) -> int:
+        return int(await self._redis.get(keys.attempts(prompt_id)) or 0)
+
+    async def forget_attempts(self, prompt_id: str) -> None:
+        await self._redis.delete(keys.attempts(prompt_id))
+
+    async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
+        await self._redis.set(keys.worker(worker_id), json.dumps(info), px=int(ttl * 1000))
+
+    async def stop_heartbeat(self, worker_id: str) -> None:
+        await self._redis.delete(keys.worker(worker_id))
+
+    async def workers(self) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        async for key in self._redis.scan_iter(match=keys.worker("*"), count=500):
+            raw = await self._redis.get(key)
+            if raw:
+                found.append(json.loads(raw))
+        return sorted(found, key=lambda w: str(w.get("id")))
+
+
+class PauseGate:
+    """A worker's view of the pause, refreshed at most every `refresh` seconds."""
+
+    def __init__(self, state: QueueState, refresh: float = 0.5) -> None:
+        self._state = state
+        self._refresh = refresh
+        self._checked = float("-inf")
+        self._info: PauseInfo | None = None
+
+    async def current(self) -> PauseInfo | None:
+        now = time.monotonic()
+        if now - self._checked >= self._refresh:
+            self._info = await self._state.paused()
+            self._checked = now
+        return self._info
+
+    def invalidate(self) -> None:
+        """Forget the cached view (after this process changed the pause itself)."""
+        self._checked = float("-inf")
+
+    async def wait_open(self, max_wait: float) -> bool:
+        """Wait while the queue is paused; False when still paused after `max_wait` seconds."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + max_wait
+        while await self.current() is not None:
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(self._refresh)
+        return True
