@@ -8,6 +8,7 @@ with one line.
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -15,9 +16,11 @@ import aiohttp
 from arq.connections import RedisSettings
 from arq.worker import func
 from loguru import logger
+from redis import Redis as SyncRedis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import ConfigError
@@ -134,6 +137,35 @@ def worker_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def wait_for_redis(settings: Settings, cap: float = 30.0) -> None:
+    """Block until Redis answers, one log line per failed try: a worker outlives a Redis that is down."""
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    delay = 1.0
+    while True:
+        client = SyncRedis(
+            host=settings.redis_host,
+            port=settings.redis_port,
+            db=settings.redis_db,
+            password=password or None,
+            socket_connect_timeout=3,
+        )
+        try:
+            client.ping()
+            return
+        except (RedisError, OSError) as exc:
+            logger.warning(
+                "cannot reach Redis at {}:{} ({}); check REDIS_HOST/REDIS_PORT/REDIS_PASSWORD; retrying in {:.0f}s",
+                settings.redis_host,
+                settings.redis_port,
+                type(exc).__name__,
+                delay,
+            )
+        finally:
+            client.close()
+        time.sleep(delay)
+        delay = min(cap, delay * 2)
+
+
 def settings_for_worker() -> Settings:
     """Settings for a worker process, with logging set up; a bad setting ends the process with one line."""
     try:
@@ -143,6 +175,7 @@ def settings_for_worker() -> Settings:
         sys.stderr.write(f"imagegen worker: {exc}\n")
         raise SystemExit(2) from None
     setup_logging(settings.log_level, settings.secrets())
+    wait_for_redis(settings)
     return settings
 
 

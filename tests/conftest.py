@@ -98,7 +98,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             services.append(service)
         s3_url = f"http://127.0.0.1:{s3_port}"
         asyncio.run(ensure_bucket(s3_url, S3_ACCESS, S3_SECRET, BUCKET))
-        with SandboxThread(SandboxConfig(api_key=JIMENG_KEY)) as jimeng:
+        # Retry-After: 0 keeps retried 429s fast; honouring the header is covered by test_retry_policy.
+        with SandboxThread(SandboxConfig(api_key=JIMENG_KEY, retry_after=0)) as jimeng:
             workdir = root / "work"
             workdir.mkdir()
             env = {

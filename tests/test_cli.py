@@ -213,3 +213,18 @@ async def test_records_done_by_a_worker_process(stack: Stack, records: RecordFac
     for record in created:
         assert f"{record.id} | job done: 4 images" in log
     assert_no_secret(log)
+
+
+async def test_worker_waits_for_redis_with_one_clear_line(stack: Stack, start_worker):
+    worker = start_worker(REDIS_PORT="1")
+
+    async def said_so():
+        return "cannot reach Redis at 127.0.0.1:1" in worker.output()
+
+    from .test_pipeline import wait_until
+
+    assert await wait_until(said_so)
+    assert worker.process.poll() is None
+    worker.stop()
+    assert "Traceback" not in worker.output()
+    assert_no_secret(worker.output())

@@ -260,3 +260,61 @@ async def test_a_done_record_is_not_generated_again_without_force(
         report = await control.enqueue(record.id)
     assert report.outcome.value == "already done"
     assert stack.jimeng.sandbox.generations(record.prompt) == 1
+
+
+@pytest.mark.parametrize("mode", ["-2001", "html-502", "nonjson", "drop", "http-429", "http-503", "http-504"])
+async def test_each_transient_answer_is_retried_to_success(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase, mode
+):
+    record = await records.create(f"a transient {mode}")
+    stack.jimeng.sandbox.script(record.prompt, [mode])
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+    done = await pocketbase.get_record(record.id)
+    assert done.status == "done"
+    assert stack.jimeng.sandbox.calls(record.prompt) == 2
+    assert stack.jimeng.sandbox.generations(record.prompt) == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "words"),
+    [
+        ("-2002", "renew JIMENG_API_KEY"),
+        ("-2001-shark", "risk control"),
+        ("http-401", "check JIMENG_API_KEY"),
+        ("http-403", "check JIMENG_API_KEY"),
+    ],
+)
+async def test_account_level_answers_pause_the_queue_with_the_reason(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase, redis_client, mode, words
+):
+    from imagegen.state import QueueState
+
+    record = await records.create(f"an account problem {mode}")
+    stack.jimeng.sandbox.script(record.prompt, [mode])
+    await enqueue(settings, record.id)
+    state = QueueState(redis_client, settings.queue_max_failed)
+    async with worker_running(settings):
+        paused = await wait_until(state.paused)
+    assert paused is not None
+    assert words in paused.reason
+    waiting = await pocketbase.get_record(record.id)
+    assert waiting.status == "queued"
+    assert words in waiting.error
+    await state.resume()
+    await run_queue(settings)
+    assert (await pocketbase.get_record(record.id)).status == "done"
+    assert stack.jimeng.sandbox.calls(record.prompt) == 2
+
+
+@pytest.mark.parametrize(("mode", "words"), [("img-404", "expired"), ("img-truncate", "cut off")])
+async def test_broken_image_links_fail_clearly(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase, mode, words
+):
+    record = await records.create(f"a broken link [[jimeng:{mode}]]")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+    failed = await pocketbase.get_record(record.id)
+    assert failed.status == "failed"
+    assert words in failed.error
+    assert await bucket_keys(settings) == []
