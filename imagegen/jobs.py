@@ -28,8 +28,10 @@ PAUSED_RECHECK = 1.0
 
 
 def retry_delay(settings: Settings, attempt: int, retry_after: float | None) -> float:
-    """Exponential backoff from QUEUE_BACKOFF with up to 25% jitter; a longer Retry-After wins."""
-    delay: float = settings.queue_backoff * (2 ** (attempt - 1)) * random.uniform(1.0, 1.25)
+    """Exponential backoff from QUEUE_BACKOFF (capped at QUEUE_BACKOFF_MAX) with up to 25% jitter;
+    a longer Retry-After wins."""
+    base = min(settings.queue_backoff * (2 ** (attempt - 1)), settings.queue_backoff_max)
+    delay: float = base * random.uniform(1.0, 1.25)
     return max(delay, retry_after or 0.0)
 
 

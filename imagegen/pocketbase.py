@@ -53,6 +53,10 @@ class PocketBaseClient:
         try:
             async with self._session.post(url, json=body, timeout=self._timeout) as response:
                 text = await response.text()
+                if response.status >= 500 or response.status == 429:
+                    raise PocketBaseError(
+                        f"login failed: PocketBase answered HTTP {response.status}", kind=FailureKind.TRANSIENT
+                    )
                 if response.status != 200:
                     raise PocketBaseError(
                         f"login as {self._email or '(no POCKETBASE_EMAIL)'} failed (HTTP {response.status}); "

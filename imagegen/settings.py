@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     queue_max_failed: int = Field(10, ge=1)
     queue_attempts: int = Field(3, ge=1, le=100)
     queue_backoff: float = Field(5.0, ge=0)
+    queue_backoff_max: float = Field(600.0, ge=0)
     queue_job_timeout: int = Field(3600, ge=10, description="seconds")
     queue_keep_result: int = Field(7 * 24 * 3600, ge=60, description="seconds")
     worker_shutdown_grace: int = Field(120, ge=0, description="seconds")

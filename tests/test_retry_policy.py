@@ -27,3 +27,8 @@ def test_retry_after_wins_when_longer(settings):
 def test_fractional_backoff(settings):
     quick = Settings(_env_file=None, queue_backoff=0.5)
     assert 0.5 <= retry_delay(quick, 1, None) <= 0.625
+
+
+def test_backoff_is_capped(settings):
+    capped = Settings(_env_file=None, queue_backoff=5, queue_backoff_max=30)
+    assert 30 <= retry_delay(capped, 10, None) <= 37.5
