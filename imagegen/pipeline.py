@@ -14,7 +14,7 @@ import aiohttp
 from loguru import logger
 
 from .download import describe_link, open_image
-from .errors import FailureKind, ImagegenError, LinkExpiredError
+from .errors import FailureKind, ImagegenError, LinkExpiredError, QueuePaused, RecordNotFound
 from .jimeng import JimengClient
 from .ledger import GenerationLedger, GenerationRecord
 from .models import PromptRecord, RecordStatus, StoredImage
@@ -105,13 +105,24 @@ class Pipeline:
         if removed:
             log.info("removed {} leftover objects of an earlier run", len(removed))
         t0 = time.monotonic()
-        await self._s.pocketbase.set_done(prompt_id, [image.public_url for image in result.images])
+        try:
+            await self._s.pocketbase.set_done(prompt_id, [image.public_url for image in result.images])
+        except RecordNotFound:
+            # Deleted while we worked: its images would be orphans in the bucket.
+            await self._s.storage.remove_others(prompt_id, [])
+            await self._s.ledger.forget(prompt_id)
+            log.warning("record was deleted during the job; its images were removed")
+            raise
         await self._s.ledger.forget(prompt_id)
         result.timings["patch"] = time.monotonic() - t0
         result.timings["total"] = time.monotonic() - started
         return result
 
     async def _generate(self, prompt_id: str, prompt: str, negative: str, result: PipelineResult) -> GenerationRecord:
+        # The last look before paying: a pause set since the job started stops it here.
+        paused = await self._s.gate.current()
+        if paused is not None:
+            raise QueuePaused(f"waiting: queue paused ({paused.reason})")
         t0 = time.monotonic()
         generation = await self._s.jimeng.generate(prompt, negative)
         elapsed = time.monotonic() - t0

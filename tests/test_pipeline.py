@@ -318,3 +318,28 @@ async def test_broken_image_links_fail_clearly(
     assert failed.status == "failed"
     assert words in failed.error
     assert await bucket_keys(settings) == []
+
+
+async def test_record_deleted_mid_job_leaves_no_images_behind(
+    stack: Stack, settings: Settings, records: RecordFactory, pocketbase
+):
+    record = await records.create("a sandcastle")
+    stack.jimeng.sandbox.script(record.prompt, ["slow:1"])
+    await enqueue(settings, record.id)
+
+    async def processing():
+        return (await pocketbase.get_record(record.id)).status == "processing"
+
+    async with worker_running(settings):
+        assert await wait_until(processing)
+        await pocketbase._request("DELETE", f"{pocketbase._records}/{record.id}")
+
+        async def finished():
+            async with open_control(settings) as control:
+                report = await control.inspect(record.id)
+            return report if report.state.value == "failed" else None
+
+        report = await wait_until(finished)
+    assert report
+    assert "deleted" in report.error
+    assert await bucket_keys(settings) == []
