@@ -2,14 +2,13 @@
 scripted failures, latency, and counters of calls per prompt."""
 
 from .modes import PROXY_ERRORS, TRANSIENT_MODES
-from .render import ImageFormat, render_image
+from .render import render_image
 from .server import JimengSandbox, SandboxConfig
 from .thread import SandboxThread
 
 __all__ = [
     "PROXY_ERRORS",
     "TRANSIENT_MODES",
-    "ImageFormat",
     "JimengSandbox",
     "SandboxConfig",
     "SandboxThread",

@@ -5,30 +5,20 @@ from __future__ import annotations
 import hashlib
 import io
 import textwrap
-from enum import StrEnum
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..models import ImageType
 
-class ImageFormat(StrEnum):
-    PNG = "PNG"
-    JPEG = "JPEG"
-    WEBP = "WEBP"
-
-    @property
-    def content_type(self) -> str:
-        return {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[self.value]
-
-    @property
-    def extension(self) -> str:
-        return {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}[self.value]
+# Pillow's name for each format.
+PIL_FORMAT = {ImageType.PNG: "PNG", ImageType.JPEG: "JPEG", ImageType.WEBP: "WEBP"}
 
 
 # The formats of one generation, by position: the real API mixes them too.
-FORMAT_CYCLE = (ImageFormat.PNG, ImageFormat.JPEG, ImageFormat.WEBP, ImageFormat.PNG)
+FORMAT_CYCLE = (ImageType.PNG, ImageType.JPEG, ImageType.WEBP, ImageType.PNG)
 
 
-def render_image(prompt: str, index: int, fmt: ImageFormat, size: int = 256, salt: str = "") -> bytes:
+def render_image(prompt: str, index: int, fmt: ImageType, size: int = 256, salt: str = "") -> bytes:
     """An image that differs per prompt, position and salt, with the prompt written on it."""
     digest = hashlib.sha256(f"{salt}|{index}|{prompt}".encode()).digest()
     background = (digest[0], digest[1], digest[2])
@@ -42,5 +32,5 @@ def render_image(prompt: str, index: int, fmt: ImageFormat, size: int = 256, sal
     text = "\n".join(textwrap.wrap(prompt[:200], width=24)[:8]) or "(empty prompt)"
     draw.multiline_text((size // 16, size // 16), f"#{index + 1}\n{text}", fill=foreground, font=font)
     out = io.BytesIO()
-    image.save(out, format=fmt.value, **({"quality": 85} if fmt is not ImageFormat.PNG else {}))
+    image.save(out, format=PIL_FORMAT[fmt], **({"quality": 85} if fmt is not ImageType.PNG else {}))
     return out.getvalue()

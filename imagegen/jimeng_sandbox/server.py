@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..models import ImageType
 from .modes import (
     EXPIRED_BODY,
     HTTP_ERRORS,
@@ -28,7 +29,7 @@ from .modes import (
     is_known,
     marker_mode,
 )
-from .render import FORMAT_CYCLE, ImageFormat, render_image
+from .render import FORMAT_CYCLE, render_image
 
 ANY_PROMPT = "*"
 _REJECTED_FIELDS = ("size", "width", "height")
@@ -53,7 +54,7 @@ class SandboxConfig:
 @dataclass
 class HostedImage:
     prompt: str
-    fmt: ImageFormat
+    fmt: ImageType
     data: bytes
     expires: float
     mode: str
@@ -253,11 +254,11 @@ class JimengSandbox:
             return web.Response(body=b"<html><body>captcha required</body></html>", content_type="image/png")
         if image.mode in ("img-huge", "img-truncate"):
             return await self._stream_bad_image(request, image)
-        return web.Response(body=image.data, content_type=image.fmt.content_type)
+        return web.Response(body=image.data, content_type=image.fmt.value)
 
     async def _stream_bad_image(self, request: web.Request, image: HostedImage) -> web.StreamResponse:
         huge = image.mode == "img-huge"
-        response = web.StreamResponse(headers={"Content-Type": image.fmt.content_type})
+        response = web.StreamResponse(headers={"Content-Type": image.fmt.value})
         response.content_length = self.config.huge_bytes if huge else len(image.data) + 4096
         await response.prepare(request)
         if not huge:
