@@ -1,9 +1,9 @@
 # Every target that needs the virtualenv builds it first (scripts/bootstrap.sh is quick when nothing changed).
 VENV ?= .venv
 BIN := $(VENV)/bin
-SOURCES := imagegen tests bench
+SOURCES := imagegen tests
 
-.PHONY: setup demo demo-stop test format lint typecheck check bench
+.PHONY: setup demo demo-stop test format lint typecheck check
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -31,6 +31,3 @@ typecheck: setup
 	$(BIN)/mypy imagegen tests
 
 check: lint typecheck test
-
-bench: setup
-	$(BIN)/python -m bench
