@@ -343,3 +343,16 @@ async def test_record_deleted_mid_job_leaves_no_images_behind(
     assert report
     assert "deleted" in report.error
     assert await bucket_keys(settings) == []
+
+
+async def test_a_hanging_api_call_times_out_and_is_retried(stack: Stack, records: RecordFactory, pocketbase):
+    settings = stack.settings(jimeng_timeout=300)
+    record = await records.create("an hourglass")
+    stack.jimeng.sandbox.script(record.prompt, ["hang"])
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+    done = await pocketbase.get_record(record.id)
+    assert done.status == "done"
+    assert stack.jimeng.sandbox.calls(record.prompt) == 2
+    async with open_control(settings) as control:
+        assert (await control.inspect(record.id)).tries == 2
