@@ -1,9 +1,9 @@
 # Every target that needs the virtualenv builds it first (scripts/bootstrap.sh is quick when nothing changed).
 VENV ?= .venv
 BIN := $(VENV)/bin
-SOURCES := imagegen tests
+SOURCES := imagegen tests bench
 
-.PHONY: setup demo demo-stop test format lint typecheck check
+.PHONY: setup demo demo-stop test format lint typecheck check bench
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -28,6 +28,10 @@ lint: setup
 	$(BIN)/ruff format --check $(SOURCES)
 
 typecheck: setup
-	$(BIN)/mypy imagegen tests
+	$(BIN)/mypy imagegen tests bench
 
 check: lint typecheck test
+
+## Side-by-side figures (not part of the tests)
+bench: setup
+	$(BIN)/python -m bench
