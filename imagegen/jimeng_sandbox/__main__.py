@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 
 from .server import JimengSandbox, SandboxConfig, start_site
 
@@ -41,7 +42,10 @@ def main() -> None:
         fail_rate=args.fail_rate,
         public_base=args.public_base,
     )
-    asyncio.run(serve(JimengSandbox(config), args.host, args.port))
+    try:
+        asyncio.run(serve(JimengSandbox(config), args.host, args.port))
+    except OSError as exc:
+        sys.exit(f"jimeng sandbox: cannot listen on {args.host}:{args.port} ({exc.strerror}); pick another --port")
 
 
 if __name__ == "__main__":
