@@ -6,8 +6,8 @@ The CLI is a thin shell over these; none of them touches the jimeng API, so noth
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -89,11 +89,16 @@ class JobReport:
         }
 
 
-def _queue_error(exc: Exception, settings: Settings) -> QueueError:
-    return QueueError(
-        f"cannot reach Redis at {settings.redis_host}:{settings.redis_port} ({type(exc).__name__}); "
-        "is it running and are REDIS_HOST/REDIS_PORT/REDIS_PASSWORD right?"
-    )
+@contextmanager
+def redis_errors(settings: Settings) -> Iterator[None]:
+    """Turn a Redis failure inside the block into one readable QueueError."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise QueueError(
+            f"cannot reach Redis at {settings.redis_host}:{settings.redis_port} ({type(exc).__name__}); "
+            "is it running and are REDIS_HOST/REDIS_PORT/REDIS_PASSWORD right?"
+        ) from None
 
 
 @dataclass
@@ -136,21 +141,17 @@ class Control:
         self.state = QueueState(redis, settings.queue_max_failed)
 
     async def pause(self, reason: str) -> PauseInfo:
-        try:
+        with redis_errors(self.settings):
             return await self.state.pause(reason, source="manual")
-        except (RedisError, OSError) as exc:
-            raise _queue_error(exc, self.settings) from None
 
     async def resume(self) -> PauseInfo | None:
-        try:
+        with redis_errors(self.settings):
             return await self.state.resume()
-        except (RedisError, OSError) as exc:
-            raise _queue_error(exc, self.settings) from None
 
     async def status(self) -> StatusReport:
         """Jobs by state, records by status, the pause, the failure streak and the live workers."""
         now_ms = time.time() * 1000
-        try:
+        with redis_errors(self.settings):
             members = await self.redis.zrange(self.settings.queue_name, 0, -1, withscores=True)
             running = 0
             if members:
@@ -167,8 +168,6 @@ class Control:
                 max_failed=self.settings.queue_max_failed,
                 workers=await self.state.workers(),
             )
-        except (RedisError, OSError) as exc:
-            raise _queue_error(exc, self.settings) from None
         report.records = await self.pocketbase.count_by_status()
         return report
 
@@ -182,7 +181,7 @@ class Control:
     async def _enqueue_record(self, record: PromptRecord, force: bool) -> EnqueueReport:
         if record.is_done and not force:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_DONE, record.image_url)
-        try:
+        with redis_errors(self.settings):
             if await self._live_job(record.id):
                 return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
             # A finished job's result would make arq refuse the same job id: this is a new run,
@@ -191,8 +190,6 @@ class Control:
             job = await self.redis.enqueue_job(
                 JOB_NAME, record.id, force, _job_id=record.id, _queue_name=self.settings.queue_name
             )
-        except (RedisError, OSError) as exc:
-            raise _queue_error(exc, self.settings) from None
         if job is None:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
         if record.status != RecordStatus.QUEUED.value or record.error:
@@ -225,20 +222,16 @@ class Control:
         """The job's state in the queue and the record's state in PocketBase."""
         validate_prompt_id(prompt_id)
         job = self.job(prompt_id)
-        try:
+        with redis_errors(self.settings):
             status = await job.status()
             info = await job.info()
-        except (RedisError, OSError) as exc:
-            raise _queue_error(exc, self.settings) from None
         report = JobReport(prompt_id, JobState.UNKNOWN)
         if info is not None:
             report.enqueued_at = info.enqueue_time
             if info.score and status is JobStatus.deferred:
                 report.scheduled_for = datetime.fromtimestamp(info.score / 1000, tz=info.enqueue_time.tzinfo)
-        try:
+        with redis_errors(self.settings):
             report.tries = await self.state.attempts(prompt_id)
-        except (RedisError, OSError) as exc:
-            raise _queue_error(exc, self.settings) from None
         if status is JobStatus.complete and isinstance(info, JobResult):
             report.started_at, report.finished_at = info.start_time, info.finish_time
             outcome = info.result if isinstance(info.result, dict) else {}
@@ -272,10 +265,8 @@ async def open_control(settings: Settings) -> AsyncIterator[Control]:
     """Connect to Redis and PocketBase for the length of one command."""
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        try:
+        with redis_errors(settings):
             redis = await create_pool(redis_settings(settings, retries=0), default_queue_name=settings.queue_name)
-        except (RedisError, OSError) as exc:
-            raise _queue_error(exc, settings) from None
         stack.push_async_callback(redis.aclose)
         yield Control(settings, redis, PocketBaseClient(http, settings))
 

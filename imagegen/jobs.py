@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from arq import Retry
 from loguru import logger
@@ -87,9 +87,7 @@ class JobRunner:
             await asyncio.shield(self._interrupted(prompt_id))
             raise
         except QueuePaused as exc:
-            await self._state.give_back_attempt(prompt_id)
-            await mark_record(self._s, prompt_id, RecordStatus.QUEUED, str(exc))
-            raise Retry(defer=PAUSED_RECHECK) from None
+            await self._wait_for_resume(prompt_id, str(exc))
         except ImagegenError as exc:
             return await self._failure(prompt_id, attempt, exc, time.monotonic() - started)
         await self._state.record_success()
@@ -107,6 +105,12 @@ class JobRunner:
             "attempt": attempt,
         }
 
+    async def _wait_for_resume(self, prompt_id: str, note: str) -> NoReturn:
+        """Back to the queue without using an attempt; the record says why it waits."""
+        await self._state.give_back_attempt(prompt_id)
+        await mark_record(self._s, prompt_id, RecordStatus.QUEUED, note)
+        raise Retry(defer=PAUSED_RECHECK)
+
     async def _interrupted(self, prompt_id: str) -> None:
         await self._state.give_back_attempt(prompt_id)
         await mark_record(self._s, prompt_id, RecordStatus.QUEUED, "the worker stopped during this job; queued again")
@@ -116,10 +120,8 @@ class JobRunner:
         if exc.kind is FailureKind.ACCOUNT:
             info = await self._state.pause(str(exc), source="auto")
             self._s.gate.invalidate()
-            await self._state.give_back_attempt(prompt_id)
             log.error("queue paused: {}", info.reason)
-            await mark_record(self._s, prompt_id, RecordStatus.QUEUED, f"waiting: queue paused ({exc})")
-            raise Retry(defer=PAUSED_RECHECK)
+            await self._wait_for_resume(prompt_id, f"waiting: queue paused ({exc})")
         if exc.kind is FailureKind.TRANSIENT and attempt < self._settings.queue_attempts:
             delay = retry_delay(self._settings, attempt, getattr(exc, "retry_after", None))
             note = f"attempt {attempt} of {self._settings.queue_attempts} failed: {exc}; retrying in {delay:.0f}s"

@@ -139,15 +139,15 @@ def worker_options(settings: Settings) -> dict[str, Any]:
 
 def wait_for_redis(settings: Settings, cap: float = 30.0) -> None:
     """Block until Redis answers, one log line per failed try: a worker outlives a Redis that is down."""
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    connection = redis_settings(settings, retries=0)
     delay = 1.0
     while True:
         client = SyncRedis(
-            host=settings.redis_host,
-            port=settings.redis_port,
-            db=settings.redis_db,
-            password=password or None,
-            socket_connect_timeout=3,
+            host=str(connection.host),
+            port=connection.port,
+            db=connection.database,
+            password=connection.password,
+            socket_connect_timeout=connection.conn_timeout,
         )
         try:
             client.ping()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 from collections import Counter
 
+from imagegen.models import RecordStatus
 from imagegen.storage import open_s3_client
 
 from .conftest import RecordFactory, Stack, run_cli, wait_for_records
@@ -43,7 +44,7 @@ async def test_chaos_run_ends_with_every_record_done_and_nothing_paid_twice(
             assert run_cli(stack, "add-pending").stdout.strip() == f"{PROMPTS} queued"
 
             async def a_third_done():
-                done = await pocketbase.count(pocketbase.status_filter(_done()))
+                done = await pocketbase.count(pocketbase.status_filter(RecordStatus.DONE))
                 return done >= PROMPTS // 3
 
             assert await wait_until(a_third_done, deadline=180)
@@ -72,9 +73,3 @@ async def test_chaos_run_ends_with_every_record_done_and_nothing_paid_twice(
     expected = {url.split(f"/{settings.tos_bucket}/", 1)[1] for r in finished for url in r.images}
     assert len(expected) == 4 * PROMPTS
     assert set(keys) == expected
-
-
-def _done():
-    from imagegen.models import RecordStatus
-
-    return RecordStatus.DONE

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from imagegen.control import open_control
+from imagegen.models import RecordStatus
 from imagegen.state import QueueState
 
 from .conftest import BIN, RecordFactory, Stack, run_cli, wait_for_records
@@ -92,16 +93,10 @@ async def test_consecutive_exhausted_jobs_pause_the_queue(
             finished = await wait_for_records(pocketbase, [r.id for r in created], statuses=("done", "failed"))
             assert sorted(r.status for r in finished) == ["done"] * 2 + ["failed"] * 10
             assert await state.consecutive_failures() == 0
-            reports = await control.enqueue_where(pocketbase.status_filter(pocketbase_failed()), force=True)
+            reports = await control.enqueue_where(pocketbase.status_filter(RecordStatus.FAILED), force=True)
             assert len(reports) == 10
             finished = await wait_for_records(pocketbase, [r.id for r in created])
     assert [r.status for r in finished] == ["done"] * 12
-
-
-def pocketbase_failed():
-    from imagegen.models import RecordStatus
-
-    return RecordStatus.FAILED
 
 
 async def test_manual_pause_holds_every_worker_process(
