@@ -10,11 +10,11 @@ import aiohttp
 from arq import create_pool
 from redis.exceptions import RedisError
 
+from .connections import redis_settings
 from .errors import ImagegenError, excerpt
 from .pocketbase import PocketBaseClient
 from .settings import Settings
 from .storage import Storage, open_s3_client
-from .worker import redis_settings
 
 CHECK_TIMEOUT = 15.0
 
@@ -28,7 +28,7 @@ class ServiceCheck:
 
 async def check_redis(settings: Settings, http: aiohttp.ClientSession) -> str:
     try:
-        redis = await create_pool(redis_settings(settings, retries=0))
+        redis = await create_pool(redis_settings(settings, ride_out_outages=False))
     except (RedisError, OSError) as exc:
         raise ImagegenError(
             f"cannot connect to {settings.redis_host}:{settings.redis_port} ({type(exc).__name__}); "

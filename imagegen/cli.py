@@ -129,10 +129,7 @@ def retry_failed(ctx: click.Context, as_json: bool, show_each: bool) -> None:
     """Queue every failed record again."""
 
     async def action(control: Control) -> int:
-        from .models import RecordStatus
-
-        failed = control.pocketbase.status_filter(RecordStatus.FAILED)
-        return _emit_reports(await control.enqueue_where(failed, force=True), as_json, verbose=show_each)
+        return _emit_reports(await control.retry_failed(), as_json, verbose=show_each)
 
     with_control(ctx, action)
 
@@ -215,9 +212,11 @@ def resume(ctx: click.Context) -> None:
 
 def _format_status(report: StatusReport) -> str:
     data = report.to_json()
+    records = data["records"]
     lines = [
         "jobs:      " + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in data["jobs"].items()),
-        "records:   " + ", ".join(f"{n} {name}" for name, n in data["records"].items()),
+        "records:   "
+        + (", ".join(f"{n} {name}" for name, n in records.items()) if records else f"unknown ({report.records_error})"),
     ]
     paused = data["paused"]
     lines.append(
@@ -225,10 +224,19 @@ def _format_status(report: StatusReport) -> str:
         if paused
         else "queue:     running"
     )
+    for outage in data["outages"]:
+        lines.append(
+            f"outage:    {outage['service']} down since {outage['since']} "
+            f"({outage['workers']} worker(s) waiting): {outage['error']}"
+        )
     lines.append(f"failures:  {report.consecutive_failures} in a row (pause at {report.max_failed})")
     lines.append(f"workers:   {len(report.workers)} live")
     for worker in report.workers:
-        lines.append(f"  {worker['id']}  running {len(worker['running'])}, done {worker['jobs_done']}")
+        stopping = ", stopping" if worker.get("stopping") else ""
+        lines.append(
+            f"  {worker['id']}  running {len(worker['running'])}, waiting {len(worker.get('waiting') or [])}, "
+            f"done {worker['jobs_done']}{stopping}"
+        )
     return "\n".join(lines)
 
 
@@ -241,6 +249,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     async def action(control: Control) -> int:
         report = await control.status()
         click.echo(json.dumps(report.to_json(), ensure_ascii=False) if as_json else _format_status(report))
+        if report.records_error:
+            click.echo(f"imagegen: record counts unavailable: {report.records_error}", err=True)
+            return EXIT_SERVICE
         return EXIT_OK
 
     with_control(ctx, action)

@@ -16,17 +16,17 @@ from typing import Any
 import aiohttp
 from arq import create_pool
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import Job, JobResult, JobStatus
 from redis.exceptions import RedisError
 
 from . import keys
+from .connections import redis_settings
 from .errors import ImagegenError, InvalidPromptId, QueueError, RecordNotFound
-from .models import JobState, PromptRecord, RecordStatus, validate_prompt_id
+from .models import JOB_NAME, JobOutcome, JobState, OutcomeStatus, PromptRecord, RecordStatus, validate_prompt_id
 from .pocketbase import PocketBaseClient
 from .settings import Settings
 from .state import PauseInfo, QueueState
-from .worker import JOB_NAME, redis_settings
 
 
 class EnqueueOutcome(StrEnum):
@@ -101,30 +101,54 @@ def redis_errors(settings: Settings) -> Iterator[None]:
         ) from None
 
 
+def iso_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
+
+
 @dataclass
 class StatusReport:
-    """Everything `imagegen status` shows."""
+    """Everything `imagegen status` shows; `records_error` says why the record counts are missing."""
 
     queued: int
     deferred: int
     in_progress: int
-    records: dict[str, int]
+    waiting: int
     paused: PauseInfo | None
     consecutive_failures: int
     max_failed: int
     workers: list[dict[str, Any]]
+    records: dict[str, int] | None = None
+    records_error: str = ""
+
+    def outages(self) -> list[dict[str, Any]]:
+        """Each service some worker waits for, with since when and how many workers see it."""
+        found: dict[str, dict[str, Any]] = {}
+        for worker in self.workers:
+            for service, outage in (worker.get("outages") or {}).items():
+                entry = found.setdefault(service, {"service": service, "since": outage["since"], "workers": 0})
+                entry["since"] = min(entry["since"], outage["since"])
+                entry["error"] = outage.get("error", "")
+                entry["workers"] += 1
+        return [{**o, "since": iso_time(o["since"])} for o in found.values()]
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "jobs": {"queued": self.queued, "deferred": self.deferred, "in_progress": self.in_progress},
+            "jobs": {
+                "queued": self.queued,
+                "deferred": self.deferred,
+                "in_progress": self.in_progress,
+                "waiting": self.waiting,
+            },
             "records": self.records,
+            "records_error": self.records_error or None,
             "paused": None
             if self.paused is None
             else {
                 "reason": self.paused.reason,
-                "since": datetime.fromtimestamp(self.paused.since, tz=UTC).isoformat(),
+                "since": iso_time(self.paused.since),
                 "source": self.paused.source,
             },
+            "outages": self.outages(),
             "consecutive_failures": self.consecutive_failures,
             "max_failed": self.max_failed,
             "workers": self.workers,
@@ -149,7 +173,9 @@ class Control:
             return await self.state.resume()
 
     async def status(self) -> StatusReport:
-        """Jobs by state, records by status, the pause, the failure streak and the live workers."""
+        """Jobs by state, records by status, the pause, outages, the failure streak and the live workers.
+
+        What lives in Redis is always shown; when PocketBase can't be read, `records_error` says so."""
         now_ms = time.time() * 1000
         with redis_errors(self.settings):
             members = await self.redis.zrange(self.settings.queue_name, 0, -1, withscores=True)
@@ -158,42 +184,64 @@ class Control:
                 flags = await self.redis.exists(*(in_progress_key_prefix + m.decode() for m, _ in members))
                 running = int(flags)
             due = sum(1 for _, score in members if score <= now_ms)
+            workers = await self.state.workers()
+            waiting = sum(len(w.get("waiting") or []) for w in workers)
             report = StatusReport(
                 queued=due - running,
                 deferred=len(members) - due,
-                in_progress=running,
-                records={},
+                in_progress=max(0, running - waiting),
+                waiting=waiting,
                 paused=await self.state.paused(),
                 consecutive_failures=await self.state.consecutive_failures(),
                 max_failed=self.settings.queue_max_failed,
-                workers=await self.state.workers(),
+                workers=workers,
             )
-        report.records = await self.pocketbase.count_by_status()
+        try:
+            report.records = await self.pocketbase.count_by_status()
+        except ImagegenError as exc:
+            report.records_error = str(exc)
         return report
 
     def job(self, prompt_id: str) -> Job:
         return Job(prompt_id, self.redis, _queue_name=self.settings.queue_name)
 
-    async def _live_job(self, prompt_id: str) -> bool:
-        status = await self.job(prompt_id).status()
-        return status in (JobStatus.queued, JobStatus.deferred, JobStatus.in_progress)
+    async def live_ids(self, prompt_ids: list[str]) -> set[str]:
+        """The prompts that have a live job: queued or deferred in arq, running there, or leased by a run."""
+        if not prompt_ids:
+            return set()
+        with redis_errors(self.settings):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for prompt_id in prompt_ids:
+                    pipe.zscore(self.settings.queue_name, prompt_id)
+                    pipe.exists(job_key_prefix + prompt_id)
+                    pipe.exists(in_progress_key_prefix + prompt_id)
+                    pipe.exists(keys.lease(prompt_id))
+                flags = await pipe.execute()
+        live = set()
+        for index, prompt_id in enumerate(prompt_ids):
+            score, has_job, running, leased = flags[4 * index : 4 * index + 4]
+            if (score is not None and has_job) or running or leased:
+                live.add(prompt_id)
+        return live
 
     async def _enqueue_record(self, record: PromptRecord, force: bool) -> EnqueueReport:
         if record.is_done and not force:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_DONE, record.image_url)
+        if record.id in await self.live_ids([record.id]):
+            return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
+        # Marked before the job exists, so a job that fails fast can't be overwritten back to `queued`.
+        if record.status != RecordStatus.QUEUED.value or record.error:
+            await self.pocketbase.set_status(record.id, RecordStatus.QUEUED)
         with redis_errors(self.settings):
-            if await self._live_job(record.id):
-                return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
-            # A finished job's result would make arq refuse the same job id: this is a new run,
-            # with all its attempts.
-            await self.redis.delete(result_key_prefix + record.id, keys.attempts(record.id))
+            # A finished job's result would make arq refuse the same job id: this is a new run, with all its
+            # attempts. A forced run also drops a failed outcome still waiting to be written.
+            stale = [result_key_prefix + record.id, keys.attempts(record.id)]
+            await self.redis.delete(*stale, *([keys.verdict(record.id)] if force else []))
             job = await self.redis.enqueue_job(
                 JOB_NAME, record.id, force, _job_id=record.id, _queue_name=self.settings.queue_name
             )
         if job is None:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
-        if record.status != RecordStatus.QUEUED.value or record.error:
-            await self.pocketbase.set_status(record.id, RecordStatus.QUEUED)
         return EnqueueReport(record.id, EnqueueOutcome.QUEUED)
 
     async def enqueue(self, prompt_id: str, *, force: bool = False) -> EnqueueReport:
@@ -218,6 +266,10 @@ class Control:
         """Queue every record without images that has not failed (also those whose queue state was lost)."""
         return await self.enqueue_where(self.pocketbase.pending_filter())
 
+    async def retry_failed(self) -> list[EnqueueReport]:
+        """Queue every failed record again, each with all its attempts."""
+        return await self.enqueue_where(self.pocketbase.status_filter(RecordStatus.FAILED))
+
     async def inspect(self, prompt_id: str) -> JobReport:
         """The job's state in the queue and the record's state in PocketBase."""
         validate_prompt_id(prompt_id)
@@ -234,13 +286,15 @@ class Control:
             report.tries = await self.state.attempts(prompt_id)
         if status is JobStatus.complete and isinstance(info, JobResult):
             report.started_at, report.finished_at = info.start_time, info.finish_time
-            outcome = info.result if isinstance(info.result, dict) else {}
-            report.tries = int(outcome.get("attempt", report.tries))
-            if info.success and outcome.get("status") == "done":
+            outcome = JobOutcome.from_result(info.result)
+            report.tries = outcome.attempt if outcome is not None else report.tries
+            if info.success and outcome is not None and outcome.status is OutcomeStatus.DONE:
                 report.state = JobState.DONE
+            elif outcome is not None and outcome.status is OutcomeStatus.SUPERSEDED:
+                report.state = JobState.UNKNOWN  # another run of the prompt decided; the record tells
             else:
                 report.state = JobState.FAILED
-                report.error = str(outcome.get("error") or info.result)
+                report.error = outcome.error if outcome is not None and outcome.error else str(info.result)
         else:
             report.state = {
                 JobStatus.queued: JobState.QUEUED,
@@ -266,7 +320,9 @@ async def open_control(settings: Settings) -> AsyncIterator[Control]:
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         with redis_errors(settings):
-            redis = await create_pool(redis_settings(settings, retries=0), default_queue_name=settings.queue_name)
+            redis = await create_pool(
+                redis_settings(settings, ride_out_outages=False), default_queue_name=settings.queue_name
+            )
         stack.push_async_callback(redis.aclose)
         yield Control(settings, redis, PocketBaseClient(http, settings))
 

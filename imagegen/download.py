@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .errors import DownloadError, FailureKind, LinkExpiredError, excerpt
+from .errors import DownloadError, FailureKind, LinkRefusedError, excerpt
 from .models import ImageType
 
 _HEAD_BYTES = 16
@@ -113,9 +113,7 @@ async def open_image(
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=time_limit)) as response:
             if response.status in (403, 404, 410):
-                raise LinkExpiredError(
-                    f"{link} answered HTTP {response.status}: the link has expired", status=response.status
-                )
+                raise LinkRefusedError(f"{link} answered HTTP {response.status}", status=response.status)
             if response.status != 200:
                 raise DownloadError(f"{link} answered HTTP {response.status}", status=response.status)
             if response.content_length is not None and response.content_length > max_bytes:

@@ -3,15 +3,24 @@
     ImagegenError                      base: one readable line, `kind` says what to do about it
     ├── ConfigError                    a setting is missing or invalid (kind = account)
     ├── InvalidPromptId                a prompt id that is not 15 chars of [a-z0-9] (permanent)
+    ├── PromptRejected                 the record's prompt can't be sent (empty, too long) (permanent)
     ├── QueuePaused                    the queue was paused before this job could generate (wait, no attempt used)
+    ├── JobInterrupted                 the worker is stopping before this job's paid call (back to the queue)
+    ├── LeaseLost                      another run of the same prompt holds its lease: stop, pay nothing
+    ├── ServiceDown                    a shared service stayed down past this job's budget (no attempt used)
+    ├── JobTimeout                     the job used up its time budget (transient, uses an attempt)
+    ├── InternalError                  anything unexpected, caught at the job boundary (transient)
     └── ServiceError                   a call to an outside service failed; keeps service/status/detail
         ├── JimengError                the image API (with the proxy's `code` when it sent one)
         ├── DownloadError              fetching the generated image bytes
-        │   └── LinkExpiredError       the image link answered 403/404: generate again
+        │   └── LinkRefusedError       the image link answered 403/404/410 (expired only when old enough)
         ├── StorageError               the S3-compatible bucket
         ├── PocketBaseError            the record store
         │   └── RecordNotFound         no record with that id (permanent)
         └── QueueError                 Redis, which holds the queue
+
+Transient errors of PocketBase, the bucket and Redis are *outages*: the job waits for the service in place
+(see `outages`) instead of spending an attempt.
 
 `FailureKind` is the split that drives retries:
 - TRANSIENT: try the same job again later (timeouts, dropped connections, 5xx, 429, empty results);
@@ -56,8 +65,48 @@ class InvalidPromptId(ImagegenError):
     kind = FailureKind.PERMANENT
 
 
+class PromptRejected(ImagegenError):
+    """The record's prompt can't be sent as it is (empty or too long)."""
+
+    kind = FailureKind.PERMANENT
+
+
 class QueuePaused(ImagegenError):
     """Raised before a paid call when the queue is paused; the job waits and loses no attempt."""
+
+    kind = FailureKind.TRANSIENT
+
+
+class JobInterrupted(ImagegenError):
+    """The worker is stopping and this job has not reached its paid call: it goes back to the queue."""
+
+    kind = FailureKind.TRANSIENT
+
+
+class LeaseLost(ImagegenError):
+    """Another run of the same prompt holds its lease; this run must stop without paying or deleting."""
+
+    kind = FailureKind.TRANSIENT
+
+
+class ServiceDown(ImagegenError):
+    """A shared service (PocketBase, the bucket, Redis) stayed down longer than this job can wait."""
+
+    kind = FailureKind.TRANSIENT
+
+    def __init__(self, message: str, *, service: str) -> None:
+        super().__init__(message)
+        self.service = service
+
+
+class JobTimeout(ImagegenError):
+    """The job's own deadline (below arq's QUEUE_JOB_TIMEOUT) passed; an attempt is used."""
+
+    kind = FailureKind.TRANSIENT
+
+
+class InternalError(ImagegenError):
+    """Something unexpected (a bug, an unmapped library error) reached the job boundary."""
 
     kind = FailureKind.TRANSIENT
 
@@ -111,8 +160,8 @@ class DownloadError(ServiceError):
     kind = FailureKind.TRANSIENT
 
 
-class LinkExpiredError(DownloadError):
-    """The generated image link no longer serves the image (the API's links expire within hours)."""
+class LinkRefusedError(DownloadError):
+    """The generated image link answered 403/404/410: expired when the generation is old, else refused."""
 
 
 class StorageError(ServiceError):

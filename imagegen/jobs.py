@@ -1,30 +1,56 @@
-"""The job and its failure policy: retry, fail the prompt, or pause the whole queue.
+"""The job boundary and its failure policy: retry, fail the prompt, wait, or pause the whole queue.
 
-- transient failure, attempts left: back to the queue after exponential backoff with jitter (or Retry-After);
+Whatever a job raises (an ImagegenError, a Redis, botocore or aiohttp error, a bug) ends here in one
+classified outcome, and the record is left in a state that matches a job that exists, or `failed` with the
+reason:
+
+- transient failure, attempts left: back to the queue after exponential backoff with jitter (or Retry-After),
+  the record `queued` with the reason;
 - transient failure, attempts used up: the record fails; QUEUE_MAX_FAILED such jobs in a row pause the queue;
+- the job's own deadline (QUEUE_JOB_TIMEOUT minus a reserve): a transient failure that uses an attempt;
 - permanent failure: the record fails at once with the reason;
 - account-level failure: the queue pauses at once and the job waits, its attempt given back;
-- queue paused: the job waits without using an attempt and without any paid call.
+- queue paused, a shared service down past the job's budget, the worker stopping before the paid call:
+  back to the queue without using an attempt and without any paid call;
+- another run holds the prompt's lease: this run stops, writing nothing; the other run decides.
+
+A `failed` outcome that can't be written because PocketBase is down is kept in Redis and written first
+thing by the job's next run, so a record never stays `processing` with no job behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-import time
 from typing import Any, NoReturn
 
 from arq import Retry
 from loguru import logger
 
-from .errors import FailureKind, ImagegenError, QueuePaused, RecordNotFound
-from .heartbeat import Heartbeat
-from .models import RecordStatus
+from .errors import (
+    FailureKind,
+    ImagegenError,
+    InternalError,
+    JobInterrupted,
+    JobTimeout,
+    LeaseLost,
+    QueuePaused,
+    RecordNotFound,
+    ServiceDown,
+    excerpt,
+)
+from .lease import PromptLease, lease_ttl
+from .models import JobOutcome, OutcomeStatus, RecordStatus
+from .outages import POCKETBASE, outage_service
 from .pipeline import Pipeline, Services
-from .settings import Settings
-from .state import QueueState
+from .runs import JobRun, Phase, Runs
+from .settings import FINISH_RESERVE, Settings
+from .state import QueueState, Verdict
 
 PAUSED_RECHECK = 1.0
+OUTAGE_RECHECK = 5.0
+# How long a best-effort note on the record may take before the job moves on without it.
+NOTE_TIMEOUT = 3.0
 
 
 def retry_delay(settings: Settings, attempt: int, retry_after: float | None) -> float:
@@ -36,120 +62,215 @@ def retry_delay(settings: Settings, attempt: int, retry_after: float | None) -> 
 
 
 def pause_wait_limit(settings: Settings) -> float:
-    """How long a job may wait for a resume before going back to the queue (well inside the job timeout)."""
-    return float(max(5, min(300, settings.queue_job_timeout - 60)))
-
-
-async def mark_record(services: Services, prompt_id: str, status: RecordStatus, error: str) -> None:
-    """Write a status onto the record; a record store that is down too must not hide the first error."""
-    try:
-        await services.pocketbase.set_status(prompt_id, status, error[:4000])
-    except RecordNotFound:
-        logger.bind(prompt_id=prompt_id).warning("record was deleted; nothing to mark")
-    except ImagegenError as exc:
-        logger.bind(prompt_id=prompt_id).warning("could not mark the record {}: {}", status.value, exc)
+    """How long a job may wait for a resume and still have time for a paid call and its images."""
+    spare = settings.job_budget - settings.jimeng_timeout_seconds - settings.download_timeout
+    return float(max(1.0, min(300.0, spare)))
 
 
 class JobRunner:
-    """Runs one prompt job with the failure policy above; one per worker process."""
+    """Runs prompt jobs with the failure policy above; one per worker process."""
 
-    def __init__(self, services: Services, pipeline: Pipeline, state: QueueState, heartbeat: Heartbeat) -> None:
+    def __init__(self, services: Services, pipeline: Pipeline, state: QueueState, runs: Runs) -> None:
         self._s = services
         self._settings = services.settings
         self._pipeline = pipeline
         self._state = state
-        self._heartbeat = heartbeat
+        self._runs = runs
 
-    async def run(self, prompt_id: str, force: bool) -> dict[str, Any]:
-        log = logger.bind(prompt_id=prompt_id)
-        await self._heartbeat.take_lease(prompt_id)
+    async def run(self, job_id: str, prompt_id: str, force: bool) -> dict[str, Any]:
+        """Run one job to a classified outcome (or a Retry for arq); never lets anything else escape."""
+        lease = PromptLease(self._state.redis, prompt_id, job_id, self._settings.worker_lease)
+        run = self._runs.open(job_id, prompt_id, lease, self._settings.job_budget)
         try:
-            if not await self._s.gate.wait_open(pause_wait_limit(self._settings)):
-                raise Retry(defer=PAUSED_RECHECK)
-            attempt = await self._state.begin_attempt(prompt_id)
-            if attempt > self._settings.queue_attempts:
-                # Only a worker dying mid-job gets here: each death used an attempt.
-                return await self._final_failure(
-                    prompt_id, attempt, f"gave up after {attempt - 1} attempts that never finished", exhausted=True
-                )
-            log.info("job started (attempt {}/{})", attempt, self._settings.queue_attempts)
-            return await self._attempt(prompt_id, force, attempt)
+            outcome = await self._guarded(run, force)
         finally:
-            self._heartbeat.release(prompt_id)
+            self._runs.close(run)
+            await asyncio.shield(self._release(lease))
+        return outcome.to_dict()
 
-    async def _attempt(self, prompt_id: str, force: bool, attempt: int) -> dict[str, Any]:
-        log = logger.bind(prompt_id=prompt_id)
-        started = time.monotonic()
+    @staticmethod
+    async def _release(lease: PromptLease) -> None:
         try:
-            result = await self._pipeline.run(prompt_id, force=force)
-        except asyncio.CancelledError:
-            # Shutdown past the grace period: arq puts the job back in the queue; the record says so too.
-            await asyncio.shield(self._interrupted(prompt_id))
+            await lease.release()
+        except Exception as exc:  # the lease expires by itself; nothing is lost
+            logger.bind(prompt_id=lease.prompt_id).debug("lease release failed: {}", exc)
+
+    async def _guarded(self, run: JobRun, force: bool) -> JobOutcome:
+        log = logger.bind(prompt_id=run.prompt_id)
+        try:
+            try:
+                async with asyncio.timeout_at(run.deadline) as budget:
+                    return await self._work(run, force)
+            except TimeoutError:
+                if not budget.expired():
+                    raise
+                raise self._deadline_error(run) from None
+        except Retry:
             raise
-        except QueuePaused as exc:
-            await self._wait_for_resume(prompt_id, str(exc))
+        except asyncio.CancelledError:
+            if not run.interrupted:
+                # arq cancelled the job (its own timeout, or the end of the shutdown grace).
+                await asyncio.shield(self._cut_off(run))
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return await self._decide(run, JobInterrupted("the worker is stopping; queued again"))
         except ImagegenError as exc:
-            return await self._failure(prompt_id, attempt, exc, time.monotonic() - started)
+            return await self._decide(run, exc)
+        except Exception as exc:
+            service = outage_service(exc)
+            if service is not None:
+                return await self._decide(run, ServiceDown(f"{service}: {type(exc).__name__}: {exc}", service=service))
+            log.opt(exception=exc).error("unexpected error in the job: {}", exc)
+            return await self._decide(
+                run,
+                InternalError(f"internal error {type(exc).__name__}: {excerpt(str(exc), 160)} (see the worker log)"),
+            )
+
+    def _deadline_error(self, run: JobRun) -> ImagegenError:
+        if run.outage is not None:
+            return ServiceDown(f"{run.outage} is down and this job's time ran out; queued again", service=run.outage)
+        return JobTimeout(
+            f"the job ran out of time while {run.phase.value} (QUEUE_JOB_TIMEOUT={self._settings.queue_job_timeout} s, "
+            "of which it keeps some to record the outcome)"
+        )
+
+    async def _work(self, run: JobRun, force: bool) -> JobOutcome:
+        s, prompt_id = self._s, run.prompt_id
+        log = logger.bind(prompt_id=prompt_id)
+        run.check_stop()
+        if not await run.lease.claim():
+            wait = max(PAUSED_RECHECK, await lease_ttl(self._state.redis, prompt_id))
+            log.info("another run holds this prompt's lease; trying again in {:.0f}s", wait)
+            raise Retry(defer=wait)
+        verdict = await self._state.verdict(prompt_id)
+        if verdict is not None:
+            return await self._write_verdict(run, verdict)
+        run.enter(Phase.WAITING)
+        if not await s.gate.wait_open(pause_wait_limit(self._settings)):
+            raise Retry(defer=PAUSED_RECHECK)
+        run.enter(Phase.PREPARING)
+        await run.lease.ensure()
+        run.attempt = await self._state.begin_attempt(prompt_id)
+        if run.attempt > self._settings.queue_attempts:
+            # Only a worker dying mid-job gets here: each death used an attempt.
+            error = f"gave up after {run.attempt - 1} attempts that never finished"
+            return await self._final_failure(run, error, FailureKind.TRANSIENT, exhausted=True)
+        log.info("job started (attempt {}/{})", run.attempt, self._settings.queue_attempts)
+        result = await self._pipeline.run(run, force=force)
         await self._state.record_success()
         await self._state.forget_attempts(prompt_id)
-        self._heartbeat.jobs_done += 1
+        self._runs.jobs_done += 1
         if result.skipped:
-            return {"status": "done", "skipped": True, "images": [], "attempt": attempt}
+            return JobOutcome(OutcomeStatus.DONE, run.attempt, skipped=True)
         timings = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.timings.items())
         log.info("job done: {} images ({})", len(result.images), timings)
-        return {
-            "status": "done",
-            "images": [image.public_url for image in result.images],
-            "generated": result.generated,
-            "timings": result.timings,
-            "attempt": attempt,
-        }
+        return JobOutcome(
+            OutcomeStatus.DONE,
+            run.attempt,
+            images=[image.public_url for image in result.images],
+            generated=result.generated,
+            timings=result.timings,
+        )
 
-    async def _wait_for_resume(self, prompt_id: str, note: str) -> NoReturn:
-        """Back to the queue without using an attempt; the record says why it waits."""
-        await self._state.give_back_attempt(prompt_id)
-        await mark_record(self._s, prompt_id, RecordStatus.QUEUED, note)
-        raise Retry(defer=PAUSED_RECHECK)
-
-    async def _interrupted(self, prompt_id: str) -> None:
-        await self._state.give_back_attempt(prompt_id)
-        await mark_record(self._s, prompt_id, RecordStatus.QUEUED, "the worker stopped during this job; queued again")
-
-    async def _failure(self, prompt_id: str, attempt: int, exc: ImagegenError, elapsed: float) -> dict[str, Any]:
-        log = logger.bind(prompt_id=prompt_id)
+    async def _decide(self, run: JobRun, exc: ImagegenError) -> JobOutcome:
+        """Turn a failure into an outcome, a wait or a retry (raised as arq's Retry)."""
+        log = logger.bind(prompt_id=run.prompt_id)
+        if isinstance(exc, LeaseLost):
+            log.warning("{}; it carries on, this one writes nothing", exc)
+            await self._give_back(run)
+            return JobOutcome(OutcomeStatus.SUPERSEDED, run.attempt, error=str(exc))
+        if isinstance(exc, JobInterrupted | ServiceDown):
+            log.warning("{}", exc)
+            await self._give_back(run)
+            await self._note(run, RecordStatus.QUEUED, str(exc))
+            raise Retry(defer=0 if isinstance(exc, JobInterrupted) else OUTAGE_RECHECK)
+        if isinstance(exc, QueuePaused):
+            await self._wait_for_resume(run, str(exc))
         if exc.kind is FailureKind.ACCOUNT:
             info = await self._state.pause(str(exc), source="auto")
             self._s.gate.invalidate()
             log.error("queue paused: {}", info.reason)
-            await self._wait_for_resume(prompt_id, f"waiting: queue paused ({exc})")
-        if exc.kind is FailureKind.TRANSIENT and attempt < self._settings.queue_attempts:
-            delay = retry_delay(self._settings, attempt, getattr(exc, "retry_after", None))
-            note = f"attempt {attempt} of {self._settings.queue_attempts} failed: {exc}; retrying in {delay:.0f}s"
+            await self._wait_for_resume(run, f"waiting: queue paused ({exc})")
+        attempts = self._settings.queue_attempts
+        if exc.kind is FailureKind.TRANSIENT and run.attempt < attempts:
+            delay = retry_delay(self._settings, run.attempt, getattr(exc, "retry_after", None))
+            note = f"attempt {run.attempt} of {attempts} failed: {exc}; retrying in {delay:.0f}s"
             log.warning(note)
-            await mark_record(self._s, prompt_id, RecordStatus.QUEUED, note)
+            await self._note(run, RecordStatus.QUEUED, note)
             raise Retry(defer=delay)
-        log.error("job failed after {:.1f}s ({} failure, attempt {}): {}", elapsed, exc.kind.value, attempt, exc)
+        log.error("job failed ({} failure, attempt {}): {}", exc.kind.value, run.attempt, exc)
+        if isinstance(exc, RecordNotFound):
+            await self._state.forget_attempts(run.prompt_id)
+            return JobOutcome(OutcomeStatus.FAILED, run.attempt, kind=exc.kind.value, error=str(exc))
         exhausted = exc.kind is FailureKind.TRANSIENT
-        return await self._final_failure(
-            prompt_id, attempt, str(exc), exhausted=exhausted, deleted=isinstance(exc, RecordNotFound), kind=exc.kind
-        )
+        return await self._final_failure(run, str(exc), exc.kind, exhausted=exhausted)
 
-    async def _final_failure(
-        self,
-        prompt_id: str,
-        attempt: int,
-        error: str,
-        *,
-        exhausted: bool,
-        deleted: bool = False,
-        kind: FailureKind = FailureKind.TRANSIENT,
-    ) -> dict[str, Any]:
-        if not deleted:
-            await mark_record(self._s, prompt_id, RecordStatus.FAILED, error)
-        await self._state.forget_attempts(prompt_id)
+    async def _wait_for_resume(self, run: JobRun, note: str) -> NoReturn:
+        """Back to the queue without using an attempt; the record says why it waits."""
+        await self._give_back(run)
+        await self._note(run, RecordStatus.QUEUED, note)
+        raise Retry(defer=PAUSED_RECHECK)
+
+    async def _give_back(self, run: JobRun) -> None:
+        if run.attempt:
+            await self._state.give_back_attempt(run.prompt_id)
+            run.attempt = 0
+
+    async def _note(self, run: JobRun, status: RecordStatus, note: str) -> None:
+        """Best effort: tell the record why its job waits; the job goes on existing either way."""
+        try:
+            if not await run.lease.claim():
+                return
+            async with asyncio.timeout(NOTE_TIMEOUT):
+                await self._s.pocketbase.set_status(run.prompt_id, status, note[:4000])
+        except RecordNotFound:
+            logger.bind(prompt_id=run.prompt_id).warning("record was deleted; nothing to mark")
+        except (ImagegenError, TimeoutError) as exc:
+            logger.bind(prompt_id=run.prompt_id).info("could not note {} on the record: {}", status.value, exc)
+
+    async def _final_failure(self, run: JobRun, error: str, kind: FailureKind, *, exhausted: bool) -> JobOutcome:
+        verdict = Verdict(error=error, kind=kind.value, attempt=run.attempt)
         if exhausted:
             paused = await self._state.record_exhausted(error)
             if paused is not None:
                 self._s.gate.invalidate()
                 logger.error("queue paused: {}", paused.reason)
-        return {"status": "failed", "kind": kind.value, "error": error, "attempt": attempt}
+        return await self._write_verdict(run, verdict)
+
+    async def _write_verdict(self, run: JobRun, verdict: Verdict) -> JobOutcome:
+        """Mark the record failed; if PocketBase is down, keep the verdict for the job's next run."""
+        prompt_id = run.prompt_id
+        run.phase = Phase.FINISHING
+        try:
+            await run.lease.ensure()
+            async with asyncio.timeout(FINISH_RESERVE / 2):
+                await self._s.outages.call(
+                    POCKETBASE,
+                    lambda: self._s.pocketbase.set_status(prompt_id, RecordStatus.FAILED, verdict.error[:4000]),
+                )
+        except LeaseLost as exc:
+            return await self._decide(run, exc)
+        except RecordNotFound:
+            logger.bind(prompt_id=prompt_id).warning("record was deleted; nothing to mark")
+        except (TimeoutError, ServiceDown) as exc:
+            await self._state.save_verdict(prompt_id, verdict)
+            logger.bind(prompt_id=prompt_id).warning(
+                "the record can't be marked failed now ({}); the job's next run writes it", exc or "PocketBase is down"
+            )
+            raise Retry(defer=OUTAGE_RECHECK) from None
+        await self._state.forget_verdict(prompt_id)
+        await self._state.forget_attempts(prompt_id)
+        return JobOutcome(OutcomeStatus.FAILED, verdict.attempt, kind=verdict.kind, error=verdict.error)
+
+    async def _cut_off(self, run: JobRun) -> None:
+        """arq cancelled the job: give the attempt back and say so on the record; the reconcile step (or arq's
+        own retry on shutdown) runs it again, reusing any paid generation."""
+        why = "the worker stopped during this job" if self._runs.stopping else "arq cancelled the job"
+        logger.bind(prompt_id=run.prompt_id).warning("{}; it will run again", why)
+        try:
+            await self._give_back(run)
+            await self._note(run, RecordStatus.QUEUED, f"{why}; queued again")
+        except Exception as exc:  # shutting down: the reconcile step covers what this could not write
+            logger.bind(prompt_id=run.prompt_id).debug("could not record the cut-off: {}", exc)

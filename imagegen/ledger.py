@@ -7,6 +7,7 @@ it reuses the image links and skips every image that already landed in the bucke
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 
 from redis.asyncio import Redis
@@ -17,16 +18,26 @@ from .models import StoredImage
 
 @dataclass
 class GenerationRecord:
-    """The links of one paid generation and the images of it already stored, by position."""
+    """The links of one paid generation and the images of it already stored, by position.
+
+    `created` is the API's own time stamp; `received` is when this worker got the links, on its own clock,
+    which is what the links' age (and so their expiry) is judged by.
+    """
 
     created: float
     urls: list[str]
+    received: float = field(default_factory=time.time)
     stored: dict[int, StoredImage] = field(default_factory=dict)
+
+    def age(self) -> float:
+        """Seconds since the links were handed out."""
+        return max(0.0, time.time() - self.received)
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "created": self.created,
+                "received": self.received,
                 "urls": self.urls,
                 "stored": {str(i): asdict(s) for i, s in self.stored.items()},
             }
@@ -36,7 +47,9 @@ class GenerationRecord:
     def from_json(cls, raw: str | bytes) -> GenerationRecord:
         data = json.loads(raw)
         stored = {int(i): StoredImage(**s) for i, s in data.get("stored", {}).items()}
-        return cls(created=float(data["created"]), urls=[str(u) for u in data["urls"]], stored=stored)
+        created = float(data["created"])
+        received = float(data.get("received", created))
+        return cls(created=created, urls=[str(u) for u in data["urls"]], received=received, stored=stored)
 
 
 class GenerationLedger:

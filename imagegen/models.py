@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from .errors import InvalidPromptId
 
-_PROMPT_ID = re.compile(r"^[a-z0-9]{15}$")
+_PROMPT_ID = re.compile(r"[a-z0-9]{15}")
 
 
 class RecordStatus(StrEnum):
@@ -44,7 +45,7 @@ class ImageType(StrEnum):
 
 def validate_prompt_id(prompt_id: str) -> str:
     """Return the id when it is a PocketBase record id (15 chars of [a-z0-9]), else raise InvalidPromptId."""
-    if not _PROMPT_ID.match(prompt_id):
+    if not _PROMPT_ID.fullmatch(prompt_id):
         shown = prompt_id if len(prompt_id) <= 40 else prompt_id[:40] + "…"
         raise InvalidPromptId(f"invalid prompt id {shown!r}: a PocketBase id is 15 characters of a-z and 0-9")
     return prompt_id
@@ -62,7 +63,10 @@ class PromptRecord:
 
     @property
     def is_done(self) -> bool:
-        return bool(self.image_url) or self.status == RecordStatus.DONE
+        """Done: marked so, or holding an image URL without being marked failed (records of the old system)."""
+        if self.status == RecordStatus.DONE:
+            return True
+        return bool(self.image_url) and self.status != RecordStatus.FAILED
 
 
 @dataclass(frozen=True)
@@ -74,3 +78,42 @@ class StoredImage:
     public_url: str
     content_type: str
     size: int
+
+
+# The arq function that runs one prompt; its job id is the prompt id, so a prompt is queued at most once.
+JOB_NAME = "generate_images"
+
+
+class OutcomeStatus(StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"  # another run of the same prompt held its lease; that run decides
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a finished job reports; stored by arq as a plain dict, read back by `imagegen inspect`."""
+
+    status: OutcomeStatus
+    attempt: int
+    kind: str = ""
+    error: str = ""
+    images: list[str] = field(default_factory=list)
+    generated: bool = False
+    skipped: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_result(cls, value: object) -> JobOutcome | None:
+        """The outcome in an arq job result, or None when the result is something else (an exception)."""
+        if not isinstance(value, dict) or value.get("status") not in {s.value for s in OutcomeStatus}:
+            return None
+        known = {f: value[f] for f in cls.__dataclass_fields__ if f in value}
+        known["status"] = OutcomeStatus(value["status"])
+        known.setdefault("attempt", 0)
+        return cls(**known)

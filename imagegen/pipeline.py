@@ -2,11 +2,17 @@
 
 read record -> mark processing -> generate (or reuse a remembered generation) -> download + upload each
 image (skipping those already stored) -> remove leftovers of earlier runs -> patch the record done.
-Errors propagate as ImagegenError; the job runner decides between retry, failure and pause.
+
+Every step against PocketBase or the bucket waits out an outage in place (`outages`); a download that fails
+transiently is tried again in place (DOWNLOAD_TRIES) before it costs the job an attempt. The paid call and
+every step that commits a result (storing an image, removing leftovers, marking the record done) happen only
+while this run holds the prompt's lease. Errors propagate as ImagegenError; the job runner decides between
+retry, failure and pause.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -14,20 +20,26 @@ import aiohttp
 from loguru import logger
 
 from .download import describe_link, open_image
-from .errors import FailureKind, ImagegenError, LinkExpiredError, QueuePaused, RecordNotFound
+from .errors import (
+    DownloadError,
+    FailureKind,
+    JobInterrupted,
+    LinkRefusedError,
+    PromptRejected,
+    QueuePaused,
+    RecordNotFound,
+)
 from .jimeng import JimengClient
 from .ledger import GenerationLedger, GenerationRecord
 from .models import PromptRecord, RecordStatus, StoredImage
+from .outages import POCKETBASE, STORAGE, Outages
 from .pocketbase import PocketBaseClient
+from .runs import JobRun, Phase
 from .settings import Settings
 from .state import PauseGate
 from .storage import Storage
 
-
-class PromptRejected(ImagegenError):
-    """The record's prompt can't be sent as it is (empty or too long)."""
-
-    kind = FailureKind.PERMANENT
+DOWNLOAD_RETRY_DELAY = 0.5
 
 
 @dataclass
@@ -52,6 +64,7 @@ class Services:
     storage: Storage
     ledger: GenerationLedger
     gate: PauseGate
+    outages: Outages
 
 
 def check_prompt(record: PromptRecord, max_chars: int) -> str:
@@ -71,94 +84,163 @@ class Pipeline:
     def __init__(self, services: Services) -> None:
         self._s = services
 
-    async def run(self, prompt_id: str, *, force: bool = False) -> PipelineResult:
+    async def run(self, run: JobRun, *, force: bool = False) -> PipelineResult:
         """Bring one record to `done`; raises ImagegenError (classified) when a step fails."""
+        s, prompt_id = self._s, run.prompt_id
         result = PipelineResult(prompt_id)
         log = logger.bind(prompt_id=prompt_id)
         started = time.monotonic()
-        record = await self._s.pocketbase.get_record(prompt_id)
+        record = await s.outages.call(POCKETBASE, lambda: s.pocketbase.get_record(prompt_id), run)
         if record.is_done and not force:
             log.info("already done, nothing to generate ({})", record.image_url)
             result.skipped = True
             return result
-        prompt = check_prompt(record, self._s.settings.prompt_max_chars)
-        await self._s.pocketbase.set_status(prompt_id, RecordStatus.PROCESSING)
-        generation = await self._s.ledger.load(prompt_id)
+        prompt = check_prompt(record, s.settings.prompt_max_chars)
+        await run.lease.ensure()
+        await s.outages.call(POCKETBASE, lambda: s.pocketbase.set_status(prompt_id, RecordStatus.PROCESSING), run)
+        generation = await s.ledger.load(prompt_id)
         if generation is not None:
+            run.generation_saved = True
+            run.enter(Phase.STORING)
             log.info(
-                "reusing the generation of an earlier attempt ({} images, {} stored)",
+                "reusing the generation of an earlier attempt ({} images, {} stored, links {:.0f} s old)",
                 len(generation.urls),
                 len(generation.stored),
+                generation.age(),
             )
         else:
-            generation = await self._generate(prompt_id, prompt, record.negative_prompt, result)
-        try:
-            await self._store_all(prompt_id, generation, result)
-        except LinkExpiredError as exc:
-            # The links live for hours only: a resumed job may find them gone. Paying again is the only way.
-            log.warning("image links have expired ({}); generating again", exc)
-            await self._s.ledger.forget(prompt_id)
-            generation = await self._generate(prompt_id, prompt, record.negative_prompt, result)
-            await self._store_all(prompt_id, generation, result)
-        keys = [image.key for image in result.images]
-        removed = await self._s.storage.remove_others(prompt_id, keys)
-        if removed:
-            log.info("removed {} leftover objects of an earlier run", len(removed))
-        t0 = time.monotonic()
-        try:
-            await self._s.pocketbase.set_done(prompt_id, [image.public_url for image in result.images])
-        except RecordNotFound:
-            # Deleted while we worked: its images would be orphans in the bucket.
-            await self._s.storage.remove_others(prompt_id, [])
-            await self._s.ledger.forget(prompt_id)
-            log.warning("record was deleted during the job; its images were removed")
-            raise
-        await self._s.ledger.forget(prompt_id)
-        result.timings["patch"] = time.monotonic() - t0
+            generation = await self._generate(run, prompt, record.negative_prompt, result)
+        regenerated = False
+        while True:
+            try:
+                await self._store_all(run, generation, result)
+                break
+            except LinkRefusedError as exc:
+                lifetime = s.settings.jimeng_link_lifetime
+                age = generation.age()
+                if age <= lifetime or regenerated:
+                    raise DownloadError(
+                        f"{exc.message} although the generation is only {age:.0f} s old (links live "
+                        f"JIMENG_LINK_LIFETIME={lifetime} s): something between this host and the image host "
+                        "refuses it, e.g. a CDN or firewall rule",
+                        status=exc.status,
+                    ) from None
+                # Expired for real: paying again is the only way, and at most once per job.
+                log.warning(
+                    "image links are {:.0f} s old, past JIMENG_LINK_LIFETIME={} s; generating again", age, lifetime
+                )
+                await s.ledger.forget(prompt_id)
+                run.generation_saved = False
+                run.enter(Phase.PREPARING)
+                generation = await self._generate(run, prompt, record.negative_prompt, result)
+                regenerated = True
+        run.enter(Phase.FINISHING)
+        await self._finish(run, result)
         result.timings["total"] = time.monotonic() - started
         return result
 
-    async def _generate(self, prompt_id: str, prompt: str, negative: str, result: PipelineResult) -> GenerationRecord:
+    async def _generate(self, run: JobRun, prompt: str, negative: str, result: PipelineResult) -> GenerationRecord:
+        s, prompt_id = self._s, run.prompt_id
         # The last look before paying: a pause set since the job started stops it here.
-        paused = await self._s.gate.current()
+        paused = await s.gate.current()
         if paused is not None:
             raise QueuePaused(f"waiting: queue paused ({paused.reason})")
+        needed = s.settings.jimeng_timeout_seconds + s.settings.download_timeout
+        if run.remaining() < needed:
+            raise JobInterrupted(
+                f"only {run.remaining():.0f} s of this job's time left, too little for a paid call and its "
+                f"images ({needed:.0f} s); queued again"
+            )
+        await run.lease.ensure()
+        remembered = await s.ledger.load(prompt_id)
+        if remembered is not None:  # a run that held the lease before us paid already
+            run.generation_saved = True
+            run.enter(Phase.STORING)
+            return remembered
+        run.check_stop()
+        # No await between the stop check and the call: a stop either sends this run back or waits for the call.
+        run.enter(Phase.GENERATING)
         t0 = time.monotonic()
-        generation = await self._s.jimeng.generate(prompt, negative)
+        generation = await s.jimeng.generate(prompt, negative)
         elapsed = time.monotonic() - t0
         record = GenerationRecord(created=generation.created, urls=generation.urls)
-        await self._s.ledger.save(prompt_id, record)
+        run.phase = Phase.STORING
         result.generated = True
         result.timings["generate"] = result.timings.get("generate", 0.0) + elapsed
         logger.bind(prompt_id=prompt_id).info("generated {} images in {:.1f}s", len(generation.urls), elapsed)
+        await s.ledger.save(prompt_id, record)
+        run.generation_saved = True
         return record
 
-    async def _store_all(self, prompt_id: str, generation: GenerationRecord, result: PipelineResult) -> None:
+    async def _store_all(self, run: JobRun, generation: GenerationRecord, result: PipelineResult) -> None:
+        s, prompt_id = self._s, run.prompt_id
         t0 = time.monotonic()
-        log = logger.bind(prompt_id=prompt_id)
-        settings = self._s.settings
-        stored: list[StoredImage] = []
         for index, url in enumerate(generation.urls):
-            image = generation.stored.get(index)
-            if image is None:
+            if index in generation.stored:
+                continue
+            await run.lease.ensure()
+
+            async def store(index: int = index, url: str = url) -> StoredImage:
+                return await self._store_one(prompt_id, index, url)
+
+            generation.stored[index] = await s.outages.call(STORAGE, store, run)
+            await s.ledger.save(prompt_id, generation)
+            image = generation.stored[index]
+            logger.bind(prompt_id=prompt_id).debug(
+                "stored image {} as {} ({} bytes, {})", index, image.key, image.size, image.content_type
+            )
+        result.images = [generation.stored[i] for i in range(len(generation.urls))]
+        result.timings["store"] = result.timings.get("store", 0.0) + time.monotonic() - t0
+
+    async def _store_one(self, prompt_id: str, index: int, url: str) -> StoredImage:
+        """Download one image into the bucket, trying a transient download failure again in place."""
+        settings, storage = self._s.settings, self._s.storage
+        tries = settings.download_tries
+        for number in range(1, tries + 1):
+            try:
                 async with open_image(
-                    self._s.http,
-                    url,
-                    max_bytes=settings.download_max_bytes,
-                    time_limit=settings.download_timeout,
+                    self._s.http, url, max_bytes=settings.download_max_bytes, time_limit=settings.download_timeout
                 ) as download:
-                    key = self._s.storage.object_key(prompt_id, index, download.image_type.extension)
-                    size = await self._s.storage.upload_image(key, download)
-                image = StoredImage(
+                    key = storage.object_key(prompt_id, index, download.image_type.extension)
+                    size = await storage.upload_image(key, download)
+                return StoredImage(
                     source_url=describe_link(url),
                     key=key,
-                    public_url=self._s.storage.public_url(key),
+                    public_url=storage.public_url(key),
                     content_type=download.image_type.value,
                     size=size,
                 )
-                generation.stored[index] = image
-                await self._s.ledger.save(prompt_id, generation)
-                log.debug("stored image {} as {} ({} bytes, {})", index, key, size, image.content_type)
-            stored.append(image)
-        result.images = stored
-        result.timings["store"] = time.monotonic() - t0
+            except LinkRefusedError:
+                raise
+            except DownloadError as exc:
+                if exc.kind is not FailureKind.TRANSIENT or number == tries:
+                    raise
+                delay = DOWNLOAD_RETRY_DELAY * 2 ** (number - 1)
+                logger.bind(prompt_id=prompt_id).info(
+                    "image {}: {}; trying again in {:.1f}s ({}/{})", index, exc, delay, number + 1, tries
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _finish(self, run: JobRun, result: PipelineResult) -> None:
+        s, prompt_id = self._s, run.prompt_id
+        log = logger.bind(prompt_id=prompt_id)
+        keys = [image.key for image in result.images]
+        await run.lease.ensure()
+        removed = await s.outages.call(STORAGE, lambda: s.storage.remove_others(prompt_id, keys), run)
+        if removed:
+            log.info("removed {} leftover objects of an earlier run", len(removed))
+        t0 = time.monotonic()
+        await run.lease.ensure()
+        urls = [image.public_url for image in result.images]
+        try:
+            await s.outages.call(POCKETBASE, lambda: s.pocketbase.set_done(prompt_id, urls), run)
+        except RecordNotFound:
+            # Deleted while we worked: its images would be orphans in the bucket.
+            await run.lease.ensure()
+            await s.outages.call(STORAGE, lambda: s.storage.remove_others(prompt_id, []), run)
+            await s.ledger.forget(prompt_id)
+            log.warning("record was deleted during the job; its images were removed")
+            raise
+        await s.ledger.forget(prompt_id)
+        result.timings["patch"] = time.monotonic() - t0

@@ -23,6 +23,8 @@ RESOLUTIONS = ("1k", "2k", "4k")
 MIB = 1024 * 1024
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_FIELDS = ("redis_password", "jimeng_api_key", "tos_access_key_secret", "pocketbase_password")
+# Seconds a job keeps, below arq's QUEUE_JOB_TIMEOUT, to record its outcome after its own deadline.
+FINISH_RESERVE = 10.0
 
 
 class Settings(BaseSettings):
@@ -43,6 +45,7 @@ class Settings(BaseSettings):
     jimeng_model: str = "jimeng-4.0"
     jimeng_ratio: str = "1:1"
     jimeng_resolution: str = "2k"
+    jimeng_link_lifetime: int = Field(7200, ge=1, description="seconds the API's image links stay valid")
 
     # object storage (Volcengine TOS or any S3-compatible store)
     tos_bucket: str = ""
@@ -75,11 +78,15 @@ class Settings(BaseSettings):
     queue_backoff_max: float = Field(600.0, ge=0)
     queue_job_timeout: int = Field(3600, ge=10, description="seconds")
     queue_keep_result: int = Field(7 * 24 * 3600, ge=60, description="seconds")
-    worker_shutdown_grace: int = Field(120, ge=0, description="seconds")
+    worker_shutdown_grace: int = Field(720, ge=0, description="seconds")
+    worker_lease: float = Field(20.0, ge=2, le=600, description="seconds a dead worker's jobs stay claimed")
+    reconcile_interval: float = Field(60.0, gt=0, description="seconds between sweeps for stranded records")
+    outage_pause_after: float = Field(60.0, ge=0, description="seconds of outage before the queue pauses; 0 never")
 
     # image download and upload
     download_max_bytes: int = Field(50 * MIB, ge=1024)
     download_timeout: int = Field(300, gt=0, description="seconds")
+    download_tries: int = Field(3, ge=1, le=10, description="tries per image before the attempt fails")
     upload_multipart_threshold: int = Field(8 * MIB, ge=5 * MIB)
     prompt_max_chars: int = Field(4000, ge=1)
 
@@ -152,6 +159,29 @@ class Settings(BaseSettings):
                 self.tos_public_base_url = f"{self.tos_endpoint}/{self.tos_bucket}"
         return self
 
+    @model_validator(mode="after")
+    def _time_budgets(self) -> Settings:
+        jimeng = self.jimeng_timeout_seconds
+        needed = jimeng + self.download_timeout + FINISH_RESERVE
+        if self.queue_job_timeout < needed:
+            raise ValueError(
+                f"QUEUE_JOB_TIMEOUT={self.queue_job_timeout} can't hold JIMENG_TIMEOUT={self.jimeng_timeout} "
+                f"({jimeng:g} s) plus DOWNLOAD_TIMEOUT={self.download_timeout} plus {FINISH_RESERVE:g} s to record "
+                f"the result: raise QUEUE_JOB_TIMEOUT to at least {needed:.0f} or lower JIMENG_TIMEOUT"
+            )
+        if self.worker_shutdown_grace < jimeng:
+            raise ValueError(
+                f"WORKER_SHUTDOWN_GRACE={self.worker_shutdown_grace} is shorter than JIMENG_TIMEOUT="
+                f"{self.jimeng_timeout} ({jimeng:g} s): a stop would cut paid calls short; raise "
+                f"WORKER_SHUTDOWN_GRACE to at least {jimeng:.0f}"
+            )
+        return self
+
+    @property
+    def job_budget(self) -> float:
+        """Seconds a job may work before its own deadline (arq's QUEUE_JOB_TIMEOUT minus the finish reserve)."""
+        return self.queue_job_timeout - FINISH_RESERVE
+
     @property
     def jimeng_timeout_seconds(self) -> float:
         return self.jimeng_timeout / 1000
@@ -174,8 +204,11 @@ def load_settings(env_file: Path | str | Sequence[Path | str] | None = ".env") -
 def describe_validation_error(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
-        name = str(error["loc"][0]) if error["loc"] else "settings"
         message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            problems.append(message)  # a rule across settings names them itself
+            continue
+        name = str(error["loc"][0])
         shown = "" if name in SECRET_FIELDS else f" (got {error.get('input')!r})"
         problems.append(f"{name.upper()}: {message}{shown}")
     return "invalid setting " + "; ".join(problems) + " - fix it in the environment or .env"

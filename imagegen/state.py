@@ -1,8 +1,11 @@
 """Queue-wide state in Redis, shared by every worker process on every host and by the CLI.
 
 - pause: one JSON value with the reason, since when and who paused; while it exists no generation starts.
+  `source` is "manual" (an operator), "auto" (account trouble or a failure streak: a human resumes) or
+  "outage" (a shared service down too long: lifted by the workers themselves once it answers again).
 - consecutive failures: jobs that exhausted their attempts in a row; QUEUE_MAX_FAILED of them pause.
-- attempts: real attempts per prompt run; waiting while paused never counts.
+- attempts: real attempts per prompt run; waiting while paused never counts, and a give-back stops at zero.
+- verdicts: a final outcome decided while the record store was down, written by the job's next run.
 - worker heartbeats: one key per live worker process, expiring shortly after it dies.
 """
 
@@ -19,25 +22,58 @@ from redis.asyncio import Redis
 from . import keys
 
 ATTEMPTS_TTL = 14 * 24 * 3600
+VERDICT_TTL = 14 * 24 * 3600
+
+# DECR that never goes below zero.
+_GIVE_BACK = """
+local n = tonumber(redis.call('get', KEYS[1]) or '0')
+if n > 0 then return redis.call('decr', KEYS[1]) end
+return 0
+"""
+
+# Delete the pause only if it is still the outage pause of that service.
+_LIFT_OUTAGE = """
+local raw = redis.call('get', KEYS[1])
+if not raw then return 0 end
+local pause = cjson.decode(raw)
+if pause['source'] == 'outage' and pause['service'] == ARGV[1] then
+  redis.call('del', KEYS[1])
+  return 1
+end
+return 0
+"""
 
 
 @dataclass(frozen=True)
 class PauseInfo:
     reason: str
     since: float
-    source: str  # "manual" or "auto"
+    source: str  # "manual", "auto" or "outage"
+    service: str = ""  # for an outage pause: the service that is down
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A job's final outcome waiting to be written onto its record."""
+
+    error: str
+    kind: str
+    attempt: int
 
 
 class QueueState:
     """Reads and changes the shared state; every method is one or two Redis round trips."""
 
     def __init__(self, redis: Redis, max_failed: int) -> None:
+        self.redis = redis
         self._redis = redis
         self._max_failed = max_failed
+        self._give_back = redis.register_script(_GIVE_BACK)
+        self._lift_outage = redis.register_script(_LIFT_OUTAGE)
 
-    async def pause(self, reason: str, source: str = "manual") -> PauseInfo:
+    async def pause(self, reason: str, source: str = "manual", service: str = "") -> PauseInfo:
         """Pause the queue; an existing pause keeps its original reason and time."""
-        info = PauseInfo(reason, time.time(), source)
+        info = PauseInfo(reason, time.time(), source, service)
         await self._redis.set(keys.PAUSE, json.dumps(asdict(info)), nx=True)
         return await self.paused() or info
 
@@ -49,6 +85,10 @@ class QueueState:
             pipe.delete(keys.CONSECUTIVE_FAILURES)
             raw, _, _ = await pipe.execute()
         return PauseInfo(**json.loads(raw)) if raw else None
+
+    async def lift_outage_pause(self, service: str) -> bool:
+        """Lift the pause if it is the outage pause of `service` (a manual or account pause stays)."""
+        return bool(await self._lift_outage(keys=[keys.PAUSE], args=[service]))
 
     async def paused(self) -> PauseInfo | None:
         raw = await self._redis.get(keys.PAUSE)
@@ -75,13 +115,23 @@ class QueueState:
         return int(count)
 
     async def give_back_attempt(self, prompt_id: str) -> None:
-        await self._redis.decr(keys.attempts(prompt_id))
+        await self._give_back(keys=[keys.attempts(prompt_id)])
 
     async def attempts(self, prompt_id: str) -> int:
         return int(await self._redis.get(keys.attempts(prompt_id)) or 0)
 
     async def forget_attempts(self, prompt_id: str) -> None:
         await self._redis.delete(keys.attempts(prompt_id))
+
+    async def save_verdict(self, prompt_id: str, verdict: Verdict) -> None:
+        await self._redis.set(keys.verdict(prompt_id), json.dumps(asdict(verdict)), ex=VERDICT_TTL)
+
+    async def verdict(self, prompt_id: str) -> Verdict | None:
+        raw = await self._redis.get(keys.verdict(prompt_id))
+        return Verdict(**json.loads(raw)) if raw else None
+
+    async def forget_verdict(self, prompt_id: str) -> None:
+        await self._redis.delete(keys.verdict(prompt_id))
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
         await self._redis.set(keys.worker(worker_id), json.dumps(info), px=int(ttl * 1000))

@@ -3,39 +3,47 @@
 `arq imagegen.WorkerSettings` reads `WorkerSettings` as a mapping; its settings are built from the
 environment the first time arq reads it (at start, not at import), and a bad setting stops the worker
 with one line.
+
+On SIGTERM or SIGINT the worker stops taking jobs, sends the jobs that have not reached their paid call back
+to the queue at once, waits for paid calls in flight and lets jobs storing images finish, for at most
+WORKER_SHUTDOWN_GRACE seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import signal
 import sys
 import time
 from contextlib import AsyncExitStack
+from datetime import datetime
 from typing import Any
 
 import aiohttp
-from arq.connections import RedisSettings
-from arq.worker import func
+from arq.worker import Worker, func
 from loguru import logger
 from redis import Redis as SyncRedis
-from redis.asyncio.retry import Retry as RedisRetry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .connections import redis_settings
+from .control import Control
 from .errors import ConfigError
 from .heartbeat import Heartbeat
 from .jimeng import JimengClient
 from .jobs import JobRunner
 from .ledger import GenerationLedger
 from .logs import setup_logging
+from .models import JOB_NAME
+from .outages import POCKETBASE, STORAGE, Outages
 from .pipeline import Pipeline, Services
 from .pocketbase import PocketBaseClient
+from .reconcile import Reconciler
+from .runs import Runs
 from .settings import Settings, load_settings, require
 from .state import PauseGate, QueueState
 from .storage import Storage, open_s3_client
 
-JOB_NAME = "generate_images"
 ARQ_MAX_TRIES = 100_000
 WORKER_REQUIRED = (
     "jimeng_api_key",
@@ -48,21 +56,37 @@ WORKER_REQUIRED = (
 )
 
 
-def redis_settings(settings: Settings, *, retries: int = 3) -> RedisSettings:
-    """arq's connection settings; a worker rides out a Redis restart, a CLI command fails fast."""
-    password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    return RedisSettings(
-        host=settings.redis_host,
-        port=settings.redis_port,
-        password=password or None,
-        database=settings.redis_db,
-        conn_timeout=3,
-        conn_retries=retries,
-        conn_retry_delay=1,
-        retry=RedisRetry(ExponentialBackoff(cap=5.0, base=0.2), retries=30) if retries else None,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError] if retries else None,
-        retry_on_timeout=bool(retries),
-    )
+def _running_worker() -> Worker | None:
+    """The arq Worker whose on_startup is running: arq hands its hooks only `ctx`, but a stop must reach it."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Worker):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def install_stop_handlers(worker: Worker, runs: Runs, grace: int) -> None:
+    """Replace arq's signal handlers with ones that first send interruptible jobs back to the queue."""
+
+    def on_signal(signum: signal.Signals) -> None:
+        sent_back, running = runs.stop()
+        logger.info(
+            "stopping on {}: {} jobs back to the queue at once, {} finishing (paid call or storing, at most {} s)",
+            signum.name,
+            sent_back,
+            running,
+            grace,
+        )
+        if grace:
+            worker.handle_sig_wait_for_completion(signum)
+        else:
+            worker.handle_sig(signum)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -74,24 +98,44 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     s3 = await stack.enter_async_context(open_s3_client(settings))
     state = QueueState(ctx["redis"], settings.queue_max_failed)
+    gate = PauseGate(state)
+    pocketbase = PocketBaseClient(http, settings)
+    storage = Storage(s3, settings)
+    outages = Outages(
+        state, gate, settings.outage_pause_after, probes={POCKETBASE: pocketbase.check, STORAGE: storage.check}
+    )
     services = Services(
         settings=settings,
         http=http,
-        pocketbase=PocketBaseClient(http, settings),
+        pocketbase=pocketbase,
         jimeng=JimengClient(http, settings),
-        storage=Storage(s3, settings),
+        storage=storage,
         ledger=GenerationLedger(ctx["redis"], settings.queue_keep_result),
-        gate=PauseGate(state),
+        gate=gate,
+        outages=outages,
     )
-    heartbeat = Heartbeat(ctx["redis"], state, settings.queue_name)
+    runs = Runs()
+    heartbeat = Heartbeat(state, runs, outages, settings.queue_name, settings.worker_lease)
     heartbeat.start()
     stack.push_async_callback(heartbeat.stop)
+    reconciler = Reconciler(
+        Control(settings, ctx["redis"], pocketbase),
+        settings.reconcile_interval,
+        settings.worker_lease,
+        heartbeat.worker_id,
+    )
+    reconciler.start()
+    stack.push_async_callback(reconciler.stop)
     ctx["exit_stack"] = stack
     ctx["services"] = services
-    ctx["runner"] = JobRunner(services, Pipeline(services), state, heartbeat)
+    ctx["runner"] = JobRunner(services, Pipeline(services), state, runs)
+    worker = _running_worker()
+    if worker is not None and worker._handle_signals:  # arq keeps no public flag for it
+        install_stop_handlers(worker, runs, settings.worker_shutdown_grace)
     paused = await state.paused()
     if paused is not None:
-        logger.warning("the queue is paused since {}: {}; `imagegen resume` continues", paused.since, paused.reason)
+        since = datetime.fromtimestamp(paused.since).astimezone().isoformat(timespec="seconds")
+        logger.warning("the queue is paused since {}: {}; `imagegen resume` continues", since, paused.reason)
     logger.info(
         "worker ready: queue {}, concurrency {}, jimeng {} ({} {}), bucket {}, pocketbase {}/{}",
         settings.queue_name,
@@ -115,7 +159,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 async def generate_images(ctx: dict[str, Any], prompt_id: str, force: bool = False) -> dict[str, Any]:
     """The job: bring one prompt record to `done` (see `jobs` for the failure policy)."""
     runner: JobRunner = ctx["runner"]
-    return await runner.run(prompt_id, force)
+    return await runner.run(str(ctx["job_id"]), prompt_id, force)
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
@@ -139,7 +183,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
 
 def wait_for_redis(settings: Settings, cap: float = 30.0) -> None:
     """Block until Redis answers, one log line per failed try: a worker outlives a Redis that is down."""
-    connection = redis_settings(settings, retries=0)
+    connection = redis_settings(settings, ride_out_outages=False)
     delay = 1.0
     while True:
         client = SyncRedis(

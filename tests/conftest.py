@@ -7,6 +7,7 @@ clean state: Redis flushed, the prompts collection truncated, the bucket emptied
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -52,6 +53,7 @@ class Stack:
     jimeng: SandboxThread
     workdir: Path
     env: dict[str, str] = field(default_factory=dict)
+    jimeng_config: SandboxConfig | None = None  # the fake's session-wide config, restored around every test
 
     def settings(self, **overrides: object) -> Settings:
         values: dict[str, object] = {name.lower(): value for name, value in self.env.items()}
@@ -124,7 +126,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "DOWNLOAD_TIMEOUT": "20",
                 "WORKER_SHUTDOWN_GRACE": "20",
             }
-            yield Stack(redis, pocketbase, seaweed, jimeng, workdir, env)
+            yield Stack(redis, pocketbase, seaweed, jimeng, workdir, env, dataclasses.replace(jimeng.sandbox.config))
     finally:
         for service in reversed(services):
             service.stop()
@@ -185,8 +187,24 @@ async def clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
         ) as response:
             assert response.status == 204, await response.text()
     await _empty_bucket(settings)
+    restore_sandbox(stack)
+    try:
+        yield
+    finally:
+        restore_sandbox(stack)
+
+
+def restore_sandbox(stack: Stack) -> None:
+    """The fake with its session config, no scripts, no hooks and zeroed counters."""
+    assert stack.jimeng_config is not None
+    stack.jimeng.sandbox.config = dataclasses.replace(stack.jimeng_config)
     stack.jimeng.sandbox.reset()
-    yield
+
+
+@pytest.fixture
+def sandbox_config(stack: Stack) -> SandboxConfig:
+    """The fake's config for this test to change; every change is undone when the test ends."""
+    return stack.jimeng.sandbox.config
 
 
 class RecordFactory:
@@ -203,6 +221,12 @@ class RecordFactory:
 
     async def many(self, count: int, prefix: str = "a watercolour lighthouse") -> list[PromptRecord]:
         return [await self.create(f"{prefix} #{i}") for i in range(count)]
+
+
+@pytest.fixture
+def slow_images(sandbox_config: SandboxConfig) -> None:
+    """Image downloads take a while, so jobs are caught in flight after their paid generation."""
+    sandbox_config.image_latency = 0.5
 
 
 @pytest.fixture
@@ -241,9 +265,14 @@ class WorkerProcess:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def signal(self, signum: signal.Signals) -> None:
+        """Signal the worker's process group (SIGSTOP freezes it like a long GC or swap pause)."""
+        os.killpg(self.process.pid, signum)
+
     def stop(self, timeout: float = 40) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGCONT)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -6,6 +6,9 @@ import json
 
 import pytest
 
+from imagegen import keys
+from imagegen.state import QueueState
+
 from .conftest import SECRETS, RecordFactory, Stack, run_cli, wait_for_records
 from .test_pipeline import run_queue
 
@@ -78,6 +81,32 @@ async def test_retry_failed_requeues_failed_records(stack: Stack, records: Recor
     result = run_cli(stack, "retry-failed", "--json")
     assert json.loads(result.stdout)["counts"] == {"queued": 1}
     assert (await pocketbase.get_record(record.id)).status == "queued"
+
+
+async def test_retry_failed_runs_a_failed_rerun_again_with_all_its_attempts(
+    stack: Stack, records: RecordFactory, pocketbase, settings, redis_client
+):
+    # A forced re-run that failed: the record still holds the first run's image URL.
+    record = await records.create("a re-run that failed")
+    await pocketbase.update_record(
+        record.id, {"status": "failed", "error": "earlier", "imageUrl": "http://example.invalid/0.png"}
+    )
+    await redis_client.set(keys.attempts(record.id), 3)
+    result = run_cli(stack, "retry-failed", "--json")
+    assert json.loads(result.stdout)["counts"] == {"queued": 1}
+    await run_queue(settings)
+    done = await pocketbase.get_record(record.id)
+    assert done.status == "done"
+    assert done.image_url.startswith(settings.tos_public_base_url)
+    report = json.loads(run_cli(stack, "inspect", record.id, "--json").stdout)
+    assert report["tries"] == 1
+
+
+async def test_attempts_given_back_never_go_below_zero(settings, redis_client, stack: Stack):
+    state = QueueState(redis_client, settings.queue_max_failed)
+    await state.give_back_attempt("aaaaaaaaaaaaaaa")
+    assert await state.attempts("aaaaaaaaaaaaaaa") == 0
+    assert await state.begin_attempt("aaaaaaaaaaaaaaa") == 1
 
 
 async def test_inspect_follows_a_job_from_queued_to_done(stack: Stack, records: RecordFactory, settings):
@@ -191,6 +220,26 @@ def test_invalid_value_in_dot_env_file_is_named(stack: Stack, tmp_path):
     result = run_cli(stack, "--env-file", str(env_file), "check")
     assert result.returncode == 2
     assert "JIMENG_RATIO" in result.stderr
+    assert_one_clean_line(result.stderr)
+
+
+async def test_worker_refuses_a_job_timeout_that_cannot_hold_a_paid_call(stack: Stack, start_worker):
+    worker = start_worker(QUEUE_JOB_TIMEOUT="10", JIMENG_TIMEOUT="14000")
+    assert worker.process.wait(30) == 2
+    output = worker.output()
+    assert "QUEUE_JOB_TIMEOUT=10 can't hold JIMENG_TIMEOUT=14000" in output
+    assert len(output.strip().splitlines()) == 1
+    assert "Traceback" not in output
+
+
+def test_status_shows_what_redis_holds_when_pocketbase_is_down(stack: Stack):
+    assert run_cli(stack, "pause", "--reason", "checking").returncode == 0
+    result = run_cli(stack, "status", "--json", POCKETBASE_URL="http://127.0.0.1:1")
+    assert result.returncode == 3
+    report = json.loads(result.stdout)
+    assert report["paused"]["reason"] == "checking"
+    assert report["records"] is None
+    assert "cannot reach http://127.0.0.1:1" in report["records_error"]
     assert_one_clean_line(result.stderr)
 
 

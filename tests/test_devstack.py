@@ -9,6 +9,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from imagegen.download import sniff_image_type
 
 from .conftest import SETTING_PREFIXES
@@ -27,6 +29,7 @@ def devstack(project: Path, *args: str, timeout: float = 240) -> subprocess.Comp
     )
 
 
+@pytest.mark.timeout(600)
 def test_local_stack_turns_the_sample_prompts_into_hosted_images(tmp_path: Path):
     try:
         up = devstack(tmp_path, "up", "--wait", "120")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import aiohttp
+import pytest
 
 from .conftest import SECRETS, RecordFactory, Stack, run_cli, wait_for_records
 
@@ -13,6 +14,7 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.timeout(300)
 async def test_twenty_records_end_with_hosted_images_equal_to_what_the_api_served(
     stack: Stack, records: RecordFactory, pocketbase, start_worker, http: aiohttp.ClientSession
 ):
@@ -48,9 +50,12 @@ async def test_twenty_records_end_with_hosted_images_equal_to_what_the_api_serve
         assert secret not in log
 
 
+@pytest.mark.timeout(300)
 async def test_two_worker_processes_share_the_queue_without_double_generation(
-    stack: Stack, records: RecordFactory, pocketbase, start_worker
+    stack: Stack, records: RecordFactory, pocketbase, start_worker, sandbox_config
 ):
+    # Generations take a while, so whichever worker starts first can't take the whole queue alone.
+    sandbox_config.latency = 0.5
     created = await records.many(12, prefix="a lantern festival")
     first, second = start_worker(QUEUE_CONCURRENCY="2"), start_worker(QUEUE_CONCURRENCY="2")
     assert run_cli(stack, "add-pending").returncode == 0
@@ -61,3 +66,4 @@ async def test_two_worker_processes_share_the_queue_without_double_generation(
     first.stop(), second.stop()
     jobs_per_worker = [w.output().count("job done") for w in (first, second)]
     assert sum(jobs_per_worker) == 12
+    assert all(jobs_per_worker), jobs_per_worker

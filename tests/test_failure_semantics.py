@@ -20,16 +20,6 @@ from .conftest import BIN, RecordFactory, Stack, run_cli, wait_for_records
 from .test_pipeline import enqueue, run_queue, wait_until, worker_running
 
 
-@pytest.fixture
-def slow_images(stack: Stack):
-    """Image downloads take a while, so jobs are caught in flight after their paid generation."""
-    stack.jimeng.sandbox.config.image_latency = 0.5
-    try:
-        yield
-    finally:
-        stack.jimeng.sandbox.config.image_latency = 0.0
-
-
 async def live_workers(settings, redis_client):
     return await QueueState(redis_client, settings.queue_max_failed).workers()
 
@@ -68,8 +58,9 @@ async def test_no_credits_pauses_at_once_and_resume_finishes_with_attempts_intac
 
 
 async def _parked(state: QueueState):
+    """Every worker holds a job that waits for a resume (and none that runs)."""
     workers = await state.workers()
-    return workers and all(w["running"] for w in workers)
+    return workers and all(w["waiting"] and not w["running"] for w in workers)
 
 
 async def test_consecutive_exhausted_jobs_pause_the_queue(
@@ -105,11 +96,11 @@ async def test_manual_pause_holds_every_worker_process(
     assert run_cli(stack, "pause", "--reason", "rotating the API key").returncode == 0
     created = await records.many(4, prefix="a pause")
     assert run_cli(stack, "add-pending").returncode == 0
-    start_worker(QUEUE_CONCURRENCY="1"), start_worker(QUEUE_CONCURRENCY="1")
+    first, second = start_worker(QUEUE_CONCURRENCY="1"), start_worker(QUEUE_CONCURRENCY="1")
 
     async def both_parked():
         workers = await live_workers(settings, redis_client)
-        return len(workers) == 2 and all(w["running"] for w in workers)
+        return len(workers) == 2 and all(w["waiting"] for w in workers)
 
     assert await wait_until(both_parked)
     assert stack.jimeng.sandbox.stats()["total_calls"] == 0
@@ -121,8 +112,12 @@ async def test_manual_pause_holds_every_worker_process(
     assert run_cli(stack, "resume").returncode == 0
     finished = await wait_for_records(pocketbase, [r.id for r in created])
     assert [r.status for r in finished] == ["done"] * 4
+    # Each worker held a parked job, so each finished at least that one.
+    assert "job done" in first.output()
+    assert "job done" in second.output()
 
 
+@pytest.mark.timeout(240)
 async def test_killed_workers_jobs_finish_elsewhere_without_paying_twice(
     stack: Stack, records: RecordFactory, pocketbase, start_worker, slow_images, redis_client, settings
 ):
@@ -146,26 +141,6 @@ async def _log_count(worker, text: str, count: int):
     return worker.output().count(text) >= count
 
 
-async def test_redis_flushed_mid_run_is_rebuilt_by_add_pending(
-    stack: Stack, records: RecordFactory, pocketbase, start_worker, slow_images, redis_client
-):
-    created = await records.many(10, prefix="a flush")
-    start_worker(QUEUE_CONCURRENCY="2")
-    assert run_cli(stack, "add-pending").returncode == 0
-    assert await wait_until(lambda: _some_done(pocketbase, created), deadline=60)
-    await redis_client.flushall()
-
-    rebuilt = json.loads(run_cli(stack, "add-pending", "--json").stdout)
-    assert rebuilt["counts"].get("queued", 0) >= 1
-    finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=90)
-    assert [r.status for r in finished] == ["done"] * 10
-
-
-async def _some_done(pocketbase, created) -> bool:
-    statuses = [(await pocketbase.get_record(r.id)).status for r in created]
-    return statuses.count("done") >= 2
-
-
 def supervised_project(stack: Stack, tmp_path: Path) -> Path:
     """The repository's own supervisord.conf in a scratch directory whose .venv is this environment."""
     project = tmp_path / "project"
@@ -175,6 +150,7 @@ def supervised_project(stack: Stack, tmp_path: Path) -> Path:
     return project
 
 
+@pytest.mark.timeout(480)
 async def test_sigterm_under_supervisord_finishes_jobs_in_flight(
     stack: Stack, records: RecordFactory, pocketbase, slow_images, tmp_path, redis_client, settings
 ):
@@ -212,6 +188,7 @@ async def test_sigterm_under_supervisord_finishes_jobs_in_flight(
         supervisord.wait(60)
 
 
+@pytest.mark.timeout(240)
 async def test_worker_rides_out_a_redis_restart(stack: Stack, records: RecordFactory, pocketbase, start_worker):
     worker = start_worker()
     first = await records.create("before the restart")

@@ -183,7 +183,7 @@ async def test_oversized_image_fails_with_the_limit_named(stack: Stack, records:
     assert stack.jimeng.sandbox.calls(record.prompt) == 1
 
 
-async def test_expired_links_are_generated_again_and_the_log_says_so(
+async def test_fresh_links_refused_fail_clearly_after_one_generation(
     stack: Stack, settings: Settings, records: RecordFactory, pocketbase
 ):
     record = await records.create("a forest path [[jimeng:img-403]]")
@@ -191,11 +191,31 @@ async def test_expired_links_are_generated_again_and_the_log_says_so(
     await run_queue(settings)
 
     failed = await pocketbase.get_record(record.id)
-    # Every link answers 403: the first attempt generates, finds the links dead and generates once more;
-    # each later attempt tries the remembered links, then generates once more.
+    # A 403 on links seconds old is no expiry: every attempt tries the same links, nothing is paid twice.
     assert failed.status == "failed"
-    assert "expired" in failed.error
-    assert stack.jimeng.sandbox.calls(record.prompt) == 1 + settings.queue_attempts
+    assert "answered HTTP 403 although the generation is only" in failed.error
+    assert "JIMENG_LINK_LIFETIME" in failed.error
+    assert stack.jimeng.sandbox.calls(record.prompt) == 1
+    assert stack.jimeng.sandbox.generations(record.prompt) == 1
+
+
+async def test_links_past_their_lifetime_are_generated_again_once(
+    stack: Stack, records: RecordFactory, pocketbase, sandbox_config
+):
+    # Links live 2 s here; the first attempt's downloads keep failing, the retry comes after they expired.
+    settings = stack.settings(jimeng_link_lifetime=2, queue_backoff=2.5, download_tries=1)
+    sandbox_config.link_ttl = 2
+    record = await records.create("an old map")
+    stack.jimeng.sandbox.script(record.prompt, ["img-500-once", "ok"])
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+
+    done = await pocketbase.get_record(record.id)
+    assert done.status == "done"
+    assert len(done.images) == 4
+    assert stack.jimeng.sandbox.generations(record.prompt) == 2
+    async with open_control(settings) as control:
+        assert (await control.inspect(record.id)).tries == 2
 
 
 @pytest.mark.parametrize(("prompt", "words"), [("   ", "empty prompt"), ("x" * 5000, "PROMPT_MAX_CHARS")])
@@ -307,7 +327,7 @@ async def test_account_level_answers_pause_the_queue_with_the_reason(
     assert stack.jimeng.sandbox.calls(record.prompt) == 2
 
 
-@pytest.mark.parametrize(("mode", "words"), [("img-404", "expired"), ("img-truncate", "cut off")])
+@pytest.mark.parametrize(("mode", "words"), [("img-404", "answered HTTP 404 although"), ("img-truncate", "cut off")])
 async def test_broken_image_links_fail_clearly(
     stack: Stack, settings: Settings, records: RecordFactory, pocketbase, mode, words
 ):
@@ -318,6 +338,7 @@ async def test_broken_image_links_fail_clearly(
     assert failed.status == "failed"
     assert words in failed.error
     assert await bucket_keys(settings) == []
+    assert stack.jimeng.sandbox.generations(record.prompt) == 1
 
 
 async def test_record_deleted_mid_job_leaves_no_images_behind(

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
+from imagegen.download import sniff_image_type
 from imagegen.jimeng_sandbox import PROXY_ERRORS, SandboxConfig, SandboxThread
 
 KEY = "sandbox-test-key"
@@ -159,6 +160,28 @@ async def test_image_link_errors(fake, mode, status):
     url = await fetch_first_image(fake, f"[[jimeng:{mode}]]")
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         assert response.status == status
+
+
+async def test_each_link_fails_once_then_serves(fake):
+    _, payload, _ = await generate(fake, {"prompt": "flaky cdn [[jimeng:img-500-once]]"})
+    async with aiohttp.ClientSession() as session:
+        for item in payload["data"]:
+            async with session.get(item["url"]) as first:
+                assert first.status == 500
+            async with session.get(item["url"]) as second:
+                assert second.status == 200
+                assert sniff_image_type((await second.read())[:16]) is not None
+
+
+async def test_generation_hook_runs_before_the_reply(fake):
+    seen: list[str] = []
+    fake.sandbox.on_generation = seen.append
+    try:
+        await generate(fake, {"prompt": "hooked"})
+        await generate(fake, {"prompt": "refused [[jimeng:-2006]]"})
+    finally:
+        fake.sandbox.on_generation = None
+    assert seen == ["hooked"]
 
 
 async def test_links_expire(fake):

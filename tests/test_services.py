@@ -96,9 +96,11 @@ async def _status_is(pocketbase, prompt_id: str, status: str):
     return record if record.status == status and record.error else None
 
 
-async def test_large_images_stream_as_multipart_uploads(stack: Stack, records: RecordFactory, pocketbase, http):
+async def test_large_images_stream_as_multipart_uploads(
+    stack: Stack, records: RecordFactory, pocketbase, http, sandbox_config
+):
     settings = stack.settings(upload_multipart_threshold=5 * MIB, download_max_bytes=64 * MIB)
-    stack.jimeng.sandbox.config.huge_bytes = 12 * MIB
+    sandbox_config.huge_bytes = 12 * MIB
     record = await records.create("a very detailed panorama [[jimeng:img-huge]]")
     await enqueue(settings, record.id)
     await run_queue(settings)

@@ -34,8 +34,8 @@ HTTP_ERRORS: dict[str, tuple[int, str]] = {
     "http-504": (504, "gateway_timeout"),
 }
 
-# the call succeeds, but its image links misbehave
-IMAGE_MODES = ("img-403", "img-404", "img-notimage", "img-huge", "img-truncate")
+# the call succeeds, but its image links misbehave ("img-500-once": each link fails once, then serves)
+IMAGE_MODES = ("img-403", "img-404", "img-500-once", "img-notimage", "img-huge", "img-truncate")
 
 OTHER_MODES = ("ok", "empty", "html-502", "nonjson", "hang", "drop")
 

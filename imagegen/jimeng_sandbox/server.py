@@ -14,6 +14,7 @@ import secrets
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,7 @@ class HostedImage:
     data: bytes
     expires: float
     mode: str
+    failures_left: int = 0
 
 
 class JimengSandbox:
@@ -73,6 +75,10 @@ class JimengSandbox:
         self._served: dict[str, list[bytes]] = {}
         self._images: dict[str, HostedImage] = {}
         self._scripts: dict[str, deque[str]] = {}
+        # Called with the prompt in the server's thread once a paid generation is decided, before its reply leaves.
+        self.on_generation: Callable[[str], None] | None = None
+        # While set, generation calls wait before they are counted (a client that goes away meanwhile pays nothing).
+        self.holding = False
         self.base_url = ""
         self.app = web.Application()
         self.app.add_routes(
@@ -104,6 +110,8 @@ class JimengSandbox:
             self._served.clear()
             self._images.clear()
             self._scripts.clear()
+        self.on_generation = None
+        self.holding = False
 
     def expire_links(self) -> None:
         with self._lock:
@@ -178,6 +186,8 @@ class JimengSandbox:
         if refused is not None:
             return refused
         prompt: str = payload["prompt"]
+        while self.holding:  # noqa: ASYNC110 - set from the test's thread, where an asyncio.Event can't be
+            await asyncio.sleep(0.01)
         with self._lock:
             self._calls[prompt] += 1
         mode = self._choose(prompt)
@@ -220,8 +230,9 @@ class JimengSandbox:
             fmt = FORMAT_CYCLE[index % len(FORMAT_CYCLE)]
             data = render_image(prompt, index, fmt, self.config.image_size, salt)
             token = secrets.token_hex(12)
+            failures = 1 if mode == "img-500-once" else 0
             with self._lock:
-                self._images[token] = HostedImage(prompt, fmt, data, expires, mode)
+                self._images[token] = HostedImage(prompt, fmt, data, expires, mode, failures)
             served.append(data)
             # The second link carries a misleading extension: clients must sniff the bytes.
             extension = "png" if index == 1 else fmt.extension
@@ -230,6 +241,8 @@ class JimengSandbox:
         with self._lock:
             self._generations[prompt] += 1
             self._served[prompt] = served
+        if self.on_generation is not None:
+            self.on_generation(prompt)
         return links
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -240,12 +253,17 @@ class JimengSandbox:
 
     async def _image(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"].split(".", 1)[0]
+        failing = False
         with self._lock:
             image = self._images.get(token)
             if image is not None:
                 self._downloads[image.prompt] += 1
+                failing = image.failures_left > 0
+                image.failures_left -= int(failing)
         if self.config.image_latency:
             await asyncio.sleep(self.config.image_latency)
+        if failing:
+            return web.Response(status=500, text="Internal Server Error")
         if image is None or image.mode == "img-404":
             return web.Response(status=404, text="Not Found")
         if image.expires <= time.time() or image.mode == "img-403":

@@ -201,6 +201,7 @@ class RunningService:
             return
         if process.poll() is None:
             self._signal(process, signal.SIGTERM)
+            self._signal(process, signal.SIGCONT)  # a frozen service handles its SIGTERM only once running
             try:
                 process.wait(self.spec.stop_timeout)
             except subprocess.TimeoutExpired:
@@ -217,6 +218,16 @@ class RunningService:
             self._signal(process, signal.SIGKILL)
             process.wait()
         self._exited(process)
+
+    def freeze(self) -> None:
+        """SIGSTOP the service: it keeps its sockets but answers nothing, like a hung host."""
+        if self._process is not None:
+            self._signal(self._process, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT a frozen service; it answers what waited meanwhile."""
+        if self._process is not None:
+            self._signal(self._process, signal.SIGCONT)
 
     def _exited(self, process: subprocess.Popen[bytes]) -> None:
         self._process, self.returncode = None, process.returncode

@@ -1,0 +1,57 @@
+"""A step a worker repeats in the background for its whole life (the heartbeat, the reconcile sweep)."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+
+from loguru import logger
+
+from .errors import ImagegenError
+from .outages import outage_service
+
+
+class Periodic:
+    """Runs `step()` every `interval` seconds in a task of its own.
+
+    A step failing for an expected reason (a service down) logs one line when it starts failing and one when
+    it works again; anything else is a bug and is logged with its traceback. Neither stops the loop.
+    """
+
+    name = "periodic step"
+
+    def __init__(self, interval: float, *, first_delay: float = 0.0) -> None:
+        self._interval = interval
+        self._first_delay = first_delay
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    async def step(self) -> None:
+        raise NotImplementedError
+
+    async def _loop(self) -> None:
+        await asyncio.sleep(self._first_delay)
+        while True:
+            try:
+                await self.step()
+            except Exception as exc:
+                if outage_service(exc) is None and not isinstance(exc, ImagegenError):
+                    logger.opt(exception=exc).error("{} failed: {}", self.name, exc)
+                elif not self._failing:
+                    logger.warning("{} failed ({}: {}); trying again", self.name, type(exc).__name__, exc)
+                self._failing = True
+            else:
+                if self._failing:
+                    logger.info("{} works again", self.name)
+                self._failing = False
+            await asyncio.sleep(self._interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name=f"imagegen-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

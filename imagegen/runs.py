@@ -1,0 +1,108 @@
+"""The jobs a worker process is running right now, each with the phase it is in.
+
+The phase decides what a stop does to a run: runs that have not reached their paid call go back to the queue
+at once; a run inside its paid call is waited for; a run storing images finishes (unless it only waits for an
+outage and its generation is already remembered, then it too goes back at once). `imagegen status` shows the
+phases, so jobs that only wait for a resume are reported as waiting, not in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .errors import JobInterrupted
+from .lease import PromptLease
+
+
+class Phase(StrEnum):
+    WAITING = "waiting"  # for a resume of the paused queue
+    PREPARING = "preparing"  # reading the record, before the paid call
+    GENERATING = "generating"  # inside the paid call
+    STORING = "storing"  # moving images into the bucket
+    FINISHING = "finishing"  # writing the outcome
+
+
+@dataclass(eq=False)
+class JobRun:
+    """One execution of one job."""
+
+    job_id: str
+    prompt_id: str
+    lease: PromptLease
+    task: asyncio.Task[Any]
+    deadline: float  # event-loop time of the job's own deadline
+    registry: Runs
+    phase: Phase = Phase.PREPARING
+    attempt: int = 0  # 0 until the run has begun an attempt
+    outage: str | None = None  # the service this run is waiting for
+    generation_saved: bool = False  # its paid generation is remembered in Redis
+    interrupted: bool = False
+    started: float = field(default_factory=time.time)
+
+    @property
+    def interruptible(self) -> bool:
+        """True when stopping now wastes nothing: no paid call in flight, no unremembered generation."""
+        if self.phase in (Phase.WAITING, Phase.PREPARING):
+            return True
+        return self.phase is Phase.STORING and self.outage is not None and self.generation_saved
+
+    def remaining(self) -> float:
+        """Seconds left before the job's own deadline."""
+        return self.deadline - asyncio.get_running_loop().time()
+
+    def enter(self, phase: Phase) -> None:
+        self.phase = phase
+        self.check_stop()
+
+    def check_stop(self) -> None:
+        """Raise JobInterrupted when the worker is stopping and this run can go back to the queue."""
+        if self.registry.stopping and self.interruptible:
+            raise JobInterrupted("the worker is stopping; queued again")
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        self.task.cancel()
+
+    def describe(self) -> dict[str, Any]:
+        return {"job": self.job_id, "phase": self.phase.value, "since": self.started, "outage": self.outage}
+
+
+class Runs:
+    """The runs of one worker process."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, JobRun] = {}
+        self.stopping = False
+        self.jobs_done = 0
+
+    def open(self, job_id: str, prompt_id: str, lease: PromptLease, budget: float) -> JobRun:
+        task = asyncio.current_task()
+        assert task is not None
+        run = JobRun(job_id, prompt_id, lease, task, asyncio.get_running_loop().time() + budget, self)
+        self._runs[job_id] = run
+        return run
+
+    def close(self, run: JobRun) -> None:
+        if self._runs.get(run.job_id) is run:
+            del self._runs[run.job_id]
+
+    def __iter__(self) -> Iterator[JobRun]:
+        return iter(list(self._runs.values()))
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def stop(self) -> tuple[int, int]:
+        """Begin a stop: interrupt every run that can go back to the queue; returns (sent back, still running)."""
+        self.stopping = True
+        sent_back = 0
+        for run in self:
+            if run.interruptible and not run.interrupted:
+                run.interrupt()
+                sent_back += 1
+        return sent_back, len(self._runs) - sent_back
