@@ -63,10 +63,13 @@ class PromptRecord:
 
     @property
     def is_done(self) -> bool:
-        """Done: marked so, or holding an image URL without being marked failed (records of the old system)."""
+        """Done: marked so, or holding an image URL with no status at all (records made by the old system).
+
+        A record `queued`, `processing` or `failed` is not done even with an older image URL: a re-run of it
+        is under way or failed."""
         if self.status == RecordStatus.DONE:
             return True
-        return bool(self.image_url) and self.status != RecordStatus.FAILED
+        return bool(self.image_url) and self.status == RecordStatus.PENDING
 
 
 @dataclass(frozen=True)

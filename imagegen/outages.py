@@ -147,9 +147,10 @@ class Outages:
             logger.warning("could not lift the {} outage pause: {}", service, exc)
 
     async def lift_recovered_pause(self) -> None:
-        """Lift an outage pause whose service answers again (the worker that paused may be gone)."""
+        """Lift an outage pause whose service answers a probe again: the jobs that saw it go down may all be
+        parked behind the pause by now, or their worker gone."""
         pause = await self._state.paused()
-        if pause is None or pause.source != "outage" or pause.service in self._down:
+        if pause is None or pause.source != "outage":
             return
         probe = self._probes.get(pause.service)
         if probe is None:
@@ -160,4 +161,5 @@ class Outages:
             if outage_service(exc) is None:
                 raise
             return
+        await self.came_back(pause.service)
         await self._lift(pause.service)

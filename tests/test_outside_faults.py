@@ -83,9 +83,27 @@ async def test_pocketbase_down_for_25s_mid_run_pauses_and_resumes_by_itself(
     assert "pocketbase is down" in log
     assert "pocketbase answers again" in log
     assert "queue resumed: pocketbase answers again" in log
-    code, report = status(stack)
-    assert code == 0
-    assert report["outages"] == []
+
+    async def outage_cleared():
+        code, report = status(stack)  # as of each worker's last heartbeat, a few seconds at most
+        return code == 0 and report["outages"] == []
+
+    assert await wait_until(outage_cleared)
+
+
+async def test_an_outage_pause_left_behind_is_lifted_once_the_service_answers(
+    stack: Stack, records: RecordFactory, pocketbase, start_worker, redis_client, settings
+):
+    # As a worker that paused for an outage and died (or whose jobs all gave up waiting) leaves it.
+    state = QueueState(redis_client, settings.queue_max_failed)
+    await state.pause("pocketbase down for 60 s (refused)", source="outage", service="pocketbase")
+    record = await records.create("after the outage")
+    assert run_cli(stack, "add", record.id).returncode == 0
+    worker = start_worker(WORKER_LEASE="2")
+    finished = await wait_for_records(pocketbase, [record.id], deadline=60)
+    assert finished[0].status == "done"
+    assert await state.paused() is None
+    assert "queue resumed: pocketbase answers again" in worker.output()
 
 
 async def _not_paused(state: QueueState) -> bool:
@@ -93,22 +111,28 @@ async def _not_paused(state: QueueState) -> bool:
 
 
 @pytest.mark.timeout(240)
-async def test_storage_frozen_for_25s_mid_run_finishes_every_record(
-    stack: Stack, records: RecordFactory, pocketbase, start_worker, sandbox_config, settings
+@pytest.mark.parametrize("fault", ["frozen", "stopped"])
+async def test_storage_frozen_or_down_for_25s_mid_run_finishes_every_record(
+    stack: Stack, records: RecordFactory, pocketbase, start_worker, sandbox_config, settings, fault
 ):
-    created = await records.many(4, prefix="a frozen bucket")
+    created = await records.many(4, prefix=f"a {fault} bucket")
     sandbox_config.latency = 1.0
-    start_worker(QUEUE_CONCURRENCY="4")
+    worker = start_worker(QUEUE_CONCURRENCY="4")
     assert run_cli(stack, "add-pending").returncode == 0
     assert await wait_until(lambda: all_generating(stack, created), deadline=60)
 
-    stack.seaweed.freeze()
+    away, back = (
+        (stack.seaweed.freeze, stack.seaweed.thaw) if fault == "frozen" else (stack.seaweed.stop, stack.seaweed.start)
+    )
+    away()
     try:
-        await hold(OUTAGE)
-        # Nothing can have landed while the bucket was frozen.
+        # A frozen bucket hangs each upload; one that is down refuses it, and the worker says so.
+        reported = [] if fault == "frozen" else [lambda: _logged(worker, "storage is down (")]
+        await hold(OUTAGE, *reported)
+        # Nothing can have landed while the bucket was away.
         assert [(await pocketbase.get_record(r.id)).status for r in created] == ["processing"] * 4
     finally:
-        stack.seaweed.thaw()
+        back()
 
     finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=90)
     assert [r.status for r in finished] == ["done"] * 4
@@ -275,6 +299,26 @@ async def test_a_job_left_marked_running_by_a_worker_that_died_as_it_started_run
     assert finished[0].status == "done"
     assert "freed 1 jobs a worker died holding" in worker.output()
     assert stack.jimeng.sandbox.generations(record.prompt) == 1
+
+
+async def test_a_forced_rerun_whose_job_was_flushed_is_finished_by_the_sweep(
+    stack: Stack, records: RecordFactory, pocketbase, start_worker, redis_client, settings
+):
+    record = await records.create("a portrait painted twice")
+    await enqueue(settings, record.id)
+    await run_queue(settings)
+    first = await pocketbase.get_record(record.id)
+    assert run_cli(stack, "add", "--force", record.id).returncode == 0
+    await redis_client.flushall()
+    # The record says queued and still shows the first run's images; no job is left behind it.
+    assert (await pocketbase.get_record(record.id)).status == "queued"
+
+    worker = start_worker(RECONCILE_INTERVAL="1", WORKER_LEASE="2")
+    finished = await wait_for_records(pocketbase, [record.id], deadline=60)
+    assert finished[0].status == "done"
+    assert first.status == "done"
+    assert stack.jimeng.sandbox.generations(record.prompt) == 2
+    assert "records left queued/processing without a job" in worker.output()
 
 
 async def _lease_gone(redis_client, prompt_id: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -43,10 +44,14 @@ async def worker_running(settings: Settings) -> AsyncIterator[Worker]:
     try:
         yield worker
     finally:
-        await worker.close()
-        task.cancel()
+        # Cancel what runs, as a stop past its grace would; arq's close() gives up (skipping the shutdown
+        # hook that stops the heartbeat and the sweep) when a job task it gathers ended cancelled.
+        worker.handle_sig(signal.SIGUSR1)
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        worker.tasks.clear()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await worker.close()
 
 
 async def wait_until(condition, deadline: float = 30):
