@@ -18,7 +18,7 @@ from .checks import check_services
 from .control import Control, EnqueueOutcome, EnqueueReport, JobReport, StatusReport, open_control
 from .errors import ConfigError, ImagegenError
 from .logs import setup_logging
-from .settings import Settings, load_settings
+from .settings import Settings, load_settings, require
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
 _BAD_OUTCOMES = {EnqueueOutcome.NOT_FOUND, EnqueueOutcome.INVALID, EnqueueOutcome.ERROR}
@@ -32,8 +32,9 @@ def fail(message: str, code: int) -> NoReturn:
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings | None = ctx.obj.get("settings")
     if settings is None:
+        chosen: tuple[str, ...] = ctx.obj["env_files"]
         try:
-            settings = load_settings(ctx.obj["env_file"])
+            settings = load_settings(chosen or ".env", must_exist=bool(chosen))
         except ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
         setup_logging("ERROR", settings.secrets())
@@ -53,8 +54,12 @@ def run(ctx: click.Context, work: Callable[[Settings], Coroutine[Any, Any, int]]
     sys.exit(code)
 
 
-def with_control(ctx: click.Context, action: Callable[[Control], Awaitable[int]]) -> NoReturn:
+def with_control(
+    ctx: click.Context, action: Callable[[Control], Awaitable[int]], *, needs_pocketbase: bool = True
+) -> NoReturn:
     async def work(settings: Settings) -> int:
+        if needs_pocketbase:
+            require(settings, "pocketbase_email", "pocketbase_password")
         async with open_control(settings) as control:
             return await action(control)
 
@@ -85,12 +90,18 @@ def _emit_reports(reports: list[EnqueueReport], as_json: bool, verbose: bool = T
 
 
 @click.group()
-@click.option("--env-file", default=".env", show_default=True, help="Settings file read after the environment.")
+@click.option(
+    "--env-file",
+    "env_files",
+    multiple=True,
+    help="Settings file (default .env if present); repeat to read several, a later one winning. "
+    "The environment wins over every file.",
+)
 @click.pass_context
-def cli(ctx: click.Context, env_file: str) -> None:
+def cli(ctx: click.Context, env_files: tuple[str, ...]) -> None:
     """Turn PocketBase prompt records into hosted images through the jimeng API."""
     ctx.ensure_object(dict)
-    ctx.obj["env_file"] = env_file
+    ctx.obj["env_files"] = env_files
 
 
 @cli.command()
@@ -108,28 +119,37 @@ def add(ctx: click.Context, prompt_ids: tuple[str, ...], force: bool, as_json: b
     with_control(ctx, action)
 
 
+def _bulk_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options `add-pending` and `retry-failed` share."""
+    for option in (
+        click.option("--json", "as_json", is_flag=True, help="Machine-readable output."),
+        click.option("--each", "show_each", is_flag=True, help="Print one line per record, not only the counts."),
+        click.option("--dry-run", is_flag=True, help="Only say what would be queued; change nothing."),
+    ):
+        command = option(command)
+    return command
+
+
 @cli.command("add-pending")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--list", "show_each", is_flag=True, help="Print one line per record, not only the counts.")
+@_bulk_options
 @click.pass_context
-def add_pending(ctx: click.Context, as_json: bool, show_each: bool) -> None:
+def add_pending(ctx: click.Context, as_json: bool, show_each: bool, dry_run: bool) -> None:
     """Queue every record that has no image yet and has not failed."""
 
     async def action(control: Control) -> int:
-        return _emit_reports(await control.enqueue_pending(), as_json, verbose=show_each)
+        return _emit_reports(await control.enqueue_pending(dry_run=dry_run), as_json, verbose=show_each)
 
     with_control(ctx, action)
 
 
 @cli.command("retry-failed")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--list", "show_each", is_flag=True, help="Print one line per record, not only the counts.")
+@_bulk_options
 @click.pass_context
-def retry_failed(ctx: click.Context, as_json: bool, show_each: bool) -> None:
-    """Queue every failed record again."""
+def retry_failed(ctx: click.Context, as_json: bool, show_each: bool, dry_run: bool) -> None:
+    """Queue every failed record again, each a new run with all its attempts."""
 
     async def action(control: Control) -> int:
-        return _emit_reports(await control.retry_failed(), as_json, verbose=show_each)
+        return _emit_reports(await control.retry_failed(dry_run=dry_run), as_json, verbose=show_each)
 
     with_control(ctx, action)
 
@@ -153,7 +173,9 @@ def _format_report(report: JobReport) -> str:
         lines.append(f"duration:  {data['duration_seconds']:.1f}s")
     if report.error:
         lines.append(f"error:     {report.error}")
-    if report.record_status is None:
+    if report.record_unavailable:
+        lines.append(f"record:    unknown ({report.record_unavailable})")
+    elif report.record_status is None:
         lines.append("record:    not found in PocketBase")
     else:
         lines.append(f"record:    {report.record_status or 'pending'}")
@@ -172,6 +194,9 @@ def inspect(ctx: click.Context, prompt_id: str, as_json: bool) -> None:
     async def action(control: Control) -> int:
         report = await control.inspect(prompt_id)
         click.echo(json.dumps(report.to_json(), ensure_ascii=False) if as_json else _format_report(report))
+        if report.record_unavailable:
+            click.echo(f"imagegen: the record could not be read: {report.record_unavailable}", err=True)
+            return EXIT_SERVICE
         return EXIT_OK
 
     try:
@@ -194,7 +219,7 @@ def pause(ctx: click.Context, reason: str) -> None:
         click.echo(f"queue paused: {info.reason}")
         return EXIT_OK
 
-    with_control(ctx, action)
+    with_control(ctx, action, needs_pocketbase=False)
 
 
 @cli.command()
@@ -207,7 +232,7 @@ def resume(ctx: click.Context) -> None:
         click.echo(f"queue resumed (was paused: {lifted.reason})" if lifted else "queue was not paused")
         return EXIT_OK
 
-    with_control(ctx, action)
+    with_control(ctx, action, needs_pocketbase=False)
 
 
 def _format_status(report: StatusReport) -> str:
@@ -247,14 +272,20 @@ def status(ctx: click.Context, as_json: bool) -> None:
     """Counts by state, whether the queue is paused (why, since when), failure streak, live workers."""
 
     async def action(control: Control) -> int:
-        report = await control.status()
+        try:
+            require(control.settings, "pocketbase_email", "pocketbase_password")
+        except ConfigError as exc:
+            report = await control.status(records=False)
+            report.records_error, code = str(exc), EXIT_USAGE
+        else:
+            report = await control.status()
+            code = EXIT_SERVICE if report.records_error else EXIT_OK
         click.echo(json.dumps(report.to_json(), ensure_ascii=False) if as_json else _format_status(report))
         if report.records_error:
             click.echo(f"imagegen: record counts unavailable: {report.records_error}", err=True)
-            return EXIT_SERVICE
-        return EXIT_OK
+        return code
 
-    with_control(ctx, action)
+    with_control(ctx, action, needs_pocketbase=False)
 
 
 @cli.command()
@@ -265,11 +296,15 @@ def check(ctx: click.Context, as_json: bool) -> None:
 
     async def work(settings: Settings) -> int:
         results = await check_services(settings)
+        warnings = settings.warnings()
         if as_json:
-            click.echo(json.dumps([{"service": r.service, "ok": r.ok, "detail": r.detail} for r in results]))
+            services = [{"service": r.service, "ok": r.ok, "detail": r.detail} for r in results]
+            click.echo(json.dumps({"services": services, "warnings": warnings}, ensure_ascii=False))
         else:
             for r in results:
                 click.echo(f"{r.service:<11} {'ok  ' if r.ok else 'FAIL'} {r.detail}")
+            for warning in warnings:
+                click.echo(f"warning:    {warning}")
         return EXIT_OK if all(r.ok for r in results) else EXIT_SERVICE
 
     run(ctx, work)

@@ -17,8 +17,14 @@ from arq.connections import RedisSettings
 from loguru import logger
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .settings import Settings
@@ -34,13 +40,24 @@ REDIS_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     ReadOnlyError,
     OSError,
 )
+# A password Redis refuses (or one it does not expect, or none where it wants one) is a settings error,
+# not an outage: retrying can't fix it.
+REDIS_AUTH_ERRORS = (AuthenticationError, AuthenticationWrongNumberOfArgsError)
 RETRIES = 30
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 5.0
 
 
 def is_redis_outage(exc: BaseException) -> bool:
-    return isinstance(exc, REDIS_OUTAGE_ERRORS)
+    return isinstance(exc, REDIS_OUTAGE_ERRORS) and not isinstance(exc, REDIS_AUTH_ERRORS)
+
+
+def redis_auth_message(settings: Settings, exc: BaseException) -> str:
+    given = "the password in REDIS_PASSWORD" if settings.redis_password else "no password (REDIS_PASSWORD is empty)"
+    return (
+        f"Redis at {settings.redis_host}:{settings.redis_port} refused {given} ({type(exc).__name__}) - "
+        "fix REDIS_PASSWORD in the environment or .env"
+    )
 
 
 class OutageLoggingRetry(Retry):
@@ -58,6 +75,8 @@ class OutageLoggingRetry(Retry):
             try:
                 result = await do()
             except self._supported_errors as error:
+                if isinstance(error, REDIS_AUTH_ERRORS):
+                    raise
                 failures += 1
                 await fail(error)
                 if self.down_since is None:

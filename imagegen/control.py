@@ -20,9 +20,9 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.jobs import Job, JobResult, JobStatus
 from redis.exceptions import RedisError
 
-from . import keys
-from .connections import redis_settings
-from .errors import ImagegenError, InvalidPromptId, QueueError, RecordNotFound
+from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
+from .errors import ConfigError, ImagegenError, InvalidPromptId, QueueError, RecordNotFound
+from .keys import RedisKeys
 from .models import JOB_NAME, JobOutcome, JobState, OutcomeStatus, PromptRecord, RecordStatus, validate_prompt_id
 from .pocketbase import PocketBaseClient
 from .settings import Settings
@@ -31,6 +31,7 @@ from .state import PauseInfo, QueueState
 
 class EnqueueOutcome(StrEnum):
     QUEUED = "queued"
+    WOULD_QUEUE = "would queue"
     ALREADY_QUEUED = "already queued"
     ALREADY_DONE = "already done"
     NOT_FOUND = "not found"
@@ -61,6 +62,7 @@ class JobReport:
     image_url: str = ""
     images: list[str] = field(default_factory=list)
     record_error: str = ""
+    record_unavailable: str = ""  # why the record could not be read (PocketBase down)
 
     def to_json(self) -> dict[str, Any]:
         def iso(value: datetime | None) -> str | None:
@@ -78,6 +80,7 @@ class JobReport:
                 (self.finished_at - self.started_at).total_seconds() if self.finished_at and self.started_at else None
             ),
             "error": self.error,
+            "record_unavailable": self.record_unavailable or None,
             "record": None
             if self.record_status is None
             else {
@@ -91,9 +94,11 @@ class JobReport:
 
 @contextmanager
 def redis_errors(settings: Settings) -> Iterator[None]:
-    """Turn a Redis failure inside the block into one readable QueueError."""
+    """Turn a Redis failure inside the block into one readable QueueError (ConfigError for a refused password)."""
     try:
         yield
+    except REDIS_AUTH_ERRORS as exc:
+        raise ConfigError(redis_auth_message(settings, exc)) from None
     except (RedisError, OSError) as exc:
         raise QueueError(
             f"cannot reach Redis at {settings.redis_host}:{settings.redis_port} ({type(exc).__name__}); "
@@ -162,7 +167,8 @@ class Control:
         self.settings = settings
         self.redis = redis
         self.pocketbase = pocketbase
-        self.state = QueueState(redis, settings.queue_max_failed)
+        self.keys = RedisKeys(settings.queue_name)
+        self.state = QueueState(redis, settings.queue_max_failed, self.keys)
 
     async def pause(self, reason: str) -> PauseInfo:
         with redis_errors(self.settings):
@@ -172,7 +178,7 @@ class Control:
         with redis_errors(self.settings):
             return await self.state.resume()
 
-    async def status(self) -> StatusReport:
+    async def status(self, *, records: bool = True) -> StatusReport:
         """Jobs by state, records by status, the pause, outages, the failure streak and the live workers.
 
         What lives in Redis is always shown; when PocketBase can't be read, `records_error` says so."""
@@ -196,6 +202,8 @@ class Control:
                 max_failed=self.settings.queue_max_failed,
                 workers=workers,
             )
+        if not records:
+            return report
         try:
             report.records = await self.pocketbase.count_by_status()
         except ImagegenError as exc:
@@ -215,7 +223,7 @@ class Control:
                     pipe.zscore(self.settings.queue_name, prompt_id)
                     pipe.exists(job_key_prefix + prompt_id)
                     pipe.exists(in_progress_key_prefix + prompt_id)
-                    pipe.exists(keys.lease(prompt_id))
+                    pipe.exists(self.keys.lease(prompt_id))
                 flags = await pipe.execute()
         live = set()
         for index, prompt_id in enumerate(prompt_ids):
@@ -224,19 +232,21 @@ class Control:
                 live.add(prompt_id)
         return live
 
-    async def _enqueue_record(self, record: PromptRecord, force: bool) -> EnqueueReport:
+    async def _enqueue_record(self, record: PromptRecord, force: bool, dry_run: bool = False) -> EnqueueReport:
         if record.is_done and not force:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_DONE, record.image_url)
         if record.id in await self.live_ids([record.id]):
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
+        if dry_run:
+            return EnqueueReport(record.id, EnqueueOutcome.WOULD_QUEUE)
         # Marked before the job exists, so a job that fails fast can't be overwritten back to `queued`.
         if record.status != RecordStatus.QUEUED.value or record.error:
             await self.pocketbase.set_status(record.id, RecordStatus.QUEUED)
         with redis_errors(self.settings):
             # A finished job's result would make arq refuse the same job id: this is a new run, with all its
             # attempts. A forced run also drops a failed outcome still waiting to be written.
-            stale = [result_key_prefix + record.id, keys.attempts(record.id)]
-            await self.redis.delete(*stale, *([keys.verdict(record.id)] if force else []))
+            stale = [result_key_prefix + record.id, self.keys.attempts(record.id)]
+            await self.redis.delete(*stale, *([self.keys.verdict(record.id)] if force else []))
             job = await self.redis.enqueue_job(
                 JOB_NAME, record.id, force, _job_id=record.id, _queue_name=self.settings.queue_name
             )
@@ -255,20 +265,22 @@ class Control:
             return EnqueueReport(prompt_id, EnqueueOutcome.NOT_FOUND, str(exc))
         return await self._enqueue_record(record, force)
 
-    async def enqueue_where(self, record_filter: str, *, force: bool = False) -> list[EnqueueReport]:
-        """Queue every record matching a PocketBase filter."""
+    async def enqueue_where(
+        self, record_filter: str, *, force: bool = False, dry_run: bool = False
+    ) -> list[EnqueueReport]:
+        """Queue every record matching a PocketBase filter (with `dry_run`, only say which would be)."""
         reports = []
         async for record in self.pocketbase.iter_records(record_filter):
-            reports.append(await self._enqueue_record(record, force))
+            reports.append(await self._enqueue_record(record, force, dry_run))
         return reports
 
-    async def enqueue_pending(self) -> list[EnqueueReport]:
+    async def enqueue_pending(self, *, dry_run: bool = False) -> list[EnqueueReport]:
         """Queue every record without images that has not failed (also those whose queue state was lost)."""
-        return await self.enqueue_where(self.pocketbase.pending_filter())
+        return await self.enqueue_where(self.pocketbase.pending_filter(), dry_run=dry_run)
 
-    async def retry_failed(self) -> list[EnqueueReport]:
+    async def retry_failed(self, *, dry_run: bool = False) -> list[EnqueueReport]:
         """Queue every failed record again, each with all its attempts."""
-        return await self.enqueue_where(self.pocketbase.status_filter(RecordStatus.FAILED))
+        return await self.enqueue_where(self.pocketbase.status_filter(RecordStatus.FAILED), dry_run=dry_run)
 
     async def inspect(self, prompt_id: str) -> JobReport:
         """The job's state in the queue and the record's state in PocketBase."""
@@ -304,6 +316,9 @@ class Control:
         try:
             record = await self.pocketbase.get_record(prompt_id)
         except RecordNotFound:
+            return report
+        except ImagegenError as exc:
+            report.record_unavailable = str(exc)
             return report
         report.record_status = record.status
         report.image_url = record.image_url

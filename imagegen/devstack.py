@@ -26,9 +26,11 @@ from dotenv import dotenv_values
 from .control import open_control
 from .download import sniff_image_type
 from .errors import ImagegenError
+from .jimeng_sandbox import SANDBOX_KEY_ENV
 from .localstack import (
     LocalStackError,
     ServiceSpec,
+    child_env,
     ensure_bucket,
     free_port,
     pocketbase_spec,
@@ -163,8 +165,6 @@ def plan_stack(paths: StackPaths, configured: set[str]) -> tuple[list[ServiceSpe
             "127.0.0.1",
             "--port",
             port,
-            "--api-key",
-            state["jimeng_key"],
             "--latency",
             "1.5",
             "--image-size",
@@ -174,7 +174,8 @@ def plan_stack(paths: StackPaths, configured: set[str]) -> tuple[list[ServiceSpe
             ServiceSpec(
                 name="jimeng-sandbox",
                 argv=argv,
-                env=dict(os.environ),
+                # Only what it needs; the key by environment, so it shows neither in `ps` nor in the caller's env.
+                env=child_env(**{SANDBOX_KEY_ENV: state["jimeng_key"]}),
                 cwd=paths.root,
                 log_path=paths.state / "logs" / "jimeng-sandbox.log",
                 probe=lambda: _http_ok(f"http://127.0.0.1:{port}/_sandbox/stats"),
@@ -221,8 +222,9 @@ def supervisord_conf(paths: StackPaths, specs: list[ServiceSpec], env: dict[str,
         f"[program:imagegen-worker]\ncommand={bin_dir}/arq imagegen.WorkerSettings\n"
         f"process_name=%(program_name)s-%(process_num)d\nnumprocs={workers}\ndirectory={paths.root}\n"
         f"environment={_quote_env(env)}\npriority=50\nautorestart=true\nstartsecs=3\nstartretries=20\n"
-        "stopsignal=TERM\nstopwaitsecs=150\nstopasgroup=true\nkillasgroup=true\n"
-        f"stdout_logfile={paths.logs}/worker-out.log\nstderr_logfile={paths.logs}/worker-error.log\n"
+        "stopsignal=TERM\nstopwaitsecs=780\nstopasgroup=true\nkillasgroup=true\n"
+        f"stdout_logfile={paths.logs}/worker-%(process_num)d-out.log\n"
+        f"stderr_logfile={paths.logs}/worker-%(process_num)d-error.log\n"
     )
     return "\n".join(sections)
 
@@ -351,9 +353,10 @@ def up(workers: int, wait: float) -> None:
     except ImagegenError as exc:
         raise click.ClickException(str(exc)) from None
     done = sum(r.status == RecordStatus.DONE for r in records)
-    click.echo(f"\n{done} of {len(records)} records done. Worker logs: logs/worker-out.log, logs/worker-error.log")
+    click.echo(f"\n{done} of {len(records)} records done. Worker logs: logs/worker-0-out.log, logs/worker-0-error.log")
+    user_env = "--env-file .env " if (paths.root / ".env").exists() else ""
     click.echo(
-        "Use the CLI against this stack: .venv/bin/imagegen --env-file .env --env-file .stack/imagegen.env "
+        f"Use the CLI against this stack: .venv/bin/imagegen {user_env}--env-file .stack/imagegen.env "
         "inspect <id>\nStop everything with: make demo-stop"
     )
     if done < len(records):

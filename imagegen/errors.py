@@ -22,6 +22,9 @@
 Transient errors of PocketBase, the bucket and Redis are *outages*: the job waits for the service in place
 (see `outages`) instead of spending an attempt.
 
+`PromptFailed` stands outside the tree: it is raised to arq only, so that arq counts a failed prompt as a
+failed job (`j_failed`, `result_info().success`) while `imagegen inspect` still reads the outcome it carries.
+
 `FailureKind` is the split that drives retries:
 - TRANSIENT: try the same job again later (timeouts, dropped connections, 5xx, 429, empty results);
 - PERMANENT: this prompt can't succeed as it is (moderation, bad request, empty prompt): fail it now;
@@ -32,6 +35,7 @@ Transient errors of PocketBase, the bucket and Redis are *outages*: the job wait
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 
 class FailureKind(StrEnum):
@@ -179,6 +183,17 @@ class RecordNotFound(PocketBaseError):
 class QueueError(ServiceError):
     service = "redis"
     kind = FailureKind.TRANSIENT
+
+
+class PromptFailed(Exception):
+    """A job whose prompt ended `failed`, raised to arq with the outcome (a plain dict, so it pickles)."""
+
+    def __init__(self, outcome: dict[str, Any]) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+    def __str__(self) -> str:
+        return str(self.outcome.get("error") or "the prompt failed")
 
 
 def excerpt(text: str, limit: int = 200) -> str:

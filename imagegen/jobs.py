@@ -79,7 +79,7 @@ class JobRunner:
 
     async def run(self, job_id: str, prompt_id: str, force: bool) -> dict[str, Any]:
         """Run one job to a classified outcome (or a Retry for arq); never lets anything else escape."""
-        lease = PromptLease(self._state.redis, prompt_id, job_id, self._settings.worker_lease)
+        lease = PromptLease(self._state.redis, self._state.keys, prompt_id, job_id, self._settings.worker_lease)
         run = self._runs.open(job_id, prompt_id, lease, self._settings.job_budget)
         try:
             outcome = await self._guarded(run, force)
@@ -141,7 +141,7 @@ class JobRunner:
         log = logger.bind(prompt_id=prompt_id)
         run.check_stop()
         if not await run.lease.claim():
-            wait = max(PAUSED_RECHECK, await lease_ttl(self._state.redis, prompt_id))
+            wait = max(PAUSED_RECHECK, await lease_ttl(self._state.redis, self._state.keys, prompt_id))
             log.info("another run holds this prompt's lease; trying again in {:.0f}s", wait)
             raise Retry(defer=wait)
         verdict = await self._state.verdict(prompt_id)
@@ -248,7 +248,7 @@ class JobRunner:
             async with asyncio.timeout(FINISH_RESERVE / 2):
                 await self._s.outages.call(
                     POCKETBASE,
-                    lambda: self._s.pocketbase.set_status(prompt_id, RecordStatus.FAILED, verdict.error[:4000]),
+                    lambda: self._s.pocketbase.set_failed(prompt_id, verdict.error[:4000]),
                 )
         except LeaseLost as exc:
             return await self._decide(run, exc)

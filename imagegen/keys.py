@@ -1,36 +1,43 @@
-"""Every Redis key imagegen writes besides arq's own, in one place."""
+"""Every Redis key imagegen writes besides arq's own, derived from the queue name.
+
+Deployments that share one Redis keep apart by QUEUE_NAME: the pause, the failure streak, the live-worker
+list, attempts, leases, verdicts and remembered generations all live under a prefix of their queue. The
+default queue keeps the plain `imagegen:` prefix. arq's own job keys (`arq:job:<id>` and the like) are global
+to the Redis database, so deployments that also share a PocketBase collection need different REDIS_DB.
+"""
 
 from __future__ import annotations
 
-PREFIX = "imagegen:"
-PAUSE = f"{PREFIX}pause"
-CONSECUTIVE_FAILURES = f"{PREFIX}consecutive-failures"
-WORKER_PREFIX = f"{PREFIX}worker:"
-RECONCILE_LOCK = f"{PREFIX}reconcile:lock"
-# Records seen without a live job, with the time first seen: re-queued only when seen so twice.
-RECONCILE_SUSPECTS = f"{PREFIX}reconcile:suspects"
+DEFAULT_QUEUE = "imagegen:queue"
 
 
-def generation(prompt_id: str) -> str:
-    """The remembered result of a paid generation for one prompt (links + what already landed)."""
-    return f"{PREFIX}generation:{prompt_id}"
+class RedisKeys:
+    """The keys of one deployment (one queue)."""
 
+    def __init__(self, queue_name: str) -> None:
+        self.prefix = "imagegen:" if queue_name == DEFAULT_QUEUE else f"imagegen:{queue_name}:"
+        self.pause = f"{self.prefix}pause"
+        self.consecutive_failures = f"{self.prefix}consecutive-failures"
+        self.reconcile_lock = f"{self.prefix}reconcile:lock"
+        # Records seen without a live job, with the time first seen: re-queued only when seen so twice.
+        self.reconcile_suspects = f"{self.prefix}reconcile:suspects"
 
-def attempts(prompt_id: str) -> str:
-    """How many real attempts (not waits while paused) a prompt's current run has made."""
-    return f"{PREFIX}attempts:{prompt_id}"
+    def generation(self, prompt_id: str) -> str:
+        """The remembered result of a paid generation for one prompt (links + what already landed)."""
+        return f"{self.prefix}generation:{prompt_id}"
 
+    def attempts(self, prompt_id: str) -> str:
+        """How many real attempts (not waits while paused) a prompt's current run has made."""
+        return f"{self.prefix}attempts:{prompt_id}"
 
-def lease(prompt_id: str) -> str:
-    """The owner token of the run working on a prompt; expires unless its owner renews it."""
-    return f"{PREFIX}lease:{prompt_id}"
+    def lease(self, prompt_id: str) -> str:
+        """The owner token of the run working on a prompt; expires unless its owner renews it."""
+        return f"{self.prefix}lease:{prompt_id}"
 
+    def verdict(self, prompt_id: str) -> str:
+        """A final outcome decided but not yet written to the record (the record store was down)."""
+        return f"{self.prefix}verdict:{prompt_id}"
 
-def verdict(prompt_id: str) -> str:
-    """A final outcome decided but not yet written to the record (the record store was down)."""
-    return f"{PREFIX}verdict:{prompt_id}"
-
-
-def worker(worker_id: str) -> str:
-    """A live worker's heartbeat, expiring when it stops beating."""
-    return f"{WORKER_PREFIX}{worker_id}"
+    def worker(self, worker_id: str) -> str:
+        """A live worker's heartbeat, expiring when it stops beating."""
+        return f"{self.prefix}worker:{worker_id}"

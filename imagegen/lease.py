@@ -18,8 +18,8 @@ import secrets
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from . import keys
 from .errors import LeaseLost
+from .keys import RedisKeys
 
 # KEYS: lease, arq in-progress key; ARGV: token, ttl ms. Returns 1 renewed, 2 taken (was free), 0 held by another.
 # The renewal reads before it writes, so it works even while Redis refuses writes (PEXPIRE is allowed then).
@@ -49,8 +49,9 @@ return 0
 class PromptLease:
     """The lease of one run (one job execution) on one prompt."""
 
-    def __init__(self, redis: Redis, prompt_id: str, job_id: str, ttl: float) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, prompt_id: str, job_id: str, ttl: float) -> None:
         self._redis = redis
+        self._key = keys.lease(prompt_id)
         self.prompt_id = prompt_id
         self.job_id = job_id
         self._ttl_ms = int(ttl * 1000)
@@ -67,7 +68,7 @@ class PromptLease:
             if self.released:
                 return False
             result = await self._claim(
-                keys=[keys.lease(self.prompt_id), in_progress_key_prefix + self.job_id], args=[self.token, self._ttl_ms]
+                keys=[self._key, in_progress_key_prefix + self.job_id], args=[self.token, self._ttl_ms]
             )
             self.held = int(result) > 0
             return self.held
@@ -82,11 +83,11 @@ class PromptLease:
         async with self._lock:
             self.released = True
             if self.held:
-                await self._release(keys=[keys.lease(self.prompt_id)], args=[self.token])
+                await self._release(keys=[self._key], args=[self.token])
                 self.held = False
 
 
-async def lease_ttl(redis: Redis, prompt_id: str) -> float:
+async def lease_ttl(redis: Redis, keys: RedisKeys, prompt_id: str) -> float:
     """Seconds until another run's lease on the prompt expires (0 when there is none)."""
     remaining = int(await redis.pttl(keys.lease(prompt_id)))
     return max(0.0, remaining / 1000)

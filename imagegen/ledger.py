@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from redis.asyncio import Redis
 
-from . import keys
+from .keys import RedisKeys
 from .models import StoredImage
 
 
@@ -55,16 +55,17 @@ class GenerationRecord:
 class GenerationLedger:
     """Per-prompt generation memory; entries expire after `ttl` seconds."""
 
-    def __init__(self, redis: Redis, ttl: int) -> None:
+    def __init__(self, redis: Redis, ttl: int, keys: RedisKeys) -> None:
         self._redis = redis
+        self._keys = keys
         self._ttl = ttl
 
     async def load(self, prompt_id: str) -> GenerationRecord | None:
-        raw = await self._redis.get(keys.generation(prompt_id))
+        raw = await self._redis.get(self._keys.generation(prompt_id))
         return GenerationRecord.from_json(raw) if raw else None
 
     async def save(self, prompt_id: str, record: GenerationRecord) -> None:
-        await self._redis.set(keys.generation(prompt_id), record.to_json(), ex=self._ttl)
+        await self._redis.set(self._keys.generation(prompt_id), record.to_json(), ex=self._ttl)
 
     async def forget(self, prompt_id: str) -> None:
-        await self._redis.delete(keys.generation(prompt_id))
+        await self._redis.delete(self._keys.generation(prompt_id))

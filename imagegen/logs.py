@@ -1,7 +1,7 @@
 """Log configuration, done once at an entry point: loguru sinks, standard logging routed in, secrets scrubbed.
 
 Info and below go to stdout, warnings and errors to stderr, which is what supervisord splits into
-`logs/worker-out.log` and `logs/worker-error.log`.
+`logs/worker-<n>-out.log` and `logs/worker-<n>-error.log` (one pair per worker process).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from loguru import logger
+
+from .errors import PromptFailed
 
 if TYPE_CHECKING:
     from loguru import Record
@@ -27,7 +29,10 @@ class _InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        logger.opt(exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
+        exc_info = record.exc_info
+        if exc_info and isinstance(exc_info[1], PromptFailed):
+            exc_info = None  # an expected outcome, already logged by the job: no traceback
+        logger.opt(exception=exc_info).log(level, "{}: {}", record.name, record.getMessage())
 
 
 class _Scrubber:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .errors import InvalidPromptId
+from .errors import InvalidPromptId, PromptFailed
 
 _PROMPT_ID = re.compile(r"[a-z0-9]{15}")
 
@@ -113,7 +113,9 @@ class JobOutcome:
 
     @classmethod
     def from_result(cls, value: object) -> JobOutcome | None:
-        """The outcome in an arq job result, or None when the result is something else (an exception)."""
+        """The outcome in an arq job result (a dict, or PromptFailed carrying one); None for anything else."""
+        if isinstance(value, PromptFailed):
+            value = value.outcome
         if not isinstance(value, dict) or value.get("status") not in {s.value for s in OutcomeStatus}:
             return None
         known = {f: value[f] for f in cls.__dataclass_fields__ if f in value}

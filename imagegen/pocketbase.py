@@ -180,6 +180,13 @@ class PocketBaseClient:
             fields[self.f_images] = urls
         return await self.update_record(prompt_id, fields)
 
+    async def set_failed(self, prompt_id: str, error: str) -> PromptRecord:
+        """Mark the record failed with the reason; image URLs of an earlier run go, so no field says otherwise."""
+        fields: dict[str, Any] = {self.f_status: RecordStatus.FAILED.value, self.f_error: error, self.f_image_url: ""}
+        if self.f_images:
+            fields[self.f_images] = []
+        return await self.update_record(prompt_id, fields)
+
     def pending_filter(self) -> str:
         """Records still waiting for images: no image URL and not failed."""
         return f'{self.f_image_url} = "" && {self.f_status} != {filter_literal(RecordStatus.FAILED.value)}'

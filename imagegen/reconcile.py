@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator
 from arq.constants import in_progress_key_prefix
 from loguru import logger
 
-from . import keys
 from .control import Control, EnqueueOutcome
 from .models import RecordStatus
 from .periodic import Periodic
@@ -64,19 +63,19 @@ class Reconciler(Periodic):
         """One sweep; returns the ids queued again (none when another worker holds this round)."""
         redis = self._control.redis
         lock_ms = max(1, int(self._interval * 900))
-        if not await redis.set(keys.RECONCILE_LOCK, self._worker_id, nx=True, px=lock_ms):
+        if not await redis.set(self._control.keys.reconcile_lock, self._worker_id, nx=True, px=lock_ms):
             return []
         now = time.time()
-        raw: dict[bytes, bytes] = await redis.hgetall(keys.RECONCILE_SUSPECTS)  # type: ignore[misc]
+        raw: dict[bytes, bytes] = await redis.hgetall(self._control.keys.reconcile_suspects)  # type: ignore[misc]
         seen = {k.decode(): float(v) for k, v in raw.items()}
         suspects = {suspect: seen.get(suspect, now) async for suspect in self._suspects()}
         due = [suspect for suspect, first in suspects.items() if now - first >= self._grace]
         async with redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.RECONCILE_SUSPECTS)
+            pipe.delete(self._control.keys.reconcile_suspects)
             waiting = {k: v for k, v in suspects.items() if k not in due}
             if waiting:
-                pipe.hset(keys.RECONCILE_SUSPECTS, mapping=waiting)
-                pipe.expire(keys.RECONCILE_SUSPECTS, int(self._interval * 10) + int(self._grace) + 60)
+                pipe.hset(self._control.keys.reconcile_suspects, mapping=waiting)
+                pipe.expire(self._control.keys.reconcile_suspects, int(self._interval * 10) + int(self._grace) + 60)
             await pipe.execute()
         return await self._act(due)
 
@@ -106,7 +105,7 @@ class Reconciler(Periodic):
         for suspect in due:
             if suspect.startswith(UNCLAIMED):
                 prompt_id = suspect.removeprefix(UNCLAIMED)
-                job_keys = [in_progress_key_prefix + prompt_id, keys.lease(prompt_id)]
+                job_keys = [in_progress_key_prefix + prompt_id, self._control.keys.lease(prompt_id)]
                 if await self._free_unclaimed(keys=job_keys, args=[self._lease_ms]):
                     freed.append(prompt_id)
                 continue
@@ -132,7 +131,7 @@ class Reconciler(Periodic):
         async with redis.pipeline(transaction=False) as pipe:
             for prompt_id in prompt_ids:
                 pipe.pttl(in_progress_key_prefix + prompt_id)
-                pipe.exists(keys.lease(prompt_id))
+                pipe.exists(self._control.keys.lease(prompt_id))
             flags = await pipe.execute()
         return [
             prompt_id

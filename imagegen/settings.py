@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
@@ -25,12 +25,19 @@ _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_FIELDS = ("redis_password", "jimeng_api_key", "tos_access_key_secret", "pocketbase_password")
 # Seconds a job keeps, below arq's QUEUE_JOB_TIMEOUT, to record its outcome after its own deadline.
 FINISH_RESERVE = 10.0
+# Real generations take tens of seconds and queue for minutes at peak; a shorter limit abandons paid calls.
+JIMENG_TIMEOUT_FLOOR = 120_000
+JIMENG_TIMEOUT_ADVISED = 600_000
+# TOS's native API endpoint (tos-<region>.volces.com, or .ivolces.com inside Volcengine), which S3 clients
+# can't use; its S3 endpoint is tos-s3-<region>.<same domain>.
+_TOS_NATIVE_HOST = re.compile(r"tos-(?!s3-)(?P<region>[a-z0-9-]+)\.(?P<domain>i?volces\.com)")
 
 
 class Settings(BaseSettings):
     """Everything imagegen can be told; see `.env.example` for each variable's meaning."""
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     # Redis (the queue)
     redis_host: str = "localhost"
@@ -150,14 +157,33 @@ class Settings(BaseSettings):
         return value if not value or value.endswith("/") else value + "/"
 
     @model_validator(mode="after")
-    def _public_base(self) -> Settings:
+    def _endpoints(self) -> Settings:
+        parts = urlsplit(self.tos_endpoint)
+        native = _TOS_NATIVE_HOST.fullmatch(parts.hostname or "")
+        if native:
+            s3_host = f"tos-s3-{native['region']}.{native['domain']}"
+            self._notes.append(
+                f"TOS_ENDPOINT={parts.netloc} is TOS's native API, which S3 clients can't use; using its S3 "
+                f"endpoint {s3_host} instead - set TOS_ENDPOINT=https://{s3_host} to silence this"
+            )
+            self.tos_endpoint = f"{parts.scheme}://{s3_host}"
         if not self.tos_public_base_url and self.tos_endpoint and self.tos_bucket:
             parts = urlsplit(self.tos_endpoint)
             if self.tos_addressing_style == "virtual":
                 self.tos_public_base_url = f"{parts.scheme}://{self.tos_bucket}.{parts.netloc}"
             else:
                 self.tos_public_base_url = f"{self.tos_endpoint}/{self.tos_bucket}"
+        if self.jimeng_timeout < JIMENG_TIMEOUT_FLOOR:
+            self._notes.append(
+                f"JIMENG_TIMEOUT={self.jimeng_timeout} ms gives a generation only {self.jimeng_timeout_seconds:g} s; "
+                "real ones take up to minutes, so slow calls are abandoned (and may still be billed) and retried - "
+                f"set JIMENG_TIMEOUT={JIMENG_TIMEOUT_ADVISED}"
+            )
         return self
+
+    def warnings(self) -> list[str]:
+        """Settings that work but are probably not what was meant, one line each."""
+        return list(self._notes)
 
     @model_validator(mode="after")
     def _time_budgets(self) -> Settings:
@@ -192,10 +218,17 @@ class Settings(BaseSettings):
         return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
 
 
-def load_settings(env_file: Path | str | Sequence[Path | str] | None = ".env") -> Settings:
-    """Build the settings once; a bad value raises one ConfigError line naming the variable."""
+def load_settings(env_file: Path | str | Sequence[Path | str] | None = ".env", *, must_exist: bool = False) -> Settings:
+    """Build the settings once; a bad value raises one ConfigError line naming the variable.
+
+    Several files are read in order, a later one winning; the environment wins over all of them. With
+    `must_exist`, a file that isn't there is an error instead of nothing to read."""
+    files = env_file if env_file is None or isinstance(env_file, (str, Path)) else tuple(env_file)
+    if must_exist:
+        for path in [files] if isinstance(files, (str, Path)) else files or ():
+            if not Path(path).is_file():
+                raise ConfigError(f"settings file {str(path)!r} not found - check the --env-file path")
     try:
-        files = env_file if env_file is None or isinstance(env_file, (str, Path)) else tuple(env_file)
         return Settings(_env_file=files)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc)) from None

@@ -19,7 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from . import keys
+from .keys import RedisKeys
 
 ATTEMPTS_TTL = 14 * 24 * 3600
 VERDICT_TTL = 14 * 24 * 3600
@@ -64,8 +64,9 @@ class Verdict:
 class QueueState:
     """Reads and changes the shared state; every method is one or two Redis round trips."""
 
-    def __init__(self, redis: Redis, max_failed: int) -> None:
+    def __init__(self, redis: Redis, max_failed: int, keys: RedisKeys) -> None:
         self.redis = redis
+        self.keys = keys
         self._redis = redis
         self._max_failed = max_failed
         self._give_back = redis.register_script(_GIVE_BACK)
@@ -74,74 +75,74 @@ class QueueState:
     async def pause(self, reason: str, source: str = "manual", service: str = "") -> PauseInfo:
         """Pause the queue; an existing pause keeps its original reason and time."""
         info = PauseInfo(reason, time.time(), source, service)
-        await self._redis.set(keys.PAUSE, json.dumps(asdict(info)), nx=True)
+        await self._redis.set(self.keys.pause, json.dumps(asdict(info)), nx=True)
         return await self.paused() or info
 
     async def resume(self) -> PauseInfo | None:
         """Lift the pause and reset the failure streak; returns the pause that was lifted."""
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.get(keys.PAUSE)
-            pipe.delete(keys.PAUSE)
-            pipe.delete(keys.CONSECUTIVE_FAILURES)
+            pipe.get(self.keys.pause)
+            pipe.delete(self.keys.pause)
+            pipe.delete(self.keys.consecutive_failures)
             raw, _, _ = await pipe.execute()
         return PauseInfo(**json.loads(raw)) if raw else None
 
     async def lift_outage_pause(self, service: str) -> bool:
         """Lift the pause if it is the outage pause of `service` (a manual or account pause stays)."""
-        return bool(await self._lift_outage(keys=[keys.PAUSE], args=[service]))
+        return bool(await self._lift_outage(keys=[self.keys.pause], args=[service]))
 
     async def paused(self) -> PauseInfo | None:
-        raw = await self._redis.get(keys.PAUSE)
+        raw = await self._redis.get(self.keys.pause)
         return PauseInfo(**json.loads(raw)) if raw else None
 
     async def consecutive_failures(self) -> int:
-        return int(await self._redis.get(keys.CONSECUTIVE_FAILURES) or 0)
+        return int(await self._redis.get(self.keys.consecutive_failures) or 0)
 
     async def record_success(self) -> None:
-        await self._redis.set(keys.CONSECUTIVE_FAILURES, 0)
+        await self._redis.set(self.keys.consecutive_failures, 0)
 
     async def record_exhausted(self, error: str) -> PauseInfo | None:
         """Count a job that used up its attempts; pauses the queue at QUEUE_MAX_FAILED in a row."""
-        count = int(await self._redis.incr(keys.CONSECUTIVE_FAILURES))
+        count = int(await self._redis.incr(self.keys.consecutive_failures))
         if count >= self._max_failed:
             return await self.pause(f"{count} jobs in a row failed after all their attempts; last: {error}", "auto")
         return None
 
     async def begin_attempt(self, prompt_id: str) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(keys.attempts(prompt_id))
-            pipe.expire(keys.attempts(prompt_id), ATTEMPTS_TTL)
+            pipe.incr(self.keys.attempts(prompt_id))
+            pipe.expire(self.keys.attempts(prompt_id), ATTEMPTS_TTL)
             count, _ = await pipe.execute()
         return int(count)
 
     async def give_back_attempt(self, prompt_id: str) -> None:
-        await self._give_back(keys=[keys.attempts(prompt_id)])
+        await self._give_back(keys=[self.keys.attempts(prompt_id)])
 
     async def attempts(self, prompt_id: str) -> int:
-        return int(await self._redis.get(keys.attempts(prompt_id)) or 0)
+        return int(await self._redis.get(self.keys.attempts(prompt_id)) or 0)
 
     async def forget_attempts(self, prompt_id: str) -> None:
-        await self._redis.delete(keys.attempts(prompt_id))
+        await self._redis.delete(self.keys.attempts(prompt_id))
 
     async def save_verdict(self, prompt_id: str, verdict: Verdict) -> None:
-        await self._redis.set(keys.verdict(prompt_id), json.dumps(asdict(verdict)), ex=VERDICT_TTL)
+        await self._redis.set(self.keys.verdict(prompt_id), json.dumps(asdict(verdict)), ex=VERDICT_TTL)
 
     async def verdict(self, prompt_id: str) -> Verdict | None:
-        raw = await self._redis.get(keys.verdict(prompt_id))
+        raw = await self._redis.get(self.keys.verdict(prompt_id))
         return Verdict(**json.loads(raw)) if raw else None
 
     async def forget_verdict(self, prompt_id: str) -> None:
-        await self._redis.delete(keys.verdict(prompt_id))
+        await self._redis.delete(self.keys.verdict(prompt_id))
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
-        await self._redis.set(keys.worker(worker_id), json.dumps(info), px=int(ttl * 1000))
+        await self._redis.set(self.keys.worker(worker_id), json.dumps(info), px=int(ttl * 1000))
 
     async def stop_heartbeat(self, worker_id: str) -> None:
-        await self._redis.delete(keys.worker(worker_id))
+        await self._redis.delete(self.keys.worker(worker_id))
 
     async def workers(self) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
-        async for key in self._redis.scan_iter(match=keys.worker("*"), count=500):
+        async for key in self._redis.scan_iter(match=self.keys.worker("*"), count=500):
             raw = await self._redis.get(key)
             if raw:
                 found.append(json.loads(raw))

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import signal
 import sys
 import time
 from contextlib import AsyncExitStack
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 from arq.worker import Worker, func
@@ -26,15 +27,16 @@ from loguru import logger
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
-from .connections import redis_settings
+from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
 from .control import Control
-from .errors import ConfigError
+from .errors import ConfigError, PromptFailed
 from .heartbeat import Heartbeat
 from .jimeng import JimengClient
 from .jobs import JobRunner
+from .keys import RedisKeys
 from .ledger import GenerationLedger
 from .logs import setup_logging
-from .models import JOB_NAME
+from .models import JOB_NAME, OutcomeStatus
 from .outages import POCKETBASE, STORAGE, Outages
 from .pipeline import Pipeline, Services
 from .pocketbase import PocketBaseClient
@@ -97,7 +99,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15))
     )
     s3 = await stack.enter_async_context(open_s3_client(settings))
-    state = QueueState(ctx["redis"], settings.queue_max_failed)
+    keys = RedisKeys(settings.queue_name)
+    state = QueueState(ctx["redis"], settings.queue_max_failed, keys)
     gate = PauseGate(state)
     pocketbase = PocketBaseClient(http, settings)
     storage = Storage(s3, settings)
@@ -110,7 +113,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         pocketbase=pocketbase,
         jimeng=JimengClient(http, settings),
         storage=storage,
-        ledger=GenerationLedger(ctx["redis"], settings.queue_keep_result),
+        ledger=GenerationLedger(ctx["redis"], settings.queue_keep_result, keys),
         gate=gate,
         outages=outages,
     )
@@ -157,9 +160,14 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 
 async def generate_images(ctx: dict[str, Any], prompt_id: str, force: bool = False) -> dict[str, Any]:
-    """The job: bring one prompt record to `done` (see `jobs` for the failure policy)."""
+    """The job: bring one prompt record to `done` (see `jobs` for the failure policy).
+
+    A failed prompt is raised to arq as PromptFailed, so arq's counters and result say it failed."""
     runner: JobRunner = ctx["runner"]
-    return await runner.run(str(ctx["job_id"]), prompt_id, force)
+    outcome = await runner.run(str(ctx["job_id"]), prompt_id, force)
+    if outcome["status"] == OutcomeStatus.FAILED.value:
+        raise PromptFailed(outcome)
+    return outcome
 
 
 def worker_options(settings: Settings) -> dict[str, Any]:
@@ -182,7 +190,8 @@ def worker_options(settings: Settings) -> dict[str, Any]:
 
 
 def wait_for_redis(settings: Settings, cap: float = 30.0) -> None:
-    """Block until Redis answers, one log line per failed try: a worker outlives a Redis that is down."""
+    """Block until Redis answers, one log line per failed try: a worker outlives a Redis that is down.
+    A refused password is a settings error (ConfigError), not an outage."""
     connection = redis_settings(settings, ride_out_outages=False)
     delay = 1.0
     while True:
@@ -196,6 +205,8 @@ def wait_for_redis(settings: Settings, cap: float = 30.0) -> None:
         try:
             client.ping()
             return
+        except REDIS_AUTH_ERRORS as exc:
+            raise ConfigError(redis_auth_message(settings, exc)) from None
         except (RedisError, OSError) as exc:
             logger.warning(
                 "cannot reach Redis at {}:{} ({}); check REDIS_HOST/REDIS_PORT/REDIS_PASSWORD; retrying in {:.0f}s",
@@ -210,16 +221,27 @@ def wait_for_redis(settings: Settings, cap: float = 30.0) -> None:
         delay = min(cap, delay * 2)
 
 
+def startup_failure(message: str) -> NoReturn:
+    """One line in the worker log's format (time, level, pid), then exit code 2: supervisord's error log shows it."""
+    now = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    sys.stderr.write(f"{now} | ERROR   | {os.getpid()} | -               | imagegen worker: {message}\n")
+    raise SystemExit(2)
+
+
 def settings_for_worker() -> Settings:
     """Settings for a worker process, with logging set up; a bad setting ends the process with one line."""
     try:
         settings = load_settings()
         require(settings, *WORKER_REQUIRED)
     except ConfigError as exc:
-        sys.stderr.write(f"imagegen worker: {exc}\n")
-        raise SystemExit(2) from None
+        startup_failure(str(exc))
     setup_logging(settings.log_level, settings.secrets())
-    wait_for_redis(settings)
+    for warning in settings.warnings():
+        logger.warning("settings: {}", warning)
+    try:
+        wait_for_redis(settings)
+    except ConfigError as exc:
+        startup_failure(str(exc))
     return settings
 
 

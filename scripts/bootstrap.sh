@@ -39,13 +39,17 @@ have_redis() {
     command -v redis-server >/dev/null 2>&1 || [ -x /usr/sbin/redis-server ] || [ -x /usr/local/bin/redis-server ]
 }
 
+apt_install() {
+    sudo_cmd=""
+    [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+    $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null ||
+        { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null; }
+}
+
 if ! have_redis; then
     echo "imagegen setup: redis-server not found, installing it"
     if command -v apt-get >/dev/null 2>&1; then
-        sudo_cmd=""
-        [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
-        $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null ||
-            { $sudo_cmd apt-get update -q >/dev/null && $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null; }
+        apt_install redis-server
     elif command -v brew >/dev/null 2>&1; then
         brew install redis
     elif command -v dnf >/dev/null 2>&1; then
@@ -54,4 +58,10 @@ if ! have_redis; then
         echo "imagegen setup: install redis-server (Redis 6 or newer) with your package manager, then run again" >&2
         exit 1
     fi
+fi
+
+# The tests run the README's operator commands in zsh as well as bash; nothing else needs zsh.
+if ! command -v zsh >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "imagegen setup: installing zsh (the tests run the README's commands in it)"
+    apt_install zsh || echo "imagegen setup: zsh could not be installed; its shell tests will be skipped" >&2
 fi

@@ -21,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from imagegen.jimeng_sandbox import SandboxConfig, SandboxThread
+from imagegen.keys import RedisKeys
 from imagegen.localstack import (
     RunningService,
     ensure_bucket,
@@ -32,6 +33,7 @@ from imagegen.localstack import (
 from imagegen.models import PromptRecord
 from imagegen.pocketbase import PocketBaseClient
 from imagegen.settings import Settings
+from imagegen.state import QueueState
 from imagegen.storage import open_s3_client
 
 BIN = Path(sys.executable).parent
@@ -130,6 +132,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         for service in reversed(services):
             service.stop()
+
+
+def queue_state(settings: Settings, redis: aioredis.Redis) -> QueueState:
+    """The queue's shared state as the worker and the CLI see it."""
+    return QueueState(redis, settings.queue_max_failed, RedisKeys(settings.queue_name))
 
 
 @pytest.fixture

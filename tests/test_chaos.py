@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from imagegen import keys
+from imagegen.keys import RedisKeys
 from imagegen.models import RecordStatus
 from imagegen.storage import open_s3_client
 
@@ -40,7 +40,7 @@ async def test_chaos_run_ends_with_every_record_done_and_nothing_paid_twice(
         generated = [r for r in created if sandbox.generations(r.prompt)]
         async with redis_client.pipeline(transaction=False) as pipe:
             for record in generated:
-                pipe.exists(keys.generation(record.id))
+                pipe.exists(RedisKeys(settings.queue_name).generation(record.id))
             saved = await pipe.execute()
         unsaved = [r.id for r, flag in zip(generated, saved, strict=True) if not flag]
         return all([(await pocketbase.get_record(i)).status == "done" for i in unsaved])

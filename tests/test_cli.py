@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 
 import pytest
+from arq.jobs import Job
 
-from imagegen import keys
-from imagegen.state import QueueState
+from imagegen.keys import RedisKeys
 
-from .conftest import SECRETS, RecordFactory, Stack, run_cli, wait_for_records
-from .test_pipeline import run_queue
+from .conftest import BIN, SECRETS, RecordFactory, Stack, queue_state, run_cli, wait_for_records
+from .test_pipeline import run_queue, wait_until
 
 
 def assert_no_secret(*texts: str) -> None:
@@ -75,6 +77,17 @@ async def test_add_done_record_needs_force(stack: Stack, records: RecordFactory,
     assert forced.stdout.splitlines()[0] == f"{record.id}  queued"
 
 
+async def test_dry_run_only_says_what_would_be_queued(stack: Stack, records: RecordFactory, pocketbase):
+    created = await records.many(3)
+    dry = run_cli(stack, "add-pending", "--dry-run", "--each")
+    assert dry.returncode == 0
+    assert sorted(dry.stdout.splitlines()[:3]) == sorted(f"{r.id}  would queue" for r in created)
+    assert dry.stdout.splitlines()[-1] == "3 would queue"
+    assert [(await pocketbase.get_record(r.id)).status for r in created] == [""] * 3
+    assert json.loads(run_cli(stack, "status", "--json").stdout)["jobs"]["queued"] == 0
+    assert run_cli(stack, "add-pending").stdout.strip() == "3 queued"
+
+
 async def test_retry_failed_requeues_failed_records(stack: Stack, records: RecordFactory, pocketbase):
     record = await records.create("try again")
     await pocketbase.update_record(record.id, {"status": "failed", "error": "earlier"})
@@ -91,7 +104,7 @@ async def test_retry_failed_runs_a_failed_rerun_again_with_all_its_attempts(
     await pocketbase.update_record(
         record.id, {"status": "failed", "error": "earlier", "imageUrl": "http://example.invalid/0.png"}
     )
-    await redis_client.set(keys.attempts(record.id), 3)
+    await redis_client.set(RedisKeys(settings.queue_name).attempts(record.id), 3)
     result = run_cli(stack, "retry-failed", "--json")
     assert json.loads(result.stdout)["counts"] == {"queued": 1}
     await run_queue(settings)
@@ -103,7 +116,7 @@ async def test_retry_failed_runs_a_failed_rerun_again_with_all_its_attempts(
 
 
 async def test_attempts_given_back_never_go_below_zero(settings, redis_client, stack: Stack):
-    state = QueueState(redis_client, settings.queue_max_failed)
+    state = queue_state(settings, redis_client)
     await state.give_back_attempt("aaaaaaaaaaaaaaa")
     assert await state.attempts("aaaaaaaaaaaaaaa") == 0
     assert await state.begin_attempt("aaaaaaaaaaaaaaa") == 1
@@ -130,14 +143,69 @@ async def test_inspect_follows_a_job_from_queued_to_done(stack: Stack, records: 
     assert done["record"]["imageUrl"] in text.stdout
 
 
-async def test_inspect_failed_job_shows_the_error(stack: Stack, records: RecordFactory, settings):
+async def test_inspect_failed_job_shows_the_error(stack: Stack, records: RecordFactory, settings, redis_client):
     record = await records.create("forbidden [[jimeng:-2006]]")
     run_cli(stack, "add", record.id)
-    await run_queue(settings)
+    worker = await run_queue(settings)
     report = json.loads(run_cli(stack, "inspect", record.id, "--json").stdout)
     assert report["state"] == "failed"
     assert "moderation" in report["error"]
     assert report["record"]["status"] == "failed"
+    # arq's own view agrees: a failed job, counted as one.
+    assert worker.jobs_failed == 1
+    assert worker.jobs_complete == 0
+    result = await Job(record.id, redis_client).result_info()
+    assert result is not None
+    assert result.success is False
+
+
+async def test_inspect_shows_the_job_when_pocketbase_is_down(stack: Stack, records: RecordFactory, settings):
+    record = await records.create("inspected during an outage")
+    run_cli(stack, "add", record.id)
+    result = run_cli(stack, "inspect", record.id, "--json", POCKETBASE_URL="http://127.0.0.1:1")
+    assert result.returncode == 3
+    report = json.loads(result.stdout)
+    assert report["state"] == "queued"
+    assert report["record"] is None
+    assert "cannot reach http://127.0.0.1:1" in report["record_unavailable"]
+    assert_one_clean_line(result.stderr)
+
+
+async def test_a_failed_rerun_leaves_no_image_urls_on_the_failed_record(
+    stack: Stack, records: RecordFactory, settings, pocketbase
+):
+    record = await records.create("a rerun that will be refused")
+    run_cli(stack, "add", record.id)
+    await run_queue(settings)
+    assert (await pocketbase.get_record(record.id)).status == "done"
+    stack.jimeng.sandbox.script(record.prompt, ["-2006"])
+    run_cli(stack, "add", "--force", record.id)
+    await run_queue(settings)
+    failed = await pocketbase.get_record(record.id)
+    assert failed.status == "failed"
+    assert (failed.image_url, failed.images) == ("", [])
+    assert "moderation" in failed.error
+    # So `add` and `inspect` agree: not done, queued again.
+    assert run_cli(stack, "add", record.id).stdout.splitlines()[0] == f"{record.id}  queued"
+
+
+def test_deployments_sharing_one_redis_keep_their_own_pause(stack: Stack):
+    assert run_cli(stack, "pause", "--reason", "staging only", QUEUE_NAME="staging:queue").returncode == 0
+    production = json.loads(run_cli(stack, "status", "--json").stdout)
+    staging = json.loads(run_cli(stack, "status", "--json", QUEUE_NAME="staging:queue").stdout)
+    assert production["paused"] is None
+    assert staging["paused"]["reason"] == "staging only"
+
+
+async def test_status_lists_only_the_workers_of_its_own_queue(stack: Stack, start_worker, settings, redis_client):
+    start_worker()
+    assert await wait_until(lambda: _workers(settings, redis_client, 1))
+    assert len(json.loads(run_cli(stack, "status", "--json").stdout)["workers"]) == 1
+    assert json.loads(run_cli(stack, "status", "--json", QUEUE_NAME="staging:queue").stdout)["workers"] == []
+
+
+async def _workers(settings, redis_client, count: int) -> bool:
+    return len(await queue_state(settings, redis_client).workers()) == count
 
 
 async def test_inspect_unknown_and_invalid_ids(stack: Stack):
@@ -155,9 +223,73 @@ def test_check_reports_every_service_ok(stack: Stack):
     result = run_cli(stack, "check")
     assert result.returncode == 0, result.stdout
     lines = result.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["redis", "pocketbase", "storage", "jimeng"]
-    assert all(line.split()[1] == "ok" for line in lines)
+    assert [line.split()[0] for line in lines[:4]] == ["redis", "pocketbase", "storage", "jimeng"]
+    assert all(line.split()[1] == "ok" for line in lines[:4])
+    assert f"at {stack.env['TOS_ENDPOINT']}" in lines[2]
+    # The test stack's 20 s JIMENG_TIMEOUT is below the sane floor: said, with what to set.
+    assert lines[4:] == [
+        "warning:    JIMENG_TIMEOUT=20000 ms gives a generation only 20 s; real ones take up to minutes, so slow "
+        "calls are abandoned (and may still be billed) and retried - set JIMENG_TIMEOUT=600000"
+    ]
     assert_no_secret(result.stdout, result.stderr)
+
+
+def test_env_files_are_read_in_order_and_the_environment_wins(stack: Stack, tmp_path):
+    first, second = tmp_path / "first.env", tmp_path / "second.env"
+    first.write_text("QUEUE_NAME=from-first\nPOCKETBASE_COLLECTION=nowhere\n")
+    second.write_text("QUEUE_NAME=from-second\n")
+    env = {k: v for k, v in stack.env.items() if k not in ("QUEUE_NAME", "POCKETBASE_COLLECTION")}
+    result = run_cli_env(stack, env, "--env-file", str(first), "--env-file", str(second), "check", "--json")
+    checks = {c["service"]: c for c in json.loads(result.stdout)["services"]}
+    assert "jobs in from-second" in checks["redis"]["detail"]
+    assert "collection 'nowhere' not found" in checks["pocketbase"]["detail"]
+    overridden = run_cli_env(
+        stack, {**env, "QUEUE_NAME": "from-env"}, "--env-file", str(first), "--env-file", str(second), "check", "--json"
+    )
+    redis_check = next(c for c in json.loads(overridden.stdout)["services"] if c["service"] == "redis")
+    assert "jobs in from-env" in redis_check["detail"]
+
+
+def test_a_missing_env_file_is_an_error(stack: Stack, tmp_path):
+    result = run_cli(stack, "--env-file", str(tmp_path / "typo.env"), "status")
+    assert result.returncode == 2
+    assert_one_clean_line(result.stderr)
+    assert "typo.env' not found" in result.stderr
+
+
+def test_commands_without_pocketbase_credentials_name_them_and_exit_2(stack: Stack):
+    result = run_cli(stack, "add-pending", POCKETBASE_EMAIL="", POCKETBASE_PASSWORD="")
+    assert result.returncode == 2
+    assert_one_clean_line(result.stderr)
+    assert "POCKETBASE_EMAIL, POCKETBASE_PASSWORD not set" in result.stderr
+    status = run_cli(stack, "status", "--json", POCKETBASE_EMAIL="")
+    assert status.returncode == 2
+    report = json.loads(status.stdout)
+    assert report["jobs"]["queued"] == 0
+    assert "POCKETBASE_EMAIL not set" in report["records_error"]
+
+
+def test_a_wrong_redis_password_is_a_settings_error(stack: Stack):
+    result = run_cli(stack, "add", "aaaaaaaaaaaaaaa", REDIS_PASSWORD="not-the-password")
+    assert result.returncode == 2
+    assert_one_clean_line(result.stderr)
+    assert "refused the password in REDIS_PASSWORD" in result.stderr
+    assert "not-the-password" not in result.stderr
+    missing = run_cli(stack, "status", REDIS_PASSWORD="")
+    assert missing.returncode == 2
+    assert "refused no password (REDIS_PASSWORD is empty)" in missing.stderr
+
+
+async def test_a_worker_with_a_wrong_redis_password_stops_with_one_dated_line(stack: Stack, start_worker):
+    worker = start_worker(REDIS_PASSWORD="not-the-password")
+    assert worker.process.wait(30) == 2
+    output = worker.output()
+    errors = [line for line in output.splitlines() if "| ERROR" in line]
+    assert len(errors) == 1, output
+    assert re.match(rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{{3}} \| ERROR +\| {worker.process.pid} \|", errors[0])
+    assert "refused the password in REDIS_PASSWORD" in errors[0]
+    assert "Traceback" not in output
+    assert "not-the-password" not in output
 
 
 @pytest.mark.parametrize(
@@ -175,7 +307,7 @@ def test_check_reports_every_service_ok(stack: Stack):
 def test_check_names_the_broken_service(stack: Stack, env, service, words):
     result = run_cli(stack, "check", "--json", **env)
     assert result.returncode == 3
-    checks = {c["service"]: c for c in json.loads(result.stdout)}
+    checks = {c["service"]: c for c in json.loads(result.stdout)["services"]}
     assert not checks[service]["ok"]
     assert words in checks[service]["detail"]
     assert all(c["ok"] for name, c in checks.items() if name != service)
@@ -212,6 +344,20 @@ def test_invalid_env_value_gives_one_line_and_exit_2(stack: Stack, name, value):
     assert result.returncode == 2
     assert_one_clean_line(result.stderr)
     assert name in result.stderr
+
+
+def run_cli_env(stack: Stack, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`imagegen ...` with exactly these settings in its environment."""
+    process_env = {k: v for k, v in stack.process_env().items() if k not in stack.env}
+    return subprocess.run(
+        [str(BIN / "imagegen"), *args],
+        cwd=stack.workdir,
+        env={**process_env, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_invalid_value_in_dot_env_file_is_named(stack: Stack, tmp_path):

@@ -15,9 +15,12 @@ from imagegen.download import sniff_image_type
 
 from .conftest import SETTING_PREFIXES
 
+CANARY = "IMAGEGEN_TEST_CANARY_8e1f"
+
 
 def devstack(project: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
+    env[CANARY] = "must-not-be-written-anywhere"
     return subprocess.run(
         [sys.executable, "-m", "imagegen.devstack", *args],
         cwd=project,
@@ -40,7 +43,33 @@ def test_local_stack_turns_the_sample_prompts_into_hosted_images(tmp_path: Path)
         for url in urls[:4]:
             with urllib.request.urlopen(url, timeout=10) as response:
                 assert sniff_image_type(response.read(16)) is not None
-        assert (tmp_path / "logs" / "worker-out.log").read_text().count("job done: 4 images") == 6
+        assert (tmp_path / "logs" / "worker-0-out.log").read_text().count("job done: 4 images") == 6
+
+        # The CLI command the demo prints works as printed, from a project directory (which has its .venv).
+        (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+        command = re.search(r"Use the CLI against this stack: (.+)$", up.stdout, flags=re.MULTILINE)
+        assert command is not None
+        record_id = re.search(r"^([a-z0-9]{15}) ", up.stdout, flags=re.MULTILINE)
+        assert record_id is not None
+        inspect = subprocess.run(
+            ["bash", "-c", command.group(1).replace("<id>", record_id.group(1)) + " --json"],
+            cwd=tmp_path,
+            env={k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert inspect.returncode == 0, inspect.stderr
+        assert '"state": "done"' in inspect.stdout
+        # Only what each service needs reaches supervisord's file; the sandbox's key stays off command lines.
+        conf = (tmp_path / ".stack" / "supervisord.conf").read_text()
+        assert CANARY not in conf
+        stack_env = (tmp_path / ".stack" / "imagegen.env").read_text()
+        key = re.search(r"^JIMENG_API_KEY=(\S+)$", stack_env, flags=re.MULTILINE)
+        assert key is not None
+        assert (tmp_path / ".stack" / "supervisord.conf").stat().st_mode & 0o077 == 0  # it holds the worker's
+        assert key.group(1) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
 
         again = devstack(tmp_path, "up", "--wait", "60")
         assert again.returncode == 0, again.stdout + again.stderr

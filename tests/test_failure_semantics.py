@@ -16,12 +16,12 @@ from imagegen.control import open_control
 from imagegen.models import RecordStatus
 from imagegen.state import QueueState
 
-from .conftest import BIN, RecordFactory, Stack, run_cli, wait_for_records
+from .conftest import BIN, RecordFactory, Stack, queue_state, run_cli, wait_for_records
 from .test_pipeline import enqueue, run_queue, wait_until, worker_running
 
 
 async def live_workers(settings, redis_client):
-    return await QueueState(redis_client, settings.queue_max_failed).workers()
+    return await queue_state(settings, redis_client).workers()
 
 
 async def test_no_credits_pauses_at_once_and_resume_finishes_with_attempts_intact(
@@ -31,7 +31,7 @@ async def test_no_credits_pauses_at_once_and_resume_finishes_with_attempts_intac
     created = await records.many(4, prefix="a bicycle")
     stack.jimeng.sandbox.script("*", ["-2009"])
     await enqueue(settings, *[r.id for r in created])
-    state = QueueState(redis_client, settings.queue_max_failed)
+    state = queue_state(settings, redis_client)
     async with worker_running(settings):
         paused = await wait_until(state.paused)
         assert paused is not None
@@ -70,7 +70,7 @@ async def test_consecutive_exhausted_jobs_pause_the_queue(
     created = await records.many(12, prefix="a storm")
     stack.jimeng.sandbox.script("*", ["-2007"] * 10)
     await enqueue(settings, *[r.id for r in created])
-    state = QueueState(redis_client, settings.queue_max_failed)
+    state = queue_state(settings, redis_client)
     async with worker_running(settings):
         paused = await wait_until(state.paused)
         assert paused is not None
@@ -176,9 +176,9 @@ async def test_sigterm_under_supervisord_finishes_jobs_in_flight(
         after = {r.id: r for r in [await pocketbase.get_record(r.id) for r in created]}
         assert all(after[i].status == "done" for i in running)
         assert not [r for r in after.values() if r.status == "processing"]
-        out_log = (project / "logs" / "worker-out.log").read_text()
+        out_log = (project / "logs" / "worker-0-out.log").read_text()
         assert "shutdown on SIGTERM" in out_log
-        assert (project / "logs" / "worker-error.log").exists()
+        assert (project / "logs" / "worker-0-error.log").exists()
 
         assert "started" in subprocess.run([*ctl, "start", "imagegen-worker:*"], capture_output=True, text=True).stdout
         finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=90)

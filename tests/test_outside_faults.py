@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 from typing import Any
 
@@ -14,11 +15,11 @@ import pytest
 import redis as sync_redis
 from arq.constants import in_progress_key_prefix
 
-from imagegen import keys
 from imagegen.control import open_control
+from imagegen.keys import RedisKeys
 from imagegen.state import QueueState
 
-from .conftest import REDIS_PASSWORD, RecordFactory, Stack, run_cli, wait_for_records
+from .conftest import REDIS_PASSWORD, RecordFactory, Stack, queue_state, run_cli, wait_for_records
 from .test_pipeline import bucket_keys, enqueue, run_queue, wait_until, worker_running
 
 OUTAGE = 25.0
@@ -56,7 +57,7 @@ async def test_pocketbase_down_for_25s_mid_run_pauses_and_resumes_by_itself(
     worker = start_worker(QUEUE_CONCURRENCY="4", OUTAGE_PAUSE_AFTER="8")
     assert run_cli(stack, "add-pending").returncode == 0
     assert await wait_until(lambda: all_generating(stack, created), deadline=60)
-    state = QueueState(redis_client, settings.queue_max_failed)
+    state = queue_state(settings, redis_client)
 
     stack.pocketbase.stop()
     try:
@@ -95,7 +96,7 @@ async def test_an_outage_pause_left_behind_is_lifted_once_the_service_answers(
     stack: Stack, records: RecordFactory, pocketbase, start_worker, redis_client, settings
 ):
     # As a worker that paused for an outage and died (or whose jobs all gave up waiting) leaves it.
-    state = QueueState(redis_client, settings.queue_max_failed)
+    state = queue_state(settings, redis_client)
     await state.pause("pocketbase down for 60 s (refused)", source="outage", service="pocketbase")
     record = await records.create("after the outage")
     assert run_cli(stack, "add", record.id).returncode == 0
@@ -218,6 +219,10 @@ async def test_sigterm_while_paused_exits_within_seconds_and_loses_nothing(
         return report["jobs"]["waiting"] == 3 and report["jobs"]["in_progress"] == 0
 
     assert await wait_until(all_waiting, deadline=60)
+    # The worker said at start that the queue was paused, and since when, as a date.
+    assert re.search(
+        r"the queue is paused since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d: maintenance", worker.output()
+    )
     worker.process.send_signal(signal.SIGTERM)
     # The grace is 20 s here: a stop that waited for the parked jobs would take all of it.
     assert await asyncio.to_thread(worker.process.wait, 15) == 0
@@ -260,14 +265,15 @@ async def test_a_worker_frozen_past_its_lease_pays_nothing_and_deletes_nothing(
     assert run_cli(stack, "pause", "--reason", "hold it").returncode == 0
     assert run_cli(stack, "add", record.id).returncode == 0
     frozen = start_worker(WORKER_LEASE="4")
+    lease = RedisKeys(settings.queue_name).lease(record.id)
 
     async def holds_the_lease():
-        return await redis_client.exists(keys.lease(record.id)) and status(stack)[1]["jobs"]["waiting"] == 1
+        return await redis_client.exists(lease) and status(stack)[1]["jobs"]["waiting"] == 1
 
     assert await wait_until(holds_the_lease, deadline=60)
     frozen.signal(signal.SIGSTOP)
     try:
-        assert await wait_until(lambda: _lease_gone(redis_client, record.id), deadline=30)
+        assert await wait_until(lambda: _gone(redis_client, lease), deadline=30)
         stack.jimeng.sandbox.script(record.prompt, ["slow:4"])
         assert run_cli(stack, "resume").returncode == 0
         other = start_worker(WORKER_LEASE="4")
@@ -321,8 +327,8 @@ async def test_a_forced_rerun_whose_job_was_flushed_is_finished_by_the_sweep(
     assert "records left queued/processing without a job" in worker.output()
 
 
-async def _lease_gone(redis_client, prompt_id: str) -> bool:
-    return not await redis_client.exists(keys.lease(prompt_id))
+async def _gone(redis_client, key: str) -> bool:
+    return not await redis_client.exists(key)
 
 
 async def test_one_failure_on_each_image_link_costs_no_attempt(stack: Stack, records: RecordFactory, pocketbase):

@@ -23,7 +23,7 @@ from imagegen.settings import Settings
 from imagegen.storage import open_s3_client
 from imagegen.worker import worker_options
 
-from .conftest import RecordFactory, Stack
+from .conftest import RecordFactory, Stack, queue_state
 
 
 async def run_queue(settings: Settings) -> Worker:
@@ -313,12 +313,11 @@ async def test_each_transient_answer_is_retried_to_success(
 async def test_account_level_answers_pause_the_queue_with_the_reason(
     stack: Stack, settings: Settings, records: RecordFactory, pocketbase, redis_client, mode, words
 ):
-    from imagegen.state import QueueState
 
     record = await records.create(f"an account problem {mode}")
     stack.jimeng.sandbox.script(record.prompt, [mode])
     await enqueue(settings, record.id)
-    state = QueueState(redis_client, settings.queue_max_failed)
+    state = queue_state(settings, redis_client)
     async with worker_running(settings):
         paused = await wait_until(state.paused)
     assert paused is not None

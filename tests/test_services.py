@@ -9,10 +9,9 @@ from imagegen.control import open_control
 from imagegen.errors import FailureKind, PocketBaseError, RecordNotFound, StorageError
 from imagegen.models import RecordStatus
 from imagegen.pocketbase import PocketBaseClient
-from imagegen.state import QueueState
 from imagegen.storage import Storage, open_s3_client
 
-from .conftest import RecordFactory, Stack
+from .conftest import RecordFactory, Stack, queue_state
 from .test_pipeline import bucket_keys, enqueue, run_queue, wait_until, worker_running
 
 MIB = 1024 * 1024
@@ -72,7 +71,7 @@ async def test_wrong_storage_secret_pauses_the_queue_and_keeps_the_generation(
     second = await records.create("a second orchard")
     await enqueue(settings, record.id, second.id)
     async with worker_running(settings):
-        state = QueueState(redis_client, settings.queue_max_failed)
+        state = queue_state(settings, redis_client)
         paused = await wait_until(state.paused)
         waiting = await wait_until(lambda: _status_is(pocketbase, record.id, "queued"))
     assert paused is not None

@@ -39,8 +39,12 @@ def test_seed_env_file_still_loads(clean_env, tmp_path):
     assert settings.redis_port == 6380
     assert settings.redis_db == 2
     assert settings.jimeng_timeout_seconds == 30
-    assert settings.tos_endpoint == "https://tos-cn-beijing.volces.com"
-    assert settings.tos_public_base_url == "https://kevisual-images.tos-cn-beijing.volces.com"
+    # The seed's native TOS endpoint is mapped to TOS's S3 endpoint, with one warning line saying so.
+    assert settings.tos_endpoint == "https://tos-s3-cn-beijing.volces.com"
+    assert settings.tos_public_base_url == "https://kevisual-images.tos-s3-cn-beijing.volces.com"
+    assert len(settings.warnings()) == 2
+    assert settings.warnings()[0].startswith("TOS_ENDPOINT=tos-cn-beijing.volces.com is TOS's native API")
+    assert settings.warnings()[1].startswith("JIMENG_TIMEOUT=30000 ms gives a generation only 30 s")
     assert settings.queue_concurrency == 5
 
 
@@ -89,13 +93,35 @@ def test_secret_values_are_not_echoed_in_errors(clean_env):
     assert "hunter2-secret" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "used"),
+    [
+        ("tos-cn-shanghai.ivolces.com", "https://tos-s3-cn-shanghai.ivolces.com"),
+        ("https://tos-ap-southeast-1.volces.com/", "https://tos-s3-ap-southeast-1.volces.com"),
+        ("https://tos-s3-cn-beijing.volces.com", "https://tos-s3-cn-beijing.volces.com"),
+        ("http://127.0.0.1:9000", "http://127.0.0.1:9000"),
+    ],
+)
+def test_native_tos_endpoints_are_mapped_to_the_s3_ones(clean_env, endpoint, used):
+    clean_env.setenv("TOS_ENDPOINT", endpoint)
+    settings = load_settings(None)
+    assert settings.tos_endpoint == used
+    mapped = [w for w in settings.warnings() if w.startswith("TOS_ENDPOINT=")]
+    assert len(mapped) == (0 if used.endswith(endpoint.rstrip("/").removeprefix("https://")) else 1)
+
+
+def test_the_default_settings_carry_no_warning(clean_env):
+    assert load_settings(None).warnings() == []
+
+
 @pytest.mark.parametrize("good", ["abcdefghij12345", "000000000000000"])
 def test_valid_prompt_ids(good):
     assert validate_prompt_id(good) == good
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "short", "ABCDEFGHIJ12345", "abcdefghij1234567", 'abc" || id != "', "abcdefghij1234 "]
+    "bad",
+    ["", "short", "ABCDEFGHIJ12345", "abcdefghij1234567", 'abc" || id != "', "abcdefghij1234 ", "abcdefghij12345\n"],
 )
 def test_invalid_prompt_ids_are_rejected(bad):
     with pytest.raises(Exception, match="15 characters"):

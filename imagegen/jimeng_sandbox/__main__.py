@@ -1,13 +1,16 @@
-"""`python -m imagegen.jimeng_sandbox --port N --api-key K`: the jimeng sandbox as a process (stops on SIGTERM)."""
+"""`python -m imagegen.jimeng_sandbox --port N`: the jimeng sandbox as a process (stops on SIGTERM).
+
+The bearer key clients must send comes from IMAGEGEN_SANDBOX_API_KEY (or `--api-key`, which `ps` shows)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
-from .server import JimengSandbox, SandboxConfig, start_site
+from .server import SANDBOX_KEY_ENV, JimengSandbox, SandboxConfig, start_site
 
 
 async def serve(sandbox: JimengSandbox, host: str, port: int) -> None:
@@ -27,13 +30,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m imagegen.jimeng_sandbox", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8300)
-    parser.add_argument("--api-key", required=True, help="the bearer key clients must send")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(SANDBOX_KEY_ENV),
+        help=f"the bearer key clients must send (default: ${SANDBOX_KEY_ENV})",
+    )
     parser.add_argument("--latency", type=float, default=2.0, help="seconds per generation call")
     parser.add_argument("--jitter", type=float, default=1.0, help="extra random seconds per call, up to this")
     parser.add_argument("--image-size", type=int, default=512, help="pixels per side")
     parser.add_argument("--fail-rate", type=float, default=0.0, help="share of calls failing transiently")
     parser.add_argument("--public-base", default=None, help="base URL of image links (default: own address)")
     args = parser.parse_args()
+    if not args.api_key:
+        parser.error(f"set {SANDBOX_KEY_ENV} or pass --api-key")
     config = SandboxConfig(
         api_key=args.api_key,
         latency=args.latency,

@@ -33,6 +33,8 @@ from .modes import (
 from .render import FORMAT_CYCLE, render_image
 
 ANY_PROMPT = "*"
+# Where the sandbox process reads the bearer key it requires (kept out of its command line).
+SANDBOX_KEY_ENV = "IMAGEGEN_SANDBOX_API_KEY"
 _REJECTED_FIELDS = ("size", "width", "height")
 
 

@@ -5,7 +5,7 @@ the demo stack hands the same specs to supervisord.
 """
 
 from .pocketbase import pocketbase_spec
-from .process import LocalStackError, RunningService, ServiceSpec, find_binary, free_port
+from .process import LocalStackError, RunningService, ServiceSpec, child_env, find_binary, free_port
 from .redis import redis_spec
 from .seaweed import ensure_bucket, seaweed_spec
 
@@ -13,6 +13,7 @@ __all__ = [
     "LocalStackError",
     "RunningService",
     "ServiceSpec",
+    "child_env",
     "ensure_bucket",
     "find_binary",
     "free_port",
