@@ -1,7 +1,8 @@
 """A worker process's pulse: its heartbeat key, the leases of the runs it holds, and outage pauses to lift.
 
 Every WORKER_LEASE / 4 seconds it renews each run's prompt lease (which also keeps arq's in-progress key of
-the job alive: a killed worker's jobs are picked up elsewhere within about one lease period), writes the
+the job alive: a killed worker's jobs are picked up elsewhere within about one lease period) and the call
+permit of each run inside its paid call (JIMENG_MAX_INFLIGHT), writes the
 worker's heartbeat (what each run is doing, the outages it sees) for `imagegen status`, and lifts an outage
 pause whose service answers again.
 """
@@ -18,6 +19,7 @@ from redis.exceptions import RedisError
 
 from .outages import Outages
 from .periodic import Periodic
+from .permits import CallPermits
 from .runs import Phase, Runs
 from .state import QueueState
 
@@ -27,9 +29,12 @@ class Heartbeat(Periodic):
 
     name = "heartbeat"
 
-    def __init__(self, state: QueueState, runs: Runs, outages: Outages, queue_name: str, lease: float) -> None:
+    def __init__(
+        self, state: QueueState, runs: Runs, outages: Outages, permits: CallPermits, queue_name: str, lease: float
+    ) -> None:
         super().__init__(lease / 4)
         self._state = state
+        self._permits = permits
         self._runs = runs
         self._outages = outages
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -42,6 +47,8 @@ class Heartbeat(Periodic):
                 logger.bind(prompt_id=run.prompt_id).warning(
                     "lost the lease: another run has this prompt; this run will stop before its next paid call or write"
                 )
+            if run.phase is Phase.GENERATING:
+                await self._permits.renew(run.lease.token)
         info = {
             "id": self.worker_id,
             "queue": self._queue_name,

@@ -21,6 +21,8 @@ class RedisKeys:
         self.reconcile_lock = f"{self.prefix}reconcile:lock"
         # Records seen without a live job, with the time first seen: re-queued only when seen so twice.
         self.reconcile_suspects = f"{self.prefix}reconcile:suspects"
+        # Permits of jimeng calls in flight across every worker (JIMENG_MAX_INFLIGHT), scored by expiry.
+        self.inflight_calls = f"{self.prefix}jimeng:inflight"
 
     def generation(self, prompt_id: str) -> str:
         """The remembered result of a paid generation for one prompt (links + what already landed)."""

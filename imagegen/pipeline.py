@@ -33,6 +33,7 @@ from .jimeng import JimengClient
 from .ledger import GenerationLedger, GenerationRecord
 from .models import PromptRecord, RecordStatus, StoredImage
 from .outages import POCKETBASE, STORAGE, Outages
+from .permits import CallPermits
 from .pocketbase import PocketBaseClient
 from .runs import JobRun, Phase
 from .settings import Settings
@@ -65,6 +66,7 @@ class Services:
     ledger: GenerationLedger
     gate: PauseGate
     outages: Outages
+    permits: CallPermits
 
 
 def check_prompt(record: PromptRecord, max_chars: int) -> str:
@@ -157,12 +159,19 @@ class Pipeline:
             run.generation_saved = True
             run.enter(Phase.STORING)
             return remembered
-        run.check_stop()
-        # No await between the stop check and the call: a stop either sends this run back or waits for the call.
-        run.enter(Phase.GENERATING)
-        t0 = time.monotonic()
-        generation = await s.jimeng.generate(prompt, negative)
-        elapsed = time.monotonic() - t0
+        if not await s.permits.take(run.lease.token, can_wait=run.remaining() - needed):
+            raise JobInterrupted(
+                f"no jimeng call slot came free in time (JIMENG_MAX_INFLIGHT={s.permits.cap}); queued again"
+            )
+        try:
+            run.check_stop()
+            # No await between the stop check and the call: a stop either sends this run back or waits for it.
+            run.enter(Phase.GENERATING)
+            t0 = time.monotonic()
+            generation = await s.jimeng.generate(prompt, negative)
+            elapsed = time.monotonic() - t0
+        finally:
+            await asyncio.shield(s.permits.give_back(run.lease.token))
         record = GenerationRecord(created=generation.created, urls=generation.urls)
         run.phase = Phase.STORING
         result.generated = True

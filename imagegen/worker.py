@@ -38,6 +38,7 @@ from .ledger import GenerationLedger
 from .logs import setup_logging
 from .models import JOB_NAME, OutcomeStatus
 from .outages import POCKETBASE, STORAGE, Outages
+from .permits import CallPermits
 from .pipeline import Pipeline, Services
 from .pocketbase import PocketBaseClient
 from .reconcile import Reconciler
@@ -107,6 +108,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     outages = Outages(
         state, gate, settings.outage_pause_after, probes={POCKETBASE: pocketbase.check, STORAGE: storage.check}
     )
+    permits = CallPermits(ctx["redis"], keys, settings.jimeng_max_inflight, settings.worker_lease)
     services = Services(
         settings=settings,
         http=http,
@@ -116,9 +118,10 @@ async def startup(ctx: dict[str, Any]) -> None:
         ledger=GenerationLedger(ctx["redis"], settings.queue_keep_result, keys),
         gate=gate,
         outages=outages,
+        permits=permits,
     )
     runs = Runs()
-    heartbeat = Heartbeat(state, runs, outages, settings.queue_name, settings.worker_lease)
+    heartbeat = Heartbeat(state, runs, outages, permits, settings.queue_name, settings.worker_lease)
     heartbeat.start()
     stack.push_async_callback(heartbeat.stop)
     reconciler = Reconciler(
@@ -140,9 +143,11 @@ async def startup(ctx: dict[str, Any]) -> None:
         since = datetime.fromtimestamp(paused.since).astimezone().isoformat(timespec="seconds")
         logger.warning("the queue is paused since {}: {}; `imagegen resume` continues", since, paused.reason)
     logger.info(
-        "worker ready: queue {}, concurrency {}, jimeng {} ({} {}), bucket {}, pocketbase {}/{}",
+        "worker ready: queue {}, concurrency {} (jimeng calls across workers: {}), jimeng {} ({} {}), bucket {}, "
+        "pocketbase {}/{}",
         settings.queue_name,
         settings.queue_concurrency,
+        settings.jimeng_max_inflight or "no cap",
         settings.jimeng_api_url,
         settings.jimeng_ratio,
         settings.jimeng_resolution,

@@ -81,6 +81,8 @@ class JimengSandbox:
         self.on_generation: Callable[[str], None] | None = None
         # While set, generation calls wait before they are counted (a client that goes away meanwhile pays nothing).
         self.holding = False
+        self._inflight = 0
+        self._peak_inflight = 0
         self.base_url = ""
         self.app = web.Application()
         self.app.add_routes(
@@ -112,6 +114,7 @@ class JimengSandbox:
             self._served.clear()
             self._images.clear()
             self._scripts.clear()
+            self._peak_inflight = self._inflight
         self.on_generation = None
         self.holding = False
 
@@ -119,6 +122,11 @@ class JimengSandbox:
         with self._lock:
             for image in self._images.values():
                 image.expires = 0.0
+
+    def reset_peak(self) -> None:
+        """Start measuring the most concurrent calls afresh (calls in flight count at once)."""
+        with self._lock:
+            self._peak_inflight = self._inflight
 
     def calls(self, prompt: str) -> int:
         """Generation calls received for this prompt, failed ones included."""
@@ -144,6 +152,8 @@ class JimengSandbox:
                 "total_calls": sum(self._calls.values()),
                 "total_generations": sum(self._generations.values()),
                 "total_downloads": sum(self._downloads.values()),
+                "inflight": self._inflight,
+                "peak_inflight": self._peak_inflight,
             }
 
     # --- the API ---
@@ -192,13 +202,19 @@ class JimengSandbox:
             await asyncio.sleep(0.01)
         with self._lock:
             self._calls[prompt] += 1
-        mode = self._choose(prompt)
-        delay = self.config.latency + self._random.uniform(0, self.config.jitter)
-        if mode.startswith("slow:"):
-            delay += float(mode[5:])
-        if delay:
-            await asyncio.sleep(delay)
-        return await self._play(request, prompt, mode)
+            self._inflight += 1
+            self._peak_inflight = max(self._peak_inflight, self._inflight)
+        try:
+            mode = self._choose(prompt)
+            delay = self.config.latency + self._random.uniform(0, self.config.jitter)
+            if mode.startswith("slow:"):
+                delay += float(mode[5:])
+            if delay:
+                await asyncio.sleep(delay)
+            return await self._play(request, prompt, mode)
+        finally:
+            with self._lock:
+                self._inflight -= 1
 
     async def _play(self, request: web.Request, prompt: str, mode: str) -> web.StreamResponse:
         if mode in PROXY_ERRORS:

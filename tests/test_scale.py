@@ -1,0 +1,52 @@
+"""Several worker processes on one Redis share one cap on concurrent jimeng calls (JIMENG_MAX_INFLIGHT), and a
+killed worker leaks none of it."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from imagegen.models import RecordStatus
+
+from .conftest import RecordFactory, Stack, run_cli, wait_for_records
+from .test_pipeline import wait_until
+
+PROMPTS = 30
+CAP = 4
+
+
+@pytest.mark.timeout(300)
+async def test_three_workers_never_exceed_the_call_cap_even_after_one_is_killed(
+    stack: Stack, records: RecordFactory, pocketbase, start_worker, sandbox_config
+):
+    created = await records.many(PROMPTS, prefix="a capped call")
+    sandbox_config.latency = 1.5
+    env = {
+        "QUEUE_CONCURRENCY": "3",
+        "JIMENG_MAX_INFLIGHT": str(CAP),
+        "WORKER_LEASE": "4",
+        "RECONCILE_INTERVAL": "1",
+    }
+    workers = [start_worker(**env) for _ in range(3)]
+    assert run_cli(stack, "add-pending").returncode == 0
+    sandbox = stack.jimeng.sandbox
+
+    async def done_at_least(count: int):
+        return await pocketbase.count(pocketbase.status_filter(RecordStatus.DONE)) >= count
+
+    assert await wait_until(lambda: done_at_least(8), deadline=120)
+    # Nine job slots in all, four calls at a time: the cap is what limits, and it is used to the full.
+    assert sandbox.stats()["peak_inflight"] == CAP
+
+    victim = workers[0]
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait()
+    sandbox.reset_peak()
+    finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=180)
+    assert [r.status for r in finished] == ["done"] * PROMPTS
+    # The killed worker's permits expired: the two left still reached the whole cap, and never more.
+    assert sandbox.stats()["peak_inflight"] == CAP
+    for worker in workers[1:]:
+        assert worker.process.poll() is None
+        assert "job done" in worker.output()
