@@ -23,6 +23,8 @@ class RedisKeys:
         self.reconcile_suspects = f"{self.prefix}reconcile:suspects"
         # Permits of jimeng calls in flight across every worker (JIMENG_MAX_INFLIGHT), scored by expiry.
         self.inflight_calls = f"{self.prefix}jimeng:inflight"
+        # Start times of the jimeng calls of the last minute (JIMENG_RATE_LIMIT).
+        self.call_window = f"{self.prefix}jimeng:calls"
 
     def generation(self, prompt_id: str) -> str:
         """The remembered result of a paid generation for one prompt (links + what already landed)."""

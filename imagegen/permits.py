@@ -1,27 +1,46 @@
-"""A cap on concurrent jimeng calls shared by every worker process and host, kept in Redis.
+"""Limits on jimeng calls shared by every worker process and host, kept in Redis.
 
-JIMENG_MAX_INFLIGHT (0: no cap) is what the account allows at once, whatever the number of workers. A run takes
-a permit right before its paid call and gives it back as soon as the call returns; the permits live in one
-sorted set whose scores are expiry times (Redis's own clock), renewed with the run's lease. A worker that is
-killed mid-call leaks nothing: its permits expire within WORKER_LEASE and the cap is whole again.
+- JIMENG_MAX_INFLIGHT (0: no cap) is how many calls may be in flight at once, whatever the number of workers.
+  A run takes a permit right before its paid call and gives it back as soon as the call returns; the permits
+  live in one sorted set whose scores are expiry times (Redis's own clock), renewed with the run's lease. A
+  worker killed mid-call leaks nothing: its permits expire within WORKER_LEASE and the cap is whole again.
+- JIMENG_RATE_LIMIT (0: none) is how many calls may start in any 60 seconds: a sliding window of call start
+  times, checked and written in the same script as the permit, so no two workers can both take the last call.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+from loguru import logger
 from redis.asyncio import Redis
 
 from .keys import RedisKeys
 
-# KEYS: permits; ARGV: token, ttl ms, cap. 1 taken (or renewed), 0 full. Expired permits are dropped first.
+# KEYS: permits, call window; ARGV: token, ttl ms, cap, rate, window ms.
+# Returns 0 when the call may start (permit taken, start recorded), -1 when the cap is full, or else the
+# milliseconds until the rate window has room.
 _TAKE = """
-local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-redis.call('zremrangebyscore', KEYS[1], '-inf', now_ms)
-if redis.call('zscore', KEYS[1], ARGV[1]) or redis.call('zcard', KEYS[1]) < tonumber(ARGV[3]) then
-  redis.call('zadd', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
-  return 1
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local cap, rate, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if cap > 0 then
+  redis.call('zremrangebyscore', KEYS[1], '-inf', now)
+  if not redis.call('zscore', KEYS[1], ARGV[1]) and redis.call('zcard', KEYS[1]) >= cap then
+    return -1
+  end
+end
+if rate > 0 then
+  redis.call('zremrangebyscore', KEYS[2], '-inf', now - window)
+  if redis.call('zcard', KEYS[2]) >= rate then
+    local oldest = redis.call('zrange', KEYS[2], 0, 0, 'WITHSCORES')
+    return math.max(1, tonumber(oldest[2]) + window - now)
+  end
+  redis.call('zadd', KEYS[2], now, ARGV[1] .. ':' .. now)
+  redis.call('pexpire', KEYS[2], window)
+end
+if cap > 0 then
+  redis.call('zadd', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 end
 return 0
 """
@@ -34,32 +53,48 @@ return redis.call('zadd', KEYS[1], 'XX', 'CH', now_ms + tonumber(ARGV[2]), ARGV[
 """
 
 WAIT_STEP = 0.2
+RATE_WINDOW = 60.0
 
 
 class CallPermits:
-    """The shared cap of one deployment; `cap` 0 means no cap (every call goes at once)."""
+    """The shared limits of one deployment; 0 for `cap` or `rate` means none (every call goes at once)."""
 
-    def __init__(self, redis: Redis, keys: RedisKeys, cap: int, ttl: float) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, cap: int, rate: int, ttl: float) -> None:
         self._redis = redis
         self._key = keys.inflight_calls
+        self._window_key = keys.call_window
         self.cap = cap
+        self.rate = rate
         self._ttl_ms = int(ttl * 1000)
         self._take = redis.register_script(_TAKE)
         self._renew = redis.register_script(_RENEW)
 
-    async def try_take(self, token: str) -> bool:
-        if not self.cap:
-            return True
-        return bool(await self._take(keys=[self._key], args=[token, self._ttl_ms, self.cap]))
+    async def try_take(self, token: str) -> float:
+        """0 when the call may start now, else seconds to wait before trying again."""
+        if not self.cap and not self.rate:
+            return 0.0
+        window_ms = int(RATE_WINDOW * 1000)
+        answer = int(
+            await self._take(
+                keys=[self._key, self._window_key], args=[token, self._ttl_ms, self.cap, self.rate, window_ms]
+            )
+        )
+        return 0.0 if answer == 0 else WAIT_STEP if answer < 0 else answer / 1000
 
-    async def take(self, token: str, can_wait: float) -> bool:
-        """Wait for a permit up to `can_wait` seconds; False when none came free in time."""
+    async def take(self, token: str, can_wait: float, prompt_id: str = "-") -> bool:
+        """Wait up to `can_wait` seconds until a call may start; False when none could in time."""
         loop = asyncio.get_running_loop()
         end = loop.time() + can_wait
-        while not await self.try_take(token):
-            if loop.time() + WAIT_STEP > end:
+        told = False
+        while wait := await self.try_take(token):
+            if loop.time() + wait > end:
                 return False
-            await asyncio.sleep(WAIT_STEP)
+            if wait >= 1 and not told:
+                logger.bind(prompt_id=prompt_id).info(
+                    "waiting {:.0f}s: JIMENG_RATE_LIMIT={} calls a minute reached", wait, self.rate
+                )
+                told = True
+            await asyncio.sleep(wait)
         return True
 
     async def renew(self, token: str) -> None:

@@ -159,9 +159,10 @@ class Pipeline:
             run.generation_saved = True
             run.enter(Phase.STORING)
             return remembered
-        if not await s.permits.take(run.lease.token, can_wait=run.remaining() - needed):
+        if not await s.permits.take(run.lease.token, run.remaining() - needed, prompt_id):
             raise JobInterrupted(
-                f"no jimeng call slot came free in time (JIMENG_MAX_INFLIGHT={s.permits.cap}); queued again"
+                f"no jimeng call could start in time (JIMENG_MAX_INFLIGHT={s.permits.cap}, "
+                f"JIMENG_RATE_LIMIT={s.permits.rate}); queued again"
             )
         try:
             run.check_stop()

@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     jimeng_resolution: str = "2k"
     jimeng_link_lifetime: int = Field(7200, ge=1, description="seconds the API's image links stay valid")
     jimeng_max_inflight: int = Field(0, ge=0, description="concurrent calls across every worker; 0 no cap")
+    jimeng_rate_limit: int = Field(0, ge=0, description="calls started per minute across every worker; 0 none")
 
     # object storage (Volcengine TOS or any S3-compatible store)
     tos_bucket: str = ""

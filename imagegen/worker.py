@@ -108,7 +108,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     outages = Outages(
         state, gate, settings.outage_pause_after, probes={POCKETBASE: pocketbase.check, STORAGE: storage.check}
     )
-    permits = CallPermits(ctx["redis"], keys, settings.jimeng_max_inflight, settings.worker_lease)
+    permits = CallPermits(
+        ctx["redis"], keys, settings.jimeng_max_inflight, settings.jimeng_rate_limit, settings.worker_lease
+    )
     services = Services(
         settings=settings,
         http=http,

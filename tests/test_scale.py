@@ -50,3 +50,29 @@ async def test_three_workers_never_exceed_the_call_cap_even_after_one_is_killed(
     for worker in workers[1:]:
         assert worker.process.poll() is None
         assert "job done" in worker.output()
+
+
+@pytest.mark.timeout(240)
+async def test_the_rate_limit_holds_across_workers_and_the_next_call_starts_when_the_minute_allows(
+    stack: Stack, records: RecordFactory, pocketbase, start_worker
+):
+    created = await records.many(3, prefix="a rate limited call")
+    env = {"QUEUE_CONCURRENCY": "2", "JIMENG_RATE_LIMIT": "2"}
+    workers = [start_worker(**env), start_worker(**env)]
+    assert run_cli(stack, "add-pending").returncode == 0
+    sandbox = stack.jimeng.sandbox
+
+    async def two_done():
+        return [(await pocketbase.get_record(r.id)).status for r in created].count("done") == 2
+
+    assert await wait_until(two_done, deadline=60)
+    assert sandbox.stats()["total_calls"] == 2
+    waiting = [w for w in workers if "JIMENG_RATE_LIMIT=2 calls a minute reached" in w.output()]
+    assert waiting
+
+    finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=120)
+    assert [r.status for r in finished] == ["done"] * 3
+    starts = sorted(t for r in created for t in sandbox.call_starts(r.prompt))
+    assert len(starts) == 3
+    # The third call started only once the first was a minute old.
+    assert starts[2] - starts[0] >= 60 - 0.5

@@ -83,6 +83,7 @@ class JimengSandbox:
         self.holding = False
         self._inflight = 0
         self._peak_inflight = 0
+        self._call_starts: dict[str, list[float]] = {}
         self.base_url = ""
         self.app = web.Application()
         self.app.add_routes(
@@ -114,6 +115,7 @@ class JimengSandbox:
             self._served.clear()
             self._images.clear()
             self._scripts.clear()
+            self._call_starts.clear()
             self._peak_inflight = self._inflight
         self.on_generation = None
         self.holding = False
@@ -132,6 +134,11 @@ class JimengSandbox:
         """Generation calls received for this prompt, failed ones included."""
         with self._lock:
             return self._calls[prompt]
+
+    def call_starts(self, prompt: str) -> list[float]:
+        """When each generation call for this prompt arrived (wall clock)."""
+        with self._lock:
+            return list(self._call_starts.get(prompt, []))
 
     def generations(self, prompt: str) -> int:
         """Calls for this prompt that returned images: the paid ones."""
@@ -202,6 +209,7 @@ class JimengSandbox:
             await asyncio.sleep(0.01)
         with self._lock:
             self._calls[prompt] += 1
+            self._call_starts.setdefault(prompt, []).append(time.time())
             self._inflight += 1
             self._peak_inflight = max(self._peak_inflight, self._inflight)
         try:
