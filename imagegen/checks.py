@@ -31,14 +31,13 @@ async def check_redis(settings: Settings, http: aiohttp.ClientSession) -> str:
         redis = await create_pool(redis_settings(settings, ride_out_outages=False))
     except (RedisError, OSError) as exc:
         raise ImagegenError(
-            f"cannot connect to {settings.redis_host}:{settings.redis_port} ({type(exc).__name__}); "
-            "check REDIS_HOST, REDIS_PORT and REDIS_PASSWORD"
+            f"cannot connect to {settings.redis_location()} ({type(exc).__name__}); check the REDIS_* settings"
         ) from None
     try:
         queued = await redis.zcard(settings.queue_name)
     finally:
         await redis.aclose()
-    return f"{settings.redis_host}:{settings.redis_port} db {settings.redis_db}, {queued} jobs in {settings.queue_name}"
+    return f"{settings.redis_location()}, {queued} jobs in {settings.queue_name}"
 
 
 async def check_pocketbase(settings: Settings, http: aiohttp.ClientSession) -> str:

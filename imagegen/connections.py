@@ -9,12 +9,14 @@ command fails fast instead, with one readable line.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 from arq.connections import RedisSettings
 from loguru import logger
+from redis import Redis as SyncRedis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
@@ -26,6 +28,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.sentinel import Sentinel as SyncSentinel
 
 from .settings import Settings
 
@@ -53,11 +56,13 @@ def is_redis_outage(exc: BaseException) -> bool:
 
 
 def redis_auth_message(settings: Settings, exc: BaseException) -> str:
-    given = "the password in REDIS_PASSWORD" if settings.redis_password else "no password (REDIS_PASSWORD is empty)"
-    return (
-        f"Redis at {settings.redis_host}:{settings.redis_port} refused {given} ({type(exc).__name__}) - "
-        "fix REDIS_PASSWORD in the environment or .env"
-    )
+    if settings.redis_url is not None and not settings.redis_sentinels:
+        given, fix = "the password in REDIS_URL", "REDIS_URL"
+    elif settings.redis_password:
+        given, fix = "the password in REDIS_PASSWORD", "REDIS_PASSWORD"
+    else:
+        given, fix = "no password (REDIS_PASSWORD is empty)", "REDIS_PASSWORD"
+    return f"{settings.redis_location()} refused {given} ({type(exc).__name__}) - fix {fix} in the environment or .env"
 
 
 class OutageLoggingRetry(Retry):
@@ -93,17 +98,51 @@ class OutageLoggingRetry(Retry):
 
 
 def redis_settings(settings: Settings, *, ride_out_outages: bool = True) -> RedisSettings:
-    """arq's connection settings; a worker rides out Redis outages, a CLI command fails fast."""
+    """arq's connection settings: REDIS_SENTINELS, else REDIS_URL, else REDIS_HOST/PORT/PASSWORD/DB.
+
+    A worker rides out Redis outages, a CLI command fails fast."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    return RedisSettings(
-        host=settings.redis_host,
-        port=settings.redis_port,
-        password=password or None,
-        database=settings.redis_db,
+    if settings.redis_url is not None:
+        where = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
+    else:
+        where = RedisSettings(host=settings.redis_host, port=settings.redis_port, database=settings.redis_db)
+        where.password = password or None
+    if settings.redis_sentinels:
+        where = RedisSettings(
+            host=settings.sentinel_hosts(),  # arq takes the list of sentinels as `host`
+            sentinel=True,
+            sentinel_master=settings.redis_sentinel_master,
+            password=password or None,
+            database=settings.redis_db,
+        )
+    return dataclasses.replace(
+        where,
+        ssl_ca_certs=settings.redis_tls_ca_file or None,
         conn_timeout=3,
         conn_retries=3 if ride_out_outages else 0,
         conn_retry_delay=1,
         retry=OutageLoggingRetry() if ride_out_outages else None,
         retry_on_error=list(REDIS_OUTAGE_ERRORS) if ride_out_outages else None,
         retry_on_timeout=ride_out_outages,
+    )
+
+
+def sync_client(connection: RedisSettings) -> SyncRedis:
+    """A plain blocking client for the same Redis (the worker's wait for Redis at start-up)."""
+    if connection.sentinel:
+        sentinels = cast(list[tuple[str, int]], connection.host)
+        sentinel = SyncSentinel(sentinels, socket_timeout=connection.conn_timeout)  # type: ignore[no-untyped-call]
+        master: SyncRedis = sentinel.master_for(  # type: ignore[no-untyped-call]
+            connection.sentinel_master, password=connection.password, db=connection.database
+        )
+        return master
+    return SyncRedis(
+        host=str(connection.host),
+        port=connection.port,
+        db=connection.database,
+        username=connection.username,
+        password=connection.password,
+        ssl=connection.ssl,
+        ssl_ca_certs=connection.ssl_ca_certs,
+        socket_connect_timeout=connection.conn_timeout,
     )

@@ -101,7 +101,7 @@ def redis_errors(settings: Settings) -> Iterator[None]:
         raise ConfigError(redis_auth_message(settings, exc)) from None
     except (RedisError, OSError) as exc:
         raise QueueError(
-            f"cannot reach Redis at {settings.redis_host}:{settings.redis_port} ({type(exc).__name__}); "
+            f"cannot reach {settings.redis_location()} ({type(exc).__name__}); "
             "is it running and are REDIS_HOST/REDIS_PORT/REDIS_PASSWORD right?"
         ) from None
 

@@ -22,7 +22,7 @@ RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9")
 RESOLUTIONS = ("1k", "2k", "4k")
 MIB = 1024 * 1024
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SECRET_FIELDS = ("redis_password", "jimeng_api_key", "tos_access_key_secret", "pocketbase_password")
+SECRET_FIELDS = ("redis_password", "redis_url", "jimeng_api_key", "tos_access_key_secret", "pocketbase_password")
 # Seconds a job keeps, below arq's QUEUE_JOB_TIMEOUT, to record its outcome after its own deadline.
 FINISH_RESERVE = 10.0
 # Real generations take tens of seconds and queue for minutes at peak; a shorter limit abandons paid calls.
@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_password: SecretStr | None = None
     redis_db: int = Field(0, ge=0)
+    # Instead of host/port: a URL (redis:// or rediss:// for TLS), or Redis Sentinel for a highly available Redis.
+    redis_url: SecretStr | None = None
+    redis_tls_ca_file: str = ""
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "mymaster"
 
     # jimeng API
     jimeng_api_key: SecretStr = SecretStr("")
@@ -100,6 +105,24 @@ class Settings(BaseSettings):
     prompt_max_chars: int = Field(4000, ge=1)
 
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if urlsplit(value.get_secret_value()).scheme not in ("redis", "rediss"):
+            raise ValueError("must start with redis:// or rediss:// (TLS)")
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: str) -> str:
+        for entry in filter(None, (part.strip() for part in value.split(","))):
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("must be host:port pairs separated by commas")
+        return value.strip()
 
     @field_validator("jimeng_ratio")
     @classmethod
@@ -214,10 +237,26 @@ class Settings(BaseSettings):
     def jimeng_timeout_seconds(self) -> float:
         return self.jimeng_timeout / 1000
 
+    def sentinel_hosts(self) -> list[tuple[str, int]]:
+        pairs = [part.strip().rpartition(":") for part in self.redis_sentinels.split(",") if part.strip()]
+        return [(host, int(port)) for host, _, port in pairs]
+
+    def redis_location(self) -> str:
+        """Where Redis is, in words fit for a message: no password."""
+        if self.redis_sentinels:
+            return f"Redis Sentinel {self.redis_sentinels} (master {self.redis_sentinel_master})"
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url.get_secret_value())
+            return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+        return f"Redis at {self.redis_host}:{self.redis_port}"
+
     def secrets(self) -> list[str]:
         """The configured secret values, for scrubbing them out of any text that leaves the process."""
         values = [getattr(self, name) for name in SECRET_FIELDS]
-        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        if self.redis_url is not None and urlsplit(self.redis_url.get_secret_value()).password:
+            found.append(str(urlsplit(self.redis_url.get_secret_value()).password))
+        return found
 
 
 def load_settings(env_file: Path | str | Sequence[Path | str] | None = ".env", *, must_exist: bool = False) -> Settings:

@@ -24,10 +24,9 @@ from typing import Any, NoReturn
 import aiohttp
 from arq.worker import Worker, func
 from loguru import logger
-from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
-from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
+from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings, sync_client
 from .control import Control
 from .errors import ConfigError, PromptFailed
 from .heartbeat import Heartbeat
@@ -202,13 +201,7 @@ def wait_for_redis(settings: Settings, cap: float = 30.0) -> None:
     connection = redis_settings(settings, ride_out_outages=False)
     delay = 1.0
     while True:
-        client = SyncRedis(
-            host=str(connection.host),
-            port=connection.port,
-            db=connection.database,
-            password=connection.password,
-            socket_connect_timeout=connection.conn_timeout,
-        )
+        client = sync_client(connection)
         try:
             client.ping()
             return
@@ -216,9 +209,8 @@ def wait_for_redis(settings: Settings, cap: float = 30.0) -> None:
             raise ConfigError(redis_auth_message(settings, exc)) from None
         except (RedisError, OSError) as exc:
             logger.warning(
-                "cannot reach Redis at {}:{} ({}); check REDIS_HOST/REDIS_PORT/REDIS_PASSWORD; retrying in {:.0f}s",
-                settings.redis_host,
-                settings.redis_port,
+                "cannot reach {} ({}); check the REDIS_* settings; retrying in {:.0f}s",
+                settings.redis_location(),
                 type(exc).__name__,
                 delay,
             )
