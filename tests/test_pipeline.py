@@ -318,13 +318,18 @@ async def test_account_level_answers_pause_the_queue_with_the_reason(
     stack.jimeng.sandbox.script(record.prompt, [mode])
     await enqueue(settings, record.id)
     state = queue_state(settings, redis_client)
+
+    async def noted():
+        current = await pocketbase.get_record(record.id)
+        return current if current.status == "queued" and words in current.error else None
+
     async with worker_running(settings):
         paused = await wait_until(state.paused)
+        # The job notes on the record why it waits, just after pausing the queue.
+        waiting = await wait_until(noted)
     assert paused is not None
     assert words in paused.reason
-    waiting = await pocketbase.get_record(record.id)
-    assert waiting.status == "queued"
-    assert words in waiting.error
+    assert waiting is not None
     await state.resume()
     await run_queue(settings)
     assert (await pocketbase.get_record(record.id)).status == "done"
