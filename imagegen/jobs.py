@@ -154,7 +154,11 @@ class JobRunner:
         await run.lease.ensure()
         run.attempt = await self._state.begin_attempt(prompt_id)
         if run.attempt > self._settings.queue_attempts:
-            # Only a worker dying mid-job gets here: each death used an attempt.
+            # Only runs that died or were cut off get here (each used an attempt); one may have finished first.
+            record = await s.outages.call(POCKETBASE, lambda: s.pocketbase.get_record(prompt_id), run)
+            if record.is_done and not force:
+                await self._state.forget_attempts(prompt_id)
+                return JobOutcome(OutcomeStatus.DONE, run.attempt, skipped=True)
             error = f"gave up after {run.attempt - 1} attempts that never finished"
             return await self._final_failure(run, error, FailureKind.TRANSIENT, exhausted=True)
         log.info("job started (attempt {}/{})", run.attempt, self._settings.queue_attempts)
@@ -219,7 +223,11 @@ class JobRunner:
             run.attempt = 0
 
     async def _note(self, run: JobRun, status: RecordStatus, note: str) -> None:
-        """Best effort: tell the record why its job waits; the job goes on existing either way."""
+        """Best effort: tell the record why its job waits; the job goes on existing either way.
+
+        Never once the record is marked done: a later hiccup (Redis, a cancellation) must not undo it."""
+        if run.committed:
+            return
         try:
             if not await run.lease.claim():
                 return
@@ -268,6 +276,10 @@ class JobRunner:
         """arq cancelled the job: give the attempt back and say so on the record; the reconcile step (or arq's
         own retry on shutdown) runs it again, reusing any paid generation."""
         why = "the worker stopped during this job" if self._runs.stopping else "arq cancelled the job"
+        if run.committed:
+            # The record is done already; arq's retry of the job finds it so and does nothing.
+            logger.bind(prompt_id=run.prompt_id).info("{} after the record was marked done", why)
+            return
         logger.bind(prompt_id=run.prompt_id).warning("{}; it will run again", why)
         try:
             await self._give_back(run)

@@ -252,5 +252,6 @@ class Pipeline:
             await s.ledger.forget(prompt_id)
             log.warning("record was deleted during the job; its images were removed")
             raise
+        run.committed = True
         await s.ledger.forget(prompt_id)
         result.timings["patch"] = time.monotonic() - t0

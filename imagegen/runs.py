@@ -41,6 +41,7 @@ class JobRun:
     attempt: int = 0  # 0 until the run has begun an attempt
     outage: str | None = None  # the service this run is waiting for
     generation_saved: bool = False  # its paid generation is remembered in Redis
+    committed: bool = False  # the record is marked done: nothing may mark it otherwise
     interrupted: bool = False
     started: float = field(default_factory=time.time)
 

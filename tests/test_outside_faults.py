@@ -17,6 +17,7 @@ from arq.constants import in_progress_key_prefix
 
 from imagegen.control import open_control
 from imagegen.keys import RedisKeys
+from imagegen.ledger import GenerationLedger
 from imagegen.state import QueueState
 
 from .conftest import REDIS_PASSWORD, RecordFactory, Stack, queue_state, run_cli, wait_for_records
@@ -198,11 +199,49 @@ async def test_the_jobs_own_timeout_uses_an_attempt_says_so_and_resumes(
         assert note.status == "queued"
         assert "attempt 1 of 3" in note.error
         assert "QUEUE_JOB_TIMEOUT=16" in note.error
-        finished = await wait_for_records(pocketbase, [record.id], deadline=60)
-    assert finished[0].status == "done"
+
+        async def job_done():
+            async with open_control(settings) as control:
+                report = await control.inspect(record.id)
+            return report if report.state.value == "done" else None
+
+        report = await wait_until(job_done, deadline=60)
+    assert report is not None
+    assert report.tries == 2
+    assert report.record_status == "done"
     assert stack.jimeng.sandbox.generations(record.prompt) == 1
-    async with open_control(settings) as control:
-        assert (await control.inspect(record.id)).tries == 2
+
+
+async def test_a_job_cut_off_after_marking_done_leaves_the_record_done_and_pays_once(
+    stack: Stack, records: RecordFactory, pocketbase, monkeypatch
+):
+    settings = stack.settings()
+    record = await records.create("a job cut off at the very end")
+    await enqueue(settings, record.id)
+    committed = asyncio.Event()
+    forget = GenerationLedger.forget
+
+    async def stall_after_done(self, prompt_id: str) -> None:
+        # The record is done by now; the job hangs here until the worker cancels it (a stop past its grace).
+        if (await pocketbase.get_record(prompt_id)).status == "done":
+            committed.set()
+            await asyncio.Event().wait()
+        await forget(self, prompt_id)
+
+    monkeypatch.setattr(GenerationLedger, "forget", stall_after_done)
+    async with worker_running(settings):
+        assert await wait_until(lambda: _is_set(committed))
+    monkeypatch.setattr(GenerationLedger, "forget", forget)
+    # The cut-off did not mark the done record queued; arq's retry of the job finds it done and pays nothing.
+    assert (await pocketbase.get_record(record.id)).status == "done"
+    await run_queue(settings)
+    done = await pocketbase.get_record(record.id)
+    assert (done.status, done.error, len(done.images)) == ("done", "", 4)
+    assert stack.jimeng.sandbox.generations(record.prompt) == 1
+
+
+async def _is_set(event: asyncio.Event) -> bool:
+    return event.is_set()
 
 
 @pytest.mark.timeout(180)
