@@ -44,6 +44,10 @@ async def worker_running(settings: Settings) -> AsyncIterator[Worker]:
     try:
         yield worker
     finally:
+        # Let jobs arq has just picked reach the job function first: a cancel inside arq's own start of a job
+        # leaves its hour-long in-progress mark behind (a worker's reconcile sweep frees it; a test can't wait).
+        worker.allow_pick_jobs = False
+        await wait_until(lambda: _jobs_entered(worker), deadline=10)
         # Cancel what runs, as a stop past its grace would; arq's close() gives up (skipping the shutdown
         # hook that stops the heartbeat and the sweep) when a job task it gathers ended cancelled.
         worker.handle_sig(signal.SIGUSR1)
@@ -52,6 +56,10 @@ async def worker_running(settings: Settings) -> AsyncIterator[Worker]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await worker.close()
+
+
+async def _jobs_entered(worker: Worker) -> bool:
+    return all(task.done() or job_id in worker.job_tasks for job_id, task in worker.tasks.items())
 
 
 async def wait_until(condition, deadline: float = 30):
