@@ -67,8 +67,11 @@ async def test_the_rate_limit_holds_across_workers_and_the_next_call_starts_when
 
     assert await wait_until(two_done, deadline=60)
     assert sandbox.stats()["total_calls"] == 2
-    waiting = [w for w in workers if "JIMENG_RATE_LIMIT=2 calls a minute reached" in w.output()]
-    assert waiting
+
+    async def one_waits():
+        return any("JIMENG_RATE_LIMIT=2 calls a minute reached" in w.output() for w in workers)
+
+    assert await wait_until(one_waits, deadline=30)
 
     finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=120)
     assert [r.status for r in finished] == ["done"] * 3
