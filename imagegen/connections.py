@@ -102,11 +102,6 @@ def redis_settings(settings: Settings, *, ride_out_outages: bool = True) -> Redi
 
     A worker rides out Redis outages, a CLI command fails fast."""
     password = settings.redis_password.get_secret_value() if settings.redis_password else None
-    if settings.redis_url is not None:
-        where = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
-    else:
-        where = RedisSettings(host=settings.redis_host, port=settings.redis_port, database=settings.redis_db)
-        where.password = password or None
     if settings.redis_sentinels:
         where = RedisSettings(
             host=settings.sentinel_hosts(),  # arq takes the list of sentinels as `host`
@@ -115,6 +110,11 @@ def redis_settings(settings: Settings, *, ride_out_outages: bool = True) -> Redi
             password=password or None,
             database=settings.redis_db,
         )
+    elif settings.redis_url is not None:
+        where = RedisSettings.from_dsn(settings.redis_url.get_secret_value())
+    else:
+        where = RedisSettings(host=settings.redis_host, port=settings.redis_port, database=settings.redis_db)
+        where.password = password or None
     return dataclasses.replace(
         where,
         ssl_ca_certs=settings.redis_tls_ca_file or None,
