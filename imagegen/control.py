@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
 from .errors import ConfigError, ImagegenError, InvalidPromptId, QueueError, RecordNotFound
+from .intake import announce
 from .keys import RedisKeys
 from .models import JOB_NAME, JobOutcome, JobState, OutcomeStatus, PromptRecord, RecordStatus, validate_prompt_id
 from .pocketbase import PocketBaseClient
@@ -252,7 +253,14 @@ class Control:
             )
         if job is None:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
+        await self._announce_enqueued(1)
         return EnqueueReport(record.id, EnqueueOutcome.QUEUED)
+
+    async def _announce_enqueued(self, count: int) -> None:
+        """Tell idle workers that jobs were queued (they would find them on their next poll anyway)."""
+        if count:
+            with redis_errors(self.settings):
+                await announce(self.redis, self.keys)
 
     async def enqueue(self, prompt_id: str, *, force: bool = False) -> EnqueueReport:
         """Queue one prompt; says whether it was queued, already queued or already done."""

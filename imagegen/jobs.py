@@ -85,6 +85,7 @@ class JobRunner:
             outcome = await self._guarded(run, force)
         finally:
             self._runs.close(run)
+            self._s.slots.job_ended(run)
             await asyncio.shield(self._release(lease))
         return outcome.to_dict()
 

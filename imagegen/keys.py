@@ -25,6 +25,8 @@ class RedisKeys:
         self.inflight_calls = f"{self.prefix}jimeng:inflight"
         # Start times of the jimeng calls of the last minute (JIMENG_RATE_LIMIT).
         self.call_window = f"{self.prefix}jimeng:calls"
+        # Pub/sub channel: a message on it wakes idle workers when jobs were queued.
+        self.wake = f"{self.prefix}wake"
 
     def generation(self, prompt_id: str) -> str:
         """The remembered result of a paid generation for one prompt (links + what already landed)."""

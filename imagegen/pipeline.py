@@ -37,6 +37,7 @@ from .permits import CallPermits
 from .pocketbase import PocketBaseClient
 from .runs import JobRun, Phase
 from .settings import Settings
+from .slots import Slots
 from .state import PauseGate
 from .storage import Storage
 
@@ -67,6 +68,7 @@ class Services:
     gate: PauseGate
     outages: Outages
     permits: CallPermits
+    slots: Slots
 
 
 def check_prompt(record: PromptRecord, max_chars: int) -> str:
@@ -143,6 +145,27 @@ class Pipeline:
 
     async def _generate(self, run: JobRun, prompt: str, negative: str, result: PipelineResult) -> GenerationRecord:
         s, prompt_id = self._s, run.prompt_id
+        run.enter(Phase.READY)
+        async with s.slots.generation():
+            generation, elapsed = await self._call(run, prompt, negative)
+        if elapsed is None:  # a run that held the lease before us paid already
+            run.generation_saved = True
+            run.enter(Phase.STORING)
+            return generation
+        # The slot is free the moment the call returned: the next prompt's call starts while this one stores.
+        s.slots.hand_back(run)
+        run.phase = Phase.STORING
+        result.generated = True
+        result.timings["generate"] = result.timings.get("generate", 0.0) + elapsed
+        logger.bind(prompt_id=prompt_id).info("generated {} images in {:.1f}s", len(generation.urls), elapsed)
+        await s.ledger.save(prompt_id, generation)
+        run.generation_saved = True
+        return generation
+
+    async def _call(self, run: JobRun, prompt: str, negative: str) -> tuple[GenerationRecord, float | None]:
+        """The last checks and the paid call, inside a generation slot; the seconds it took, or None when an
+        earlier run's generation turned up instead."""
+        s, prompt_id = self._s, run.prompt_id
         # The last look before paying: a pause set since the job started stops it here.
         paused = await s.gate.current()
         if paused is not None:
@@ -155,10 +178,8 @@ class Pipeline:
             )
         await run.lease.ensure()
         remembered = await s.ledger.load(prompt_id)
-        if remembered is not None:  # a run that held the lease before us paid already
-            run.generation_saved = True
-            run.enter(Phase.STORING)
-            return remembered
+        if remembered is not None:
+            return remembered, None
         if not await s.permits.take(run.lease.token, run.remaining() - needed, prompt_id):
             raise JobInterrupted(
                 f"no jimeng call could start in time (JIMENG_MAX_INFLIGHT={s.permits.cap}, "
@@ -173,14 +194,7 @@ class Pipeline:
             elapsed = time.monotonic() - t0
         finally:
             await asyncio.shield(s.permits.give_back(run.lease.token))
-        record = GenerationRecord(created=generation.created, urls=generation.urls)
-        run.phase = Phase.STORING
-        result.generated = True
-        result.timings["generate"] = result.timings.get("generate", 0.0) + elapsed
-        logger.bind(prompt_id=prompt_id).info("generated {} images in {:.1f}s", len(generation.urls), elapsed)
-        await s.ledger.save(prompt_id, record)
-        run.generation_saved = True
-        return record
+        return GenerationRecord(created=generation.created, urls=generation.urls), elapsed
 
     async def _store_all(self, run: JobRun, generation: GenerationRecord, result: PipelineResult) -> None:
         s, prompt_id = self._s, run.prompt_id
@@ -208,9 +222,12 @@ class Pipeline:
         tries = settings.download_tries
         for number in range(1, tries + 1):
             try:
-                async with open_image(
-                    self._s.http, url, max_bytes=settings.download_max_bytes, time_limit=settings.download_timeout
-                ) as download:
+                async with (
+                    self._s.slots.transfer(),
+                    open_image(
+                        self._s.http, url, max_bytes=settings.download_max_bytes, time_limit=settings.download_timeout
+                    ) as download,
+                ):
                     key = storage.object_key(prompt_id, index, download.image_type.extension)
                     size = await storage.upload_image(key, download)
                 return StoredImage(

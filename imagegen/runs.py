@@ -1,9 +1,10 @@
 """The jobs a worker process is running right now, each with the phase it is in.
 
-The phase decides what a stop does to a run: runs that have not reached their paid call go back to the queue
-at once; a run inside its paid call is waited for; a run storing images finishes (unless it only waits for an
-outage and its generation is already remembered, then it too goes back at once). `imagegen status` shows the
-phases, so jobs that only wait for a resume are reported as waiting, not in progress.
+The phase decides what a stop does to a run: runs that have not reached their paid call (also those ready
+and waiting for a generation slot) go back to the queue at once; a run inside its paid call is waited for; a
+run storing images finishes (unless it only waits for an outage and its generation is already remembered,
+then it too goes back at once). `imagegen status` shows the phases, so jobs that only wait for a resume are
+reported as waiting, not in progress.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .lease import PromptLease
 class Phase(StrEnum):
     WAITING = "waiting"  # for a resume of the paused queue
     PREPARING = "preparing"  # reading the record, before the paid call
+    READY = "ready"  # read and checked, waiting for a generation slot of the worker
     GENERATING = "generating"  # inside the paid call
     STORING = "storing"  # moving images into the bucket
     FINISHING = "finishing"  # writing the outcome
@@ -42,13 +44,14 @@ class JobRun:
     outage: str | None = None  # the service this run is waiting for
     generation_saved: bool = False  # its paid generation is remembered in Redis
     committed: bool = False  # the record is marked done: nothing may mark it otherwise
+    handed_back: bool = False  # its paid call returned and its arq job slot went to the next prompt
     interrupted: bool = False
     started: float = field(default_factory=time.time)
 
     @property
     def interruptible(self) -> bool:
         """True when stopping now wastes nothing: no paid call in flight, no unremembered generation."""
-        if self.phase in (Phase.WAITING, Phase.PREPARING):
+        if self.phase in (Phase.WAITING, Phase.PREPARING, Phase.READY):
             return True
         return self.phase is Phase.STORING and self.outage is not None and self.generation_saved
 

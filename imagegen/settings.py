@@ -85,15 +85,18 @@ class Settings(BaseSettings):
 
     # queue and worker
     queue_name: str = "imagegen:queue"
-    queue_concurrency: int = Field(5, ge=1, le=1000)
+    queue_concurrency: int = Field(5, ge=1, le=1000, description="paid calls at once per worker process")
     queue_max_failed: int = Field(10, ge=1)
     queue_attempts: int = Field(3, ge=1, le=100)
     queue_backoff: float = Field(5.0, ge=0)
     queue_backoff_max: float = Field(600.0, ge=0)
     queue_job_timeout: int = Field(3600, ge=10, description="seconds")
+    queue_poll_interval: float = Field(
+        0.5, gt=0, le=600, description="seconds between looks at the queue when no worker was told of new jobs"
+    )
     queue_keep_result: int = Field(7 * 24 * 3600, ge=60, description="seconds")
     worker_shutdown_grace: int = Field(720, ge=0, description="seconds")
-    worker_lease: float = Field(20.0, ge=2, le=600, description="seconds a dead worker's jobs stay claimed")
+    worker_lease: float = Field(10.0, ge=2, le=600, description="seconds a dead worker's jobs stay claimed")
     reconcile_interval: float = Field(60.0, gt=0, description="seconds between sweeps for stranded records")
     outage_pause_after: float = Field(60.0, ge=0, description="seconds of outage before the queue pauses; 0 never")
 
@@ -102,6 +105,7 @@ class Settings(BaseSettings):
     download_timeout: int = Field(300, gt=0, description="seconds")
     download_tries: int = Field(3, ge=1, le=10, description="tries per image before the attempt fails")
     upload_multipart_threshold: int = Field(8 * MIB, ge=5 * MIB)
+    store_concurrency: int = Field(10, ge=1, le=1000, description="image transfers at once per worker process")
     prompt_max_chars: int = Field(4000, ge=1)
 
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"

@@ -30,6 +30,7 @@ from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings, 
 from .control import Control
 from .errors import ConfigError, PromptFailed
 from .heartbeat import Heartbeat
+from .intake import Intake
 from .jimeng import JimengClient
 from .jobs import JobRunner
 from .keys import RedisKeys
@@ -43,6 +44,7 @@ from .pocketbase import PocketBaseClient
 from .reconcile import Reconciler
 from .runs import Runs
 from .settings import Settings, load_settings, require
+from .slots import Slots
 from .state import PauseGate, QueueState
 from .storage import Storage, open_s3_client
 
@@ -110,6 +112,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     permits = CallPermits(
         ctx["redis"], keys, settings.jimeng_max_inflight, settings.jimeng_rate_limit, settings.worker_lease
     )
+    slots = Slots(settings.queue_concurrency, settings.store_concurrency)
+    intake = Intake(ctx["redis"], keys, settings.queue_name, settings.queue_poll_interval)
     services = Services(
         settings=settings,
         http=http,
@@ -120,6 +124,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         gate=gate,
         outages=outages,
         permits=permits,
+        slots=slots,
     )
     runs = Runs()
     heartbeat = Heartbeat(state, runs, outages, permits, settings.queue_name, settings.worker_lease)
@@ -137,8 +142,13 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["services"] = services
     ctx["runner"] = JobRunner(services, Pipeline(services), state, runs)
     worker = _running_worker()
-    if worker is not None and worker._handle_signals:  # arq keeps no public flag for it
-        install_stop_handlers(worker, runs, settings.worker_shutdown_grace)
+    if worker is not None:
+        intake.install(worker)
+        slots.attach(worker, intake.wake)
+        intake.start()
+        stack.push_async_callback(intake.stop)
+        if worker._handle_signals:  # arq keeps no public flag for it
+            install_stop_handlers(worker, runs, settings.worker_shutdown_grace)
     paused = await state.paused()
     if paused is not None:
         since = datetime.fromtimestamp(paused.since).astimezone().isoformat(timespec="seconds")
@@ -186,7 +196,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "redis_settings": redis_settings(settings),
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "max_jobs": settings.queue_concurrency,
+        "max_jobs": Slots.arq_jobs(settings.queue_concurrency),
         "job_timeout": settings.queue_job_timeout,
         "keep_result": settings.queue_keep_result,
         "ctx": {"settings": settings},

@@ -79,3 +79,50 @@ async def test_the_rate_limit_holds_across_workers_and_the_next_call_starts_when
     assert len(starts) == 3
     # The third call started only once the first was a minute old.
     assert starts[2] - starts[0] >= 60 - 0.5
+
+
+@pytest.mark.timeout(120)
+async def test_a_queued_job_starts_when_announced_not_when_the_worker_next_polls(
+    stack: Stack, records: RecordFactory, pocketbase, start_worker
+):
+    # Polling every ten minutes: only the message `imagegen add` publishes can start the job in time.
+    worker = start_worker(QUEUE_POLL_INTERVAL="600")
+
+    async def ready():
+        return "worker ready" in worker.output()
+
+    assert await wait_until(ready, deadline=30)
+    for prompt in ("an announced lighthouse", "an announced harbour"):
+        record = await records.create(prompt)
+        assert run_cli(stack, "add", record.id).returncode == 0
+        [finished] = await wait_for_records(pocketbase, [record.id], deadline=60)
+        assert finished.status == "done"
+
+
+@pytest.mark.timeout(120)
+async def test_the_next_paid_call_starts_while_the_previous_prompt_still_stores_its_images(
+    stack: Stack, records: RecordFactory, pocketbase, start_worker, sandbox_config
+):
+    first, second = await records.many(2, prefix="a slot handed on")
+    sandbox_config.latency = 0.3
+    sandbox_config.image_latency = 1.0  # four images: the first prompt stores for about four seconds
+    worker = start_worker(QUEUE_CONCURRENCY="1")
+    assert run_cli(stack, "add", first.id).returncode == 0
+    sandbox = stack.jimeng.sandbox
+
+    async def first_called():
+        return sandbox.stats()["total_generations"] == 1
+
+    assert await wait_until(first_called, deadline=30)
+    assert run_cli(stack, "add", second.id).returncode == 0
+    finished = await wait_for_records(pocketbase, [first.id, second.id], deadline=60)
+    assert [r.status for r in finished] == ["done", "done"]
+
+    def line_of(prompt_id: str, text: str) -> int:
+        lines = worker.output().splitlines()
+        return next(i for i, line in enumerate(lines) if prompt_id in line and text in line)
+
+    # One generation slot, never two calls at once, and yet the second prompt was generated while the first
+    # was still moving its images into the bucket.
+    assert sandbox.stats()["peak_inflight"] == 1
+    assert line_of(second.id, "generated 4 images") < line_of(first.id, "job done")

@@ -1,0 +1,95 @@
+"""A worker process's capacity: paid calls, image transfers, and the arq jobs it holds.
+
+The API's concurrency is what the account pays for and is limited by, so it never waits on our own work:
+
+- QUEUE_CONCURRENCY *generation slots*: a run holds one from its last checks before the paid call until the
+  call returns, and not a moment longer;
+- STORE_CONCURRENCY *transfer slots*: each image download -> upload holds one; they bound the memory of
+  storing (one upload part per transfer) and are shared by every job of the process;
+- arq runs up to 2 x QUEUE_CONCURRENCY jobs: as many in their call as there are slots, and as many read and
+  ready to call the moment a slot frees. A job whose call returned *hands back* its arq job slot, so arq takes
+  the next prompt at once while that job stores its images, up to STORE_CONCURRENCY such jobs per process;
+  past that, a finished generation keeps its job slot and new work waits for storing to catch up.
+
+Handing back works on arq's public `max_jobs` (raised by one per job storing, lowered when it ends), so the
+worker's poll loop needs no other change; its semaphore is widened once so that `max_jobs` alone limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from arq.worker import Worker
+
+from .runs import JobRun
+
+# arq acquires its semaphore once per job; with it this wide, `max_jobs` is the only limit.
+_UNBOUNDED = 1 << 30
+
+
+class Slots:
+    """The generation and transfer slots of one worker process, and its arq job slots when attached."""
+
+    def __init__(self, generations: int, transfers: int) -> None:
+        self.generations = generations
+        self.transfers = transfers
+        self._calls = asyncio.Semaphore(generations)
+        self._transfers = asyncio.Semaphore(transfers)
+        self._worker: Worker | None = None
+        self._wake: Callable[[], None] = lambda: None
+        self.storing = 0  # jobs that handed back their arq slot and are storing
+        self.calling = 0  # generation slots held
+        self.transferring = 0  # transfer slots held
+
+    @staticmethod
+    def arq_jobs(generations: int) -> int:
+        """arq's `max_jobs` for a worker: the jobs in their call and as many ready to take a freed slot."""
+        return 2 * generations
+
+    def attach(self, worker: Worker, wake: Callable[[], None]) -> None:
+        """Let finished generations hand back the arq job slots of this worker; `wake` makes it poll now."""
+        worker.sem = asyncio.BoundedSemaphore(_UNBOUNDED)
+        self._worker = worker
+        self._wake = wake
+
+    @asynccontextmanager
+    async def generation(self) -> AsyncIterator[None]:
+        """Hold a generation slot (waits while all are taken)."""
+        async with self._calls:
+            self.calling += 1
+            try:
+                yield
+            finally:
+                self.calling -= 1
+
+    @asynccontextmanager
+    async def transfer(self) -> AsyncIterator[None]:
+        """Hold a transfer slot for one image download -> upload."""
+        async with self._transfers:
+            self.transferring += 1
+            try:
+                yield
+            finally:
+                self.transferring -= 1
+
+    def hand_back(self, run: JobRun) -> None:
+        """The run's paid call returned: let arq take another job now, unless storing is already at its limit."""
+        if self._worker is None or run.handed_back or self.storing >= self.transfers:
+            return
+        run.handed_back = True
+        self.storing += 1
+        self._worker.max_jobs += 1
+        self._wake()
+
+    def job_ended(self, run: JobRun) -> None:
+        if self._worker is None or not run.handed_back:
+            return
+        run.handed_back = False
+        self.storing -= 1
+        self._worker.max_jobs -= 1
+
+    def snapshot(self) -> dict[str, int]:
+        """Slots in use, for the heartbeat."""
+        return {"calling": self.calling, "transferring": self.transferring, "storing_jobs": self.storing}
