@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NoReturn
 
@@ -258,9 +259,11 @@ def _format_status(report: StatusReport) -> str:
     lines.append(f"workers:   {len(report.workers)} live")
     for worker in report.workers:
         stopping = ", stopping" if worker.get("stopping") else ""
+        phases = Counter(job["phase"] for job in worker.get("jobs") or [] if job["phase"] != "waiting")
+        detail = f" ({', '.join(f'{n} {phase}' for phase, n in sorted(phases.items()))})" if phases else ""
         lines.append(
-            f"  {worker['id']}  running {len(worker['running'])}, waiting {len(worker.get('waiting') or [])}, "
-            f"done {worker['jobs_done']}{stopping}"
+            f"  {worker['id']}  running {len(worker['running'])}{detail}, "
+            f"waiting {len(worker.get('waiting') or [])}, done {worker['jobs_done']}{stopping}"
         )
     return "\n".join(lines)
 
