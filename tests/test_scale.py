@@ -106,7 +106,7 @@ async def test_the_next_paid_call_starts_while_the_previous_prompt_still_stores_
     first, second = await records.many(2, prefix="a slot handed on")
     sandbox_config.latency = 0.3
     sandbox_config.image_latency = 1.0  # four images: the first prompt stores for about four seconds
-    worker = start_worker(QUEUE_CONCURRENCY="1")
+    worker = start_worker(QUEUE_CONCURRENCY="1", WORKER_LEASE="4")
     assert run_cli(stack, "add", first.id).returncode == 0
     sandbox = stack.jimeng.sandbox
 
@@ -114,6 +114,11 @@ async def test_the_next_paid_call_starts_while_the_previous_prompt_still_stores_
         return sandbox.stats()["total_generations"] == 1
 
     assert await wait_until(first_called, deadline=30)
+
+    async def status_shows_it_storing():
+        return "(1 storing)" in run_cli(stack, "status").stdout
+
+    assert await wait_until(status_shows_it_storing, deadline=10)
     assert run_cli(stack, "add", second.id).returncode == 0
     finished = await wait_for_records(pocketbase, [first.id, second.id], deadline=60)
     assert [r.status for r in finished] == ["done", "done"]
