@@ -78,6 +78,9 @@ async def open_s3_client(settings: Settings) -> AsyncIterator[S3Client]:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         retries={"max_attempts": 2, "mode": "standard"},
+        # Every transfer of the worker may be uploading at once; botocore's default pool of 10 would queue them.
+        max_pool_connections=settings.store_concurrency + 4,
+        parameter_validation=False,  # our own calls, checked by the type checker; saves CPU on each request
         connect_timeout=10,
         read_timeout=60,
     )

@@ -98,7 +98,12 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
     stack = AsyncExitStack()
     http = await stack.enter_async_context(
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15))
+        aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=15),
+            # The worker's slots bound its connections (calls, transfers, record reads); aiohttp's default cap
+            # of 100 would make calls wait for connections at a high QUEUE_CONCURRENCY.
+            connector=aiohttp.TCPConnector(limit=0),
+        )
     )
     s3 = await stack.enter_async_context(open_s3_client(settings))
     keys = RedisKeys(settings.queue_name)
