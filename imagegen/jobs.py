@@ -194,8 +194,7 @@ class JobRunner:
         if isinstance(exc, QueuePaused):
             await self._wait_for_resume(run, str(exc))
         if exc.kind is FailureKind.ACCOUNT:
-            info = await self._state.pause(str(exc), source="auto")
-            self._s.gate.invalidate()
+            info = await self._s.gate.close(str(exc), source="auto")
             log.error("queue paused: {}", info.reason)
             await self._wait_for_resume(run, f"waiting: queue paused ({exc})")
         attempts = self._settings.queue_attempts

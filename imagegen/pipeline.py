@@ -146,8 +146,10 @@ class Pipeline:
     async def _generate(self, run: JobRun, prompt: str, negative: str, result: PipelineResult) -> GenerationRecord:
         s, prompt_id = self._s, run.prompt_id
         run.enter(Phase.READY)
-        async with s.slots.generation():
-            generation, elapsed = await self._call(run, prompt, negative)
+        await s.slots.take_call_slot(run)
+        # A failure keeps the slot until the job's outcome is decided (see `slots`).
+        generation, elapsed = await self._call(run, prompt, negative)
+        s.slots.free_call_slot(run)
         if elapsed is None:  # a run that held the lease before us paid already
             run.generation_saved = True
             run.enter(Phase.STORING)

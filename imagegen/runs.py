@@ -44,6 +44,7 @@ class JobRun:
     outage: str | None = None  # the service this run is waiting for
     generation_saved: bool = False  # its paid generation is remembered in Redis
     committed: bool = False  # the record is marked done: nothing may mark it otherwise
+    holds_call_slot: bool = False  # one of the worker's generation slots
     handed_back: bool = False  # its paid call returned and its arq job slot went to the next prompt
     interrupted: bool = False
     started: float = field(default_factory=time.time)

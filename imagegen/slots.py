@@ -3,7 +3,9 @@
 The API's concurrency is what the account pays for and is limited by, so it never waits on our own work:
 
 - QUEUE_CONCURRENCY *generation slots*: a run holds one from its last checks before the paid call until the
-  call returns, and not a moment longer;
+  call returns, and not a moment longer; a call that failed keeps its slot until the job's outcome is decided,
+  because that decision may pause the queue (an account error, the QUEUE_MAX_FAILED-th failure in a row)
+  and the next prompt must not pay before it;
 - STORE_CONCURRENCY *transfer slots*: each image download -> upload holds one; they bound the memory of
   storing (one upload part per transfer) and are shared by every job of the process;
 - arq runs up to 2 x QUEUE_CONCURRENCY jobs: as many in their call as there are slots, and as many read and
@@ -54,15 +56,17 @@ class Slots:
         self._worker = worker
         self._wake = wake
 
-    @asynccontextmanager
-    async def generation(self) -> AsyncIterator[None]:
-        """Hold a generation slot (waits while all are taken)."""
-        async with self._calls:
-            self.calling += 1
-            try:
-                yield
-            finally:
-                self.calling -= 1
+    async def take_call_slot(self, run: JobRun) -> None:
+        """Wait for a generation slot; the run holds it until `free_call_slot` or the end of its job."""
+        await self._calls.acquire()
+        run.holds_call_slot = True
+        self.calling += 1
+
+    def free_call_slot(self, run: JobRun) -> None:
+        if run.holds_call_slot:
+            run.holds_call_slot = False
+            self.calling -= 1
+            self._calls.release()
 
     @asynccontextmanager
     async def transfer(self) -> AsyncIterator[None]:
@@ -84,6 +88,8 @@ class Slots:
         self._wake()
 
     def job_ended(self, run: JobRun) -> None:
+        """The run's job is over, its outcome decided: free whatever it still holds."""
+        self.free_call_slot(run)
         if self._worker is None or not run.handed_back:
             return
         run.handed_back = False

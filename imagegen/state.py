@@ -169,6 +169,12 @@ class PauseGate:
         """Forget the cached view (after this process changed the pause itself)."""
         self._checked = float("-inf")
 
+    async def close(self, reason: str, source: str) -> PauseInfo:
+        """Pause the queue from this process (an existing pause stays as it is) and see it at once."""
+        info = await self._state.pause(reason, source=source)
+        self.invalidate()
+        return info
+
     async def wait_open(self, max_wait: float) -> bool:
         """Wait while the queue is paused; False when still paused after `max_wait` seconds."""
         loop = asyncio.get_running_loop()

@@ -164,9 +164,13 @@ async def test_sigterm_under_supervisord_finishes_jobs_in_flight(
         created = await records.many(8, prefix="a graceful stop")
         assert run_cli(stack, "add-pending").returncode == 0
 
+        sandbox = stack.jimeng.sandbox
+
         async def in_flight():
-            processing = [r.id for r in created if (await pocketbase.get_record(r.id)).status == "processing"]
-            return set(processing) if len(processing) == 3 else None
+            """Records past their paid call and not done yet (storing their slow images)."""
+            paid = [r.id for r in created if sandbox.generations(r.prompt)]
+            processing = {i for i in paid if (await pocketbase.get_record(i)).status == "processing"}
+            return processing if len(processing) >= 3 else None
 
         running = await wait_until(in_flight, deadline=60)
         assert running
@@ -174,7 +178,10 @@ async def test_sigterm_under_supervisord_finishes_jobs_in_flight(
         assert "stopped" in stopped.stdout
 
         after = {r.id: r for r in [await pocketbase.get_record(r.id) for r in created]}
-        assert all(after[i].status == "done" for i in running)
+        paid = {r.id for r in created if sandbox.generations(r.prompt)}
+        # Every generation paid for before the stop was stored and recorded; nothing is left processing.
+        assert running <= paid
+        assert all(after[i].status == "done" for i in paid)
         assert not [r for r in after.values() if r.status == "processing"]
         out_log = (project / "logs" / "worker-0-out.log").read_text()
         assert "shutdown on SIGTERM" in out_log
