@@ -100,10 +100,20 @@ class Pipeline:
             result.skipped = True
             return result
         prompt = check_prompt(record, s.settings.prompt_max_chars)
+        # Every run marks the record `processing` before it can store anything, and nothing of ours ever marks
+        # a record pending again: a pending record without images or a note, on a first attempt, has no objects
+        # of an earlier run in the bucket, and listing them can be skipped.
+        untouched = (
+            not force
+            and run.attempt <= 1
+            and record.status == RecordStatus.PENDING.value
+            and not (record.error or record.images or record.image_url)
+        )
         await run.lease.ensure()
         await s.outages.call(POCKETBASE, lambda: s.pocketbase.set_status(prompt_id, RecordStatus.PROCESSING), run)
         generation = await s.ledger.load(prompt_id)
         if generation is not None:
+            untouched = False
             run.generation_saved = True
             run.enter(Phase.STORING)
             log.info(
@@ -138,8 +148,9 @@ class Pipeline:
                 run.enter(Phase.PREPARING)
                 generation = await self._generate(run, prompt, record.negative_prompt, result)
                 regenerated = True
+                untouched = False
         run.enter(Phase.FINISHING)
-        await self._finish(run, result)
+        await self._finish(run, result, leftovers_possible=not untouched)
         result.timings["total"] = time.monotonic() - started
         return result
 
@@ -251,14 +262,15 @@ class Pipeline:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    async def _finish(self, run: JobRun, result: PipelineResult) -> None:
+    async def _finish(self, run: JobRun, result: PipelineResult, *, leftovers_possible: bool) -> None:
         s, prompt_id = self._s, run.prompt_id
         log = logger.bind(prompt_id=prompt_id)
         keys = [image.key for image in result.images]
-        await run.lease.ensure()
-        removed = await s.outages.call(STORAGE, lambda: s.storage.remove_others(prompt_id, keys), run)
-        if removed:
-            log.info("removed {} leftover objects of an earlier run", len(removed))
+        if leftovers_possible:
+            await run.lease.ensure()
+            removed = await s.outages.call(STORAGE, lambda: s.storage.remove_others(prompt_id, keys), run)
+            if removed:
+                log.info("removed {} leftover objects of an earlier run", len(removed))
         t0 = time.monotonic()
         await run.lease.ensure()
         urls = [image.public_url for image in result.images]

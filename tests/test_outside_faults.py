@@ -389,7 +389,8 @@ async def test_redis_flushed_mid_run_recovers_with_no_command_and_pays_once(
     stack: Stack, records: RecordFactory, pocketbase, start_worker, slow_images, redis_client
 ):
     created = await records.many(10, prefix="a flush")
-    quick = {"QUEUE_CONCURRENCY": "2", "RECONCILE_INTERVAL": "1", "WORKER_LEASE": "4"}
+    # Each worker holds at most three jobs (one calling, one ready, one storing): some are only queued.
+    quick = {"QUEUE_CONCURRENCY": "1", "STORE_CONCURRENCY": "1", "RECONCILE_INTERVAL": "1", "WORKER_LEASE": "4"}
     first, second = start_worker(**quick), start_worker(**quick)
     assert run_cli(stack, "add-pending").returncode == 0
     assert await wait_until(lambda: _some_done(pocketbase, created), deadline=60)
