@@ -34,4 +34,4 @@ check: lint typecheck test
 
 ## Side-by-side figures (not part of the tests)
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --profile

@@ -1,83 +1,91 @@
-"""`python -m bench [--mib N] [--runs K]`: streamed vs buffered upload of one large generated image.
+"""`python -m bench`: start the local stack, measure each figure next to its baseline, print the table and
+write docs/benchmarks.md.
 
-Starts a real SeaweedFS S3 server and the jimeng sandbox serving an N MiB image, then runs each mode K times
-in fresh processes, alternating, and prints the median time and peak memory of each side by side.
+Figures: overhead, occupancy, memory, backlog, pickup, recovery (all by default) and upload (only when
+named: one large image, streamed vs buffered). docs/benchmarks.md is written by a full run: every default
+figure, not --quick, not --no-write.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
-import subprocess
 import sys
 import tempfile
-import urllib.request
+import time
+import traceback
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from imagegen.jimeng_sandbox import SandboxConfig, SandboxThread
-from imagegen.localstack import RunningService, ensure_bucket, free_port, seaweed_spec
+from . import backlog, memory, occupancy, overhead, pickup, recovery, upload
+from .report import Figure, console_table, machine, write_docs
+from .stack import Stack, clean, running_stack
 
-MIB = 1024 * 1024
-KEYS = {"access_key": "bench-access", "secret_key": "bench-secret-key"}
+Measure = Callable[[Stack, bool, bool], Awaitable[Figure]]
+FIGURES: dict[str, Measure] = {
+    "overhead": overhead.measure,
+    "occupancy": occupancy.measure,
+    "memory": memory.measure,
+    "backlog": backlog.measure,
+    "pickup": pickup.measure,
+    "recovery": recovery.measure,
+    "upload": upload.measure,
+}
+DEFAULT = ("overhead", "occupancy", "memory", "backlog", "pickup", "recovery")
 
 
-def image_url(sandbox: SandboxThread) -> str:
-    request = urllib.request.Request(
-        f"{sandbox.base_url}/images/generations",
-        data=json.dumps({"prompt": "bench [[jimeng:img-huge]]"}).encode(),
-        headers={"Authorization": "Bearer bench", "Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return str(json.load(response)["data"][0]["url"])
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", default="", help=f"comma-separated figures to run, of: {', '.join(FIGURES)}")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes: a smoke run of a few minutes")
+    parser.add_argument("--profile", action="store_true", help="also profile the overhead figure's worker")
+    parser.add_argument("--no-write", action="store_true", help="leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(DEFAULT)
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        parser.error(f"unknown figure {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
+    args.names = names
+    return args
+
+
+async def run_figures(stack: Stack, names: list[str], quick: bool, profile: bool) -> tuple[list[Figure], list[str]]:
+    figures, failed = [], []
+    for name in names:
+        started = time.monotonic()
+        print(f"\n== {name} ...", flush=True)
+        try:
+            await clean(stack)
+            figure = await FIGURES[name](stack, quick, profile)
+        except Exception:  # a figure that can't be measured is reported and the others still run
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        figures.append(figure)
+        print(console_table([figure]), flush=True)
+        print(f"({time.monotonic() - started:.0f} s)", flush=True)
+    return figures, failed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--mib", type=int, default=100, help="image size")
-    parser.add_argument("--runs", type=int, default=3, help="runs of each mode")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port(also_free_offset=10000, below=55535)
-        with (
-            RunningService(seaweed_spec(Path(tmp) / "s3", port, **KEYS)),
-            SandboxThread(SandboxConfig(api_key="bench", huge_bytes=args.mib * MIB)) as sandbox,
-        ):
-            endpoint = f"http://127.0.0.1:{port}"
-            asyncio.run(ensure_bucket(endpoint, KEYS["access_key"], KEYS["secret_key"], "bench"))
-            url = image_url(sandbox)
-            results: dict[str, list[dict[str, float]]] = {"stream": [], "buffered": []}
-            for _ in range(args.runs):
-                for mode in results:
-                    out = subprocess.run(
-                        [
-                            sys.executable,
-                            "-m",
-                            "bench.upload",
-                            mode,
-                            "--url",
-                            url,
-                            "--endpoint",
-                            endpoint,
-                            "--bucket",
-                            "bench",
-                            "--access-key",
-                            KEYS["access_key"],
-                            "--secret-key",
-                            KEYS["secret_key"],
-                        ],
-                        capture_output=True,
-                        text=True,
-                        check=True,
-                    )
-                    results[mode].append(json.loads(out.stdout))
-    print(f"one {args.mib} MiB image, download -> S3 upload, median of {args.runs} runs each")
-    print(f"{'mode':<10} {'seconds':>8} {'peak RSS MiB':>13}")
-    for mode, runs in results.items():
-        seconds = statistics.median(r["seconds"] for r in runs)
-        peak = statistics.median(r["peak_rss_mib"] for r in runs)
-        print(f"{mode:<10} {seconds:>8.2f} {peak:>13.1f}")
+    args = parse_args()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as tmp, running_stack(Path(tmp)) as stack:
+        figures, failed = asyncio.run(run_figures(stack, args.names, args.quick, args.profile))
+        machine_info = machine(stack.redis_port)
+    print(f"\n{console_table(figures)}\n")
+    print("; ".join(f"{key}: {value}" for key, value in machine_info.items()))
+    for figure in figures:
+        if figure.details:
+            print(f"\n{figure.details}")
+    full = set(DEFAULT) <= {f.name for f in figures} and not args.quick
+    if full and not args.no_write:
+        print(f"\nwrote {write_docs(figures, machine_info)}")
+    elif not args.no_write:
+        print("\ndocs/benchmarks.md left alone (written by a full run only: every figure, not --quick)")
+    print(f"total {time.monotonic() - started:.0f} s")
+    if failed:
+        sys.exit(f"figures that could not be measured: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

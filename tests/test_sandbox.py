@@ -227,3 +227,18 @@ async def test_latency_is_applied(fake):
         assert len(payload["data"]) == 4
     finally:
         fake.sandbox.config.latency = 0.0
+
+
+async def test_call_spans_record_each_counted_call(fake):
+    fake.sandbox.config.latency = 0.2
+    try:
+        await asyncio.gather(generate(fake, {"prompt": "span a"}), generate(fake, {"prompt": "span b"}))
+        await generate(fake, {"prompt": "[[jimeng:-2007]] span c"})
+    finally:
+        fake.sandbox.config.latency = 0.0
+    spans = fake.sandbox.call_spans()
+    assert len(spans) == 3
+    assert all(end - start >= 0.2 for start, end in spans)
+    assert spans[2][0] >= max(end for _, end in spans[:2])
+    fake.sandbox.reset()
+    assert fake.sandbox.call_spans() == []

@@ -84,6 +84,7 @@ class JimengSandbox:
         self._inflight = 0
         self._peak_inflight = 0
         self._call_starts: dict[str, list[float]] = {}
+        self._call_spans: list[tuple[float, float]] = []
         self.base_url = ""
         self.app = web.Application()
         self.app.add_routes(
@@ -116,6 +117,7 @@ class JimengSandbox:
             self._images.clear()
             self._scripts.clear()
             self._call_starts.clear()
+            self._call_spans.clear()
             self._peak_inflight = self._inflight
         self.on_generation = None
         self.holding = False
@@ -139,6 +141,12 @@ class JimengSandbox:
         """When each generation call for this prompt arrived (wall clock)."""
         with self._lock:
             return list(self._call_starts.get(prompt, []))
+
+    def call_spans(self) -> list[tuple[float, float]]:
+        """(start, end) wall-clock times of every counted generation call that has ended, in order of ending:
+        how busy the API was kept."""
+        with self._lock:
+            return list(self._call_spans)
 
     def generations(self, prompt: str) -> int:
         """Calls for this prompt that returned images: the paid ones."""
@@ -207,9 +215,10 @@ class JimengSandbox:
         prompt: str = payload["prompt"]
         while self.holding:  # noqa: ASYNC110 - set from the test's thread, where an asyncio.Event can't be
             await asyncio.sleep(0.01)
+        started = time.time()
         with self._lock:
             self._calls[prompt] += 1
-            self._call_starts.setdefault(prompt, []).append(time.time())
+            self._call_starts.setdefault(prompt, []).append(started)
             self._inflight += 1
             self._peak_inflight = max(self._peak_inflight, self._inflight)
         try:
@@ -223,6 +232,7 @@ class JimengSandbox:
         finally:
             with self._lock:
                 self._inflight -= 1
+                self._call_spans.append((started, time.time()))
 
     async def _play(self, request: web.Request, prompt: str, mode: str) -> web.StreamResponse:
         if mode in PROXY_ERRORS:
