@@ -81,16 +81,10 @@ class Reconciler(Periodic):
 
     async def _suspects(self) -> AsyncIterator[str]:
         """Records with no live job (by id), and jobs claimed by no run (prefixed UNCLAIMED)."""
-        page: list[str] = []
-        async for record in self._control.pocketbase.iter_records(self._stranded_filter(), page_size=PAGE):
-            page.append(record.id)
-            if len(page) < PAGE:
-                continue
-            async for suspect in self._check(page):
+        pages = self._control.pocketbase.iter_pages(self._stranded_filter(), fields=["id"], page_size=PAGE)
+        async for page in pages:
+            async for suspect in self._check([record.id for record in page]):
                 yield suspect
-            page = []
-        async for suspect in self._check(page):
-            yield suspect
 
     async def _check(self, ids: list[str]) -> AsyncIterator[str]:
         live = await self._control.live_ids(ids)
