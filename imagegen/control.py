@@ -246,7 +246,7 @@ class Control:
         the record shows its status (`pending`, or `failed` for a retry) until a worker marks it
         `processing`. So a page costs one PocketBase read (the next one is read meanwhile) and one Redis
         round trip, and memory stays that of a page or two however many records match."""
-        pages = self.pocketbase.iter_pages(record_filter, fields=self.pocketbase.state_fields())
+        pages = self.pocketbase.iter_pages(record_filter)
         async for page in pages:
             yield await self._enqueue_page(page, force, dry_run)
 

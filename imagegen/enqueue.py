@@ -15,7 +15,8 @@ its job atomically, so neither a concurrent `add-pending` nor a worker can slip 
 
 arq's `enqueue_job` costs a WATCH/MULTI round trip or two per job; this costs one script call per batch,
 which is what lets `add-pending` queue tens of thousands of records a second. A batch of BATCH prompts holds
-Redis for a few milliseconds.
+Redis for about ten milliseconds. A dry run and the reconcile sweep ask the same question, live or not, with
+a second script that only reads.
 """
 
 from __future__ import annotations
@@ -35,23 +36,44 @@ from .models import JOB_NAME
 # Prompts per script call: large enough that round trips don't count, small enough not to hold Redis long.
 BATCH = 1000
 
-# KEYS: the queue, then per prompt: job, in-progress, lease, result, attempts, verdict.
-# ARGV: enqueue time ms (the score), job expiry ms, "1" to drop verdicts (force), then per prompt: id, job.
-# Returns per prompt 1 (queued) or 0 (it has a live job, or a job key arq would refuse to overwrite).
-_ENQUEUE = """
+# Both scripts take the queue as KEYS[1] and the key prefixes as ARGV[1..6] (job, in-progress, lease, result,
+# attempts, verdict: each key is its prefix followed by the prompt id) and build each prompt's keys from them.
+# Declaring six keys per prompt instead made encoding the call cost more than running it; and since the keys
+# of one prompt fall in different Redis Cluster slots anyway, declaring them would buy nothing.
+_PREFIXES = 6
+_LIVE = """
 local queue = KEYS[1]
-local score, expires, force = ARGV[1], ARGV[2], ARGV[3] == '1'
+local function live(id)
+  return (redis.call('zscore', queue, id) and redis.call('exists', ARGV[1] .. id) == 1)
+    or redis.call('exists', ARGV[2] .. id) == 1 or redis.call('exists', ARGV[3] .. id) == 1
+end
+"""
+
+# Then ARGV: the ids. Returns per prompt 1 (it has a live job) or 0. Reads only.
+_READ_LIVE = (
+    _LIVE
+    + """
+local found = {}
+for i = 7, #ARGV do found[i - 6] = live(ARGV[i]) and 1 or 0 end
+return found
+"""
+)
+
+# Then ARGV: enqueue time ms (the score), job expiry ms, "1" to drop verdicts (force), then per prompt: id, job.
+# Returns per prompt 1 (queued) or 0 (it has a live job, or a job key arq would refuse to overwrite).
+_ENQUEUE = (
+    _LIVE
+    + """
+local score, expires, force = ARGV[7], ARGV[8], ARGV[9] == '1'
 local outcomes = {}
-for i = 1, (#ARGV - 3) / 2 do
-  local id, job = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
-  local k = 1 + 6 * (i - 1)
-  local job_key = KEYS[k + 1]
-  local queued = redis.call('zscore', queue, id) and redis.call('exists', job_key) == 1
-  if queued or redis.call('exists', KEYS[k + 2]) == 1 or redis.call('exists', KEYS[k + 3]) == 1 then
+for i = 1, (#ARGV - 9) / 2 do
+  local id, job = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
+  local job_key = ARGV[1] .. id
+  if live(id) then
     outcomes[i] = 0
   else
-    redis.call('del', KEYS[k + 4], KEYS[k + 5])
-    if force then redis.call('del', KEYS[k + 6]) end
+    redis.call('del', ARGV[4] .. id, ARGV[5] .. id)
+    if force then redis.call('del', ARGV[6] .. id) end
     if redis.call('exists', job_key) == 1 then
       outcomes[i] = 0
     else
@@ -63,6 +85,7 @@ for i = 1, (#ARGV - 3) / 2 do
 end
 return outcomes
 """
+)
 
 
 class EnqueueOutcome(StrEnum):
@@ -114,27 +137,28 @@ class JobQueue:
     def __init__(self, redis: ArqRedis, queue_name: str, keys: RedisKeys) -> None:
         self._redis = redis
         self._queue_name = queue_name
-        self._keys = keys
+        prefixes = (
+            job_key_prefix,
+            in_progress_key_prefix,
+            keys.lease(""),
+            result_key_prefix,
+            keys.attempts(""),
+            keys.verdict(""),
+        )
+        assert len(prefixes) == _PREFIXES
+        self._prefixes: list[str | bytes | int] = list(prefixes)
+        self._read_live = redis.register_script(_READ_LIVE)
         self._enqueue = redis.register_script(_ENQUEUE)
 
     async def live(self, prompt_ids: Sequence[str]) -> set[str]:
         """The prompts that have a live job: queued or deferred in arq, running there, or leased by a run.
 
-        Read-only, one pipelined round trip."""
-        if not prompt_ids:
-            return set()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for prompt_id in prompt_ids:
-                pipe.zscore(self._queue_name, prompt_id)
-                pipe.exists(job_key_prefix + prompt_id)
-                pipe.exists(in_progress_key_prefix + prompt_id)
-                pipe.exists(self._keys.lease(prompt_id))
-            flags = await pipe.execute()
-        live = set()
-        for index, prompt_id in enumerate(prompt_ids):
-            score, has_job, running, leased = flags[4 * index : 4 * index + 4]
-            if (score is not None and has_job) or running or leased:
-                live.add(prompt_id)
+        Reads only; one round trip per BATCH prompts."""
+        live: set[str] = set()
+        for start in range(0, len(prompt_ids), BATCH):
+            batch = prompt_ids[start : start + BATCH]
+            found = await self._read_live(keys=[self._queue_name], args=[*self._prefixes, *batch])
+            live.update(prompt_id for prompt_id, flag in zip(batch, found, strict=True) if flag)
         return live
 
     async def put(self, prompt_ids: Sequence[str], *, force: bool = False) -> list[bool]:
@@ -148,19 +172,10 @@ class JobQueue:
         if not prompt_ids:
             return []
         enqueue_time_ms = timestamp_ms()
-        keys: list[str] = [self._queue_name]
-        args: list[str | bytes | int] = [enqueue_time_ms, self._redis.expires_extra_ms, int(force)]
+        args = [*self._prefixes, enqueue_time_ms, self._redis.expires_extra_ms, int(force)]
         serializer = self._redis.job_serializer
         for prompt_id in prompt_ids:
-            keys += (
-                job_key_prefix + prompt_id,
-                in_progress_key_prefix + prompt_id,
-                self._keys.lease(prompt_id),
-                result_key_prefix + prompt_id,
-                self._keys.attempts(prompt_id),
-                self._keys.verdict(prompt_id),
-            )
             job = serialize_job(JOB_NAME, (prompt_id, force), {}, None, enqueue_time_ms, serializer=serializer)
             args += (prompt_id, job)
-        outcomes = await self._enqueue(keys=keys, args=args)
+        outcomes = await self._enqueue(keys=[self._queue_name], args=args)
         return [bool(outcome) for outcome in outcomes]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -201,18 +201,12 @@ class PocketBaseClient:
     def status_filter(self, status: RecordStatus) -> str:
         return f"{self.f_status} = {filter_literal(status.value)}"
 
-    def state_fields(self) -> list[str]:
-        """The fields that say whether a record is done: all that queueing it needs to read."""
-        return ["id", self.f_status, self.f_image_url]
-
-    async def _page(
-        self, record_filter: str, after: str, fields: Sequence[str] | None, page_size: int
-    ) -> tuple[list[PromptRecord], bool]:
+    async def _page(self, record_filter: str, after: str, page_size: int) -> tuple[list[PromptRecord], bool]:
         """One page of records after the id `after`, and whether more may follow."""
         clauses = f"({record_filter})" + (f" && id > {filter_literal(after)}" if after else "")
+        # Whole records: PocketBase applies `fields` by decoding and encoding again the JSON it has already
+        # built, which costs it more time than sending the rest costs us (a page took ~30 ms instead of ~20).
         params = {"filter": clauses, "sort": "id", "perPage": str(page_size), "skipTotal": "1"}
-        if fields:
-            params["fields"] = ",".join(fields)
         status, payload = await self._request("GET", self._records, params=params)
         if status != 200 or not isinstance(payload, dict):
             raise self._fail(f"listing {self.collection}", status, payload)
@@ -221,20 +215,17 @@ class PocketBaseClient:
         served = int(payload.get("perPage") or page_size)
         return [self._record(item) for item in items], bool(items) and len(items) >= min(served, page_size)
 
-    async def iter_pages(
-        self, record_filter: str, *, fields: Sequence[str] | None = None, page_size: int = MAX_PAGE
-    ) -> AsyncIterator[list[PromptRecord]]:
+    async def iter_pages(self, record_filter: str, *, page_size: int = MAX_PAGE) -> AsyncIterator[list[PromptRecord]]:
         """Every record matching the filter, a page at a time in id order, paged by key (`id > last`) so it
         scales: no page is found by counting past the ones before it.
 
-        The next page is fetched while the caller works on this one, so at most two pages are held. With
-        `fields`, only those are read (always ask for "id"); the others read as empty."""
-        upcoming = asyncio.create_task(self._page(record_filter, "", fields, page_size))
+        The next page is fetched while the caller works on this one, so at most two pages are held."""
+        upcoming = asyncio.create_task(self._page(record_filter, "", page_size))
         try:
             while True:
                 records, more = await upcoming
                 if more:
-                    upcoming = asyncio.create_task(self._page(record_filter, records[-1].id, fields, page_size))
+                    upcoming = asyncio.create_task(self._page(record_filter, records[-1].id, page_size))
                 if records:
                     yield records
                 if not more:

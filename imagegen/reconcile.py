@@ -81,7 +81,7 @@ class Reconciler(Periodic):
 
     async def _suspects(self) -> AsyncIterator[str]:
         """Records with no live job (by id), and jobs claimed by no run (prefixed UNCLAIMED)."""
-        pages = self._control.pocketbase.iter_pages(self._stranded_filter(), fields=["id"], page_size=PAGE)
+        pages = self._control.pocketbase.iter_pages(self._stranded_filter(), page_size=PAGE)
         async for page in pages:
             async for suspect in self._check([record.id for record in page]):
                 yield suspect
