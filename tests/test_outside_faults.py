@@ -331,11 +331,13 @@ async def test_a_worker_frozen_past_its_lease_pays_nothing_and_deletes_nothing(
     assert "job done" not in frozen.output()
 
 
+@pytest.mark.parametrize("command", ["add", "add-pending"])
 async def test_a_job_left_marked_running_by_a_worker_that_died_as_it_started_runs_again(
-    stack: Stack, records: RecordFactory, pocketbase, start_worker, redis_client
+    stack: Stack, records: RecordFactory, pocketbase, start_worker, redis_client, command
 ):
     record = await records.create("a job caught at its very start")
-    assert run_cli(stack, "add", record.id).returncode == 0
+    # `add` marks the record queued; `add-pending` leaves it pending, and the sweep finds the job all the same.
+    assert run_cli(stack, *([command, record.id] if command == "add" else [command])).returncode == 0
     # What arq writes as a worker picks a job up (marked running for QUEUE_JOB_TIMEOUT + 10 s), left behind by
     # a worker killed before the job could take its lease.
     await redis_client.psetex(in_progress_key_prefix + record.id, 3_610_000, b"1")
