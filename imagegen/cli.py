@@ -10,19 +10,19 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, NoReturn
 
 import click
 
 from .checks import check_services
-from .control import Control, EnqueueOutcome, EnqueueReport, JobReport, StatusReport, open_control
+from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from .errors import ConfigError, ImagegenError
 from .logs import setup_logging
+from .progress import Progress
 from .settings import Settings, load_settings, require
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
-_BAD_OUTCOMES = {EnqueueOutcome.NOT_FOUND, EnqueueOutcome.INVALID, EnqueueOutcome.ERROR}
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -67,27 +67,41 @@ def with_control(
     run(ctx, work)
 
 
-def _emit_reports(reports: list[EnqueueReport], as_json: bool, verbose: bool = True) -> int:
-    counts: dict[str, int] = {}
-    for report in reports:
-        counts[report.outcome.value] = counts.get(report.outcome.value, 0) + 1
+def _report_json(report: EnqueueReport) -> dict[str, str]:
+    return {"id": report.prompt_id, "outcome": report.outcome.value, "detail": report.detail}
+
+
+def _report_line(report: EnqueueReport) -> str:
+    detail = f": {report.detail}" if report.detail else ""
+    return f"{report.prompt_id}  {report.outcome.value}{detail}"
+
+
+async def _emit_reports(
+    pages: AsyncIterator[list[EnqueueReport]], as_json: bool, *, show_each: bool = True, progress: bool = False
+) -> int:
+    """Print reports as they come, a page at a time, then the counts; nothing is held but the counts.
+
+    `--json` prints one document, `{"results": [...], "counts": {...}}`, written as the pages arrive."""
+    tally = EnqueueTally()
+    meter = Progress("records", enabled=progress and not as_json)
+    # Written once there is something to say, so a run that fails at once prints only its error.
+    opening = '{"results": ['
+    async for page in pages:
+        tally.add(page)
+        if as_json and page:
+            click.echo(opening + ", ".join(json.dumps(_report_json(r), ensure_ascii=False) for r in page), nl=False)
+            opening = ", "
+        elif show_each and page and not as_json:
+            meter.clear()
+            click.echo("\n".join(_report_line(r) for r in page))
+        meter.update(tally.total)
+    meter.clear()
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "results": [{"id": r.prompt_id, "outcome": r.outcome.value, "detail": r.detail} for r in reports],
-                    "counts": counts,
-                },
-                ensure_ascii=False,
-            )
-        )
+        started = opening == ", "
+        click.echo(("" if started else opening) + '], "counts": ' + json.dumps(tally.counts, ensure_ascii=False) + "}")
     else:
-        for report in reports if verbose else []:
-            detail = f": {report.detail}" if report.detail else ""
-            click.echo(f"{report.prompt_id}  {report.outcome.value}{detail}")
-        summary = ", ".join(f"{n} {name}" for name, n in counts.items()) or "nothing to queue"
-        click.echo(summary)
-    return EXIT_PARTIAL if any(r.outcome in _BAD_OUTCOMES for r in reports) else EXIT_OK
+        click.echo(tally.summary())
+    return EXIT_PARTIAL if tally.any_bad else EXIT_OK
 
 
 @click.group()
@@ -114,8 +128,11 @@ def add(ctx: click.Context, prompt_ids: tuple[str, ...], force: bool, as_json: b
     """Queue the given prompt records (ids are 15 characters of a-z0-9)."""
 
     async def action(control: Control) -> int:
-        reports = [await control.enqueue(prompt_id, force=force) for prompt_id in prompt_ids]
-        return _emit_reports(reports, as_json)
+        async def reports() -> AsyncIterator[list[EnqueueReport]]:
+            for prompt_id in prompt_ids:
+                yield [await control.enqueue(prompt_id, force=force)]
+
+        return await _emit_reports(reports(), as_json)
 
     with_control(ctx, action)
 
@@ -138,7 +155,8 @@ def add_pending(ctx: click.Context, as_json: bool, show_each: bool, dry_run: boo
     """Queue every record that has no image yet and has not failed."""
 
     async def action(control: Control) -> int:
-        return _emit_reports(await control.enqueue_pending(dry_run=dry_run), as_json, verbose=show_each)
+        pages = control.enqueue_pending(dry_run=dry_run)
+        return await _emit_reports(pages, as_json, show_each=show_each, progress=True)
 
     with_control(ctx, action)
 
@@ -150,7 +168,8 @@ def retry_failed(ctx: click.Context, as_json: bool, show_each: bool, dry_run: bo
     """Queue every failed record again, each a new run with all its attempts."""
 
     async def action(control: Control) -> int:
-        return _emit_reports(await control.retry_failed(dry_run=dry_run), as_json, verbose=show_each)
+        pages = control.retry_failed(dry_run=dry_run)
+        return await _emit_reports(pages, as_json, show_each=show_each, progress=True)
 
     with_control(ctx, action)
 

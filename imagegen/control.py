@@ -10,41 +10,24 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 import aiohttp
 from arq import create_pool
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.constants import in_progress_key_prefix
 from arq.jobs import Job, JobResult, JobStatus
 from redis.exceptions import RedisError
 
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
+from .enqueue import EnqueueOutcome, EnqueueReport, EnqueueTally, JobQueue
 from .errors import ConfigError, ImagegenError, InvalidPromptId, QueueError, RecordNotFound
 from .intake import announce
 from .keys import RedisKeys
-from .models import JOB_NAME, JobOutcome, JobState, OutcomeStatus, PromptRecord, RecordStatus, validate_prompt_id
+from .models import JobOutcome, JobState, OutcomeStatus, PromptRecord, RecordStatus, validate_prompt_id
 from .pocketbase import PocketBaseClient
 from .settings import Settings
 from .state import PauseInfo, QueueState
-
-
-class EnqueueOutcome(StrEnum):
-    QUEUED = "queued"
-    WOULD_QUEUE = "would queue"
-    ALREADY_QUEUED = "already queued"
-    ALREADY_DONE = "already done"
-    NOT_FOUND = "not found"
-    INVALID = "invalid id"
-    ERROR = "error"
-
-
-@dataclass(frozen=True)
-class EnqueueReport:
-    prompt_id: str
-    outcome: EnqueueOutcome
-    detail: str = ""
 
 
 @dataclass
@@ -170,6 +153,7 @@ class Control:
         self.pocketbase = pocketbase
         self.keys = RedisKeys(settings.queue_name)
         self.state = QueueState(redis, settings.queue_max_failed, self.keys)
+        self.jobs = JobQueue(redis, settings.queue_name, self.keys)
 
     async def pause(self, reason: str) -> PauseInfo:
         with redis_errors(self.settings):
@@ -216,42 +200,20 @@ class Control:
 
     async def live_ids(self, prompt_ids: list[str]) -> set[str]:
         """The prompts that have a live job: queued or deferred in arq, running there, or leased by a run."""
-        if not prompt_ids:
-            return set()
         with redis_errors(self.settings):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for prompt_id in prompt_ids:
-                    pipe.zscore(self.settings.queue_name, prompt_id)
-                    pipe.exists(job_key_prefix + prompt_id)
-                    pipe.exists(in_progress_key_prefix + prompt_id)
-                    pipe.exists(self.keys.lease(prompt_id))
-                flags = await pipe.execute()
-        live = set()
-        for index, prompt_id in enumerate(prompt_ids):
-            score, has_job, running, leased = flags[4 * index : 4 * index + 4]
-            if (score is not None and has_job) or running or leased:
-                live.add(prompt_id)
-        return live
+            return await self.jobs.live(prompt_ids)
 
-    async def _enqueue_record(self, record: PromptRecord, force: bool, dry_run: bool = False) -> EnqueueReport:
+    async def _enqueue_record(self, record: PromptRecord, force: bool) -> EnqueueReport:
         if record.is_done and not force:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_DONE, record.image_url)
         if record.id in await self.live_ids([record.id]):
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
-        if dry_run:
-            return EnqueueReport(record.id, EnqueueOutcome.WOULD_QUEUE)
         # Marked before the job exists, so a job that fails fast can't be overwritten back to `queued`.
         if record.status != RecordStatus.QUEUED.value or record.error:
             await self.pocketbase.set_status(record.id, RecordStatus.QUEUED)
         with redis_errors(self.settings):
-            # A finished job's result would make arq refuse the same job id: this is a new run, with all its
-            # attempts. A forced run also drops a failed outcome still waiting to be written.
-            stale = [result_key_prefix + record.id, self.keys.attempts(record.id)]
-            await self.redis.delete(*stale, *([self.keys.verdict(record.id)] if force else []))
-            job = await self.redis.enqueue_job(
-                JOB_NAME, record.id, force, _job_id=record.id, _queue_name=self.settings.queue_name
-            )
-        if job is None:
+            [queued] = await self.jobs.put([record.id], force=force)
+        if not queued:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
         await self._announce_enqueued(1)
         return EnqueueReport(record.id, EnqueueOutcome.QUEUED)
@@ -263,7 +225,11 @@ class Control:
                 await announce(self.redis, self.keys)
 
     async def enqueue(self, prompt_id: str, *, force: bool = False) -> EnqueueReport:
-        """Queue one prompt; says whether it was queued, already queued or already done."""
+        """Queue one prompt; says whether it was queued, already queued or already done.
+
+        The record is marked `queued` first: one request is nothing for a handful of ids, and the reconcile
+        sweep then brings the job back by itself should Redis lose it (it looks only at records a worker or
+        `add` marked)."""
         try:
             validate_prompt_id(prompt_id)
             record = await self.pocketbase.get_record(prompt_id)
@@ -275,20 +241,45 @@ class Control:
 
     async def enqueue_where(
         self, record_filter: str, *, force: bool = False, dry_run: bool = False
-    ) -> list[EnqueueReport]:
-        """Queue every record matching a PocketBase filter (with `dry_run`, only say which would be)."""
-        reports = []
-        async for record in self.pocketbase.iter_records(record_filter):
-            reports.append(await self._enqueue_record(record, force, dry_run))
-        return reports
+    ) -> AsyncIterator[list[EnqueueReport]]:
+        """Queue every record matching a PocketBase filter, yielding the reports of one page at a time (with
+        `dry_run`, only say which would be queued, changing nothing).
 
-    async def enqueue_pending(self, *, dry_run: bool = False) -> list[EnqueueReport]:
+        Bulk queueing writes nothing to PocketBase: the queue in Redis is what says a record is queued, and
+        the record shows its status (`pending`, or `failed` for a retry) until a worker marks it
+        `processing`. So a page costs one PocketBase read (the next one is read meanwhile) and one Redis
+        round trip, and memory stays that of a page or two however many records match."""
+        pages = self.pocketbase.iter_pages(record_filter)
+        async for page in pages:
+            yield await self._enqueue_page(page, force, dry_run)
+
+    async def _enqueue_page(self, records: list[PromptRecord], force: bool, dry_run: bool) -> list[EnqueueReport]:
+        reports = {
+            record.id: EnqueueReport(record.id, EnqueueOutcome.ALREADY_DONE, record.image_url)
+            for record in records
+            if record.is_done and not force
+        }
+        wanted = [record.id for record in records if record.id not in reports]
+        with redis_errors(self.settings):
+            if dry_run:
+                live = await self.jobs.live(wanted)
+                queued = [prompt_id not in live for prompt_id in wanted]
+            else:
+                queued = await self.jobs.put(wanted, force=force)
+        fresh = EnqueueOutcome.WOULD_QUEUE if dry_run else EnqueueOutcome.QUEUED
+        for prompt_id, was_queued in zip(wanted, queued, strict=True):
+            reports[prompt_id] = EnqueueReport(prompt_id, fresh if was_queued else EnqueueOutcome.ALREADY_QUEUED)
+        if not dry_run and any(queued):
+            await self._announce_enqueued(sum(queued))
+        return [reports[record.id] for record in records]
+
+    def enqueue_pending(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:
         """Queue every record without images that has not failed (also those whose queue state was lost)."""
-        return await self.enqueue_where(self.pocketbase.pending_filter(), dry_run=dry_run)
+        return self.enqueue_where(self.pocketbase.pending_filter(), dry_run=dry_run)
 
-    async def retry_failed(self, *, dry_run: bool = False) -> list[EnqueueReport]:
+    def retry_failed(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:
         """Queue every failed record again, each with all its attempts."""
-        return await self.enqueue_where(self.pocketbase.status_filter(RecordStatus.FAILED), dry_run=dry_run)
+        return self.enqueue_where(self.pocketbase.status_filter(RecordStatus.FAILED), dry_run=dry_run)
 
     async def inspect(self, prompt_id: str) -> JobReport:
         """The job's state in the queue and the record's state in PocketBase."""
@@ -350,4 +341,13 @@ async def open_control(settings: Settings) -> AsyncIterator[Control]:
         yield Control(settings, redis, PocketBaseClient(http, settings))
 
 
-__all__ = ["Control", "EnqueueOutcome", "EnqueueReport", "ImagegenError", "JobReport", "StatusReport", "open_control"]
+__all__ = [
+    "Control",
+    "EnqueueOutcome",
+    "EnqueueReport",
+    "EnqueueTally",
+    "ImagegenError",
+    "JobReport",
+    "StatusReport",
+    "open_control",
+]

@@ -23,7 +23,7 @@ import aiohttp
 import click
 from dotenv import dotenv_values
 
-from .control import open_control
+from .control import EnqueueOutcome, EnqueueTally, open_control
 from .download import sniff_image_type
 from .errors import ImagegenError
 from .jimeng_sandbox import SANDBOX_KEY_ENV
@@ -282,9 +282,12 @@ async def seed_and_run(settings: Settings, seed: bool, wait: float) -> list[Prom
             for prompt in SAMPLE_PROMPTS:
                 await pb.create_record(prompt, "blurry, low quality")
             click.echo(f"  seeded {len(SAMPLE_PROMPTS)} sample prompts")
-        reports = await control.enqueue_pending()
-        ids = [r.prompt_id for r in reports]
-        click.echo(f"  queued {sum(r.outcome == 'queued' for r in reports)} of {len(ids)} pending records")
+        ids: list[str] = []
+        tally = EnqueueTally()
+        async for page in control.enqueue_pending():
+            tally.add(page)
+            ids += [r.prompt_id for r in page]
+        click.echo(f"  queued {tally.counts.get(EnqueueOutcome.QUEUED.value, 0)} of {len(ids)} pending records")
         loop = asyncio.get_running_loop()
         end = loop.time() + wait
         while True:

@@ -4,6 +4,9 @@ Deployments that share one Redis keep apart by QUEUE_NAME: the pause, the failur
 list, attempts, leases, verdicts and remembered generations all live under a prefix of their queue. The
 default queue keeps the plain `imagegen:` prefix. arq's own job keys (`arq:job:<id>` and the like) are global
 to the Redis database, so deployments that also share a PocketBase collection need different REDIS_DB.
+
+A prompt's keys are a prefix followed by the prompt id, nothing after it: the enqueue scripts (enqueue.py)
+build them in Redis from the prefix.
 """
 
 from __future__ import annotations

@@ -19,11 +19,18 @@ from .models import PromptRecord, RecordStatus, validate_prompt_id
 from .settings import Settings
 
 PAGE_SIZE = 500
+# The most records PocketBase serves in one page (its search.MaxPerPage); it clamps larger requests to it.
+MAX_PAGE = 1000
 
 
 def filter_literal(value: str) -> str:
     """A PocketBase filter string literal: backslash, then double quote, escaped."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _ignore_outcome(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class PocketBaseClient:
@@ -194,21 +201,46 @@ class PocketBaseClient:
     def status_filter(self, status: RecordStatus) -> str:
         return f"{self.f_status} = {filter_literal(status.value)}"
 
+    async def _page(self, record_filter: str, after: str, page_size: int) -> tuple[list[PromptRecord], bool]:
+        """One page of records after the id `after`, and whether more may follow."""
+        clauses = f"({record_filter})" + (f" && id > {filter_literal(after)}" if after else "")
+        # Whole records: PocketBase applies `fields` by decoding and encoding again the JSON it has already
+        # built, which costs it more time than sending the rest costs us (a page took ~30 ms instead of ~20).
+        params = {"filter": clauses, "sort": "id", "perPage": str(page_size), "skipTotal": "1"}
+        status, payload = await self._request("GET", self._records, params=params)
+        if status != 200 or not isinstance(payload, dict):
+            raise self._fail(f"listing {self.collection}", status, payload)
+        items = payload.get("items") or []
+        # PocketBase caps perPage (at MAX_PAGE today): a page as long as the cap it applied may not be the last.
+        served = int(payload.get("perPage") or page_size)
+        return [self._record(item) for item in items], bool(items) and len(items) >= min(served, page_size)
+
+    async def iter_pages(self, record_filter: str, *, page_size: int = MAX_PAGE) -> AsyncIterator[list[PromptRecord]]:
+        """Every record matching the filter, a page at a time in id order, paged by key (`id > last`) so it
+        scales: no page is found by counting past the ones before it.
+
+        The next page is fetched while the caller works on this one, so at most two pages are held."""
+        upcoming = asyncio.create_task(self._page(record_filter, "", page_size))
+        try:
+            while True:
+                records, more = await upcoming
+                if more:
+                    upcoming = asyncio.create_task(self._page(record_filter, records[-1].id, page_size))
+                if records:
+                    yield records
+                if not more:
+                    return
+        finally:
+            if not upcoming.done():
+                upcoming.cancel()
+            # A page fetched for a caller that stopped early: its failure is nobody's to report.
+            upcoming.add_done_callback(_ignore_outcome)
+
     async def iter_records(self, record_filter: str, page_size: int = PAGE_SIZE) -> AsyncIterator[PromptRecord]:
-        """Every record matching the filter, in id order, paged by key (`id > last`) so it scales."""
-        last = ""
-        while True:
-            clauses = f"({record_filter})" + (f" && id > {filter_literal(last)}" if last else "")
-            params = {"filter": clauses, "sort": "id", "perPage": str(page_size), "skipTotal": "1"}
-            status, payload = await self._request("GET", self._records, params=params)
-            if status != 200 or not isinstance(payload, dict):
-                raise self._fail(f"listing {self.collection}", status, payload)
-            items = payload.get("items") or []
-            for item in items:
-                yield self._record(item)
-            if len(items) < page_size:
-                return
-            last = str(items[-1]["id"])
+        """Every record matching the filter, in id order (see `iter_pages`)."""
+        async for page in self.iter_pages(record_filter, page_size=page_size):
+            for record in page:
+                yield record
 
     async def count(self, record_filter: str) -> int:
         status, payload = await self._request(

@@ -11,7 +11,9 @@ needed after a flush, a crash or a lost write; a stranded record waits at most a
 The same sweep frees jobs that arq marked in progress on a worker that died before the job could take its
 lease (a window of milliseconds at job start): arq's mark would otherwise hold them for QUEUE_JOB_TIMEOUT.
 A mark with no lease that still outlives a lease period on the next sweep is removed, and arq starts the
-job again.
+job again. These marks are found in Redis, not through the records: a record queued in bulk still reads
+`pending` then. SCAN walks the keyspace a thousand keys per call (a hundred quick calls for 100,000 queued
+jobs), and a mark whose job is not in this deployment's queue is left alone.
 """
 
 from __future__ import annotations
@@ -81,24 +83,31 @@ class Reconciler(Periodic):
 
     async def _suspects(self) -> AsyncIterator[str]:
         """Records with no live job (by id), and jobs claimed by no run (prefixed UNCLAIMED)."""
-        page: list[str] = []
-        async for record in self._control.pocketbase.iter_records(self._stranded_filter(), page_size=PAGE):
-            page.append(record.id)
-            if len(page) < PAGE:
-                continue
-            async for suspect in self._check(page):
-                yield suspect
-            page = []
-        async for suspect in self._check(page):
-            yield suspect
-
-    async def _check(self, ids: list[str]) -> AsyncIterator[str]:
-        live = await self._control.live_ids(ids)
-        for prompt_id in ids:
-            if prompt_id not in live:
-                yield prompt_id
-        for prompt_id in await self._unclaimed([i for i in ids if i in live]):
+        pages = self._control.pocketbase.iter_pages(self._stranded_filter(), page_size=PAGE)
+        async for page in pages:
+            ids = [record.id for record in page]
+            live = await self._control.live_ids(ids)
+            for prompt_id in ids:
+                if prompt_id not in live:
+                    yield prompt_id
+        for prompt_id in await self._unclaimed(await self._marked_running()):
             yield UNCLAIMED + prompt_id
+
+    async def _marked_running(self) -> list[str]:
+        """The jobs of this queue that arq marks in progress, whatever their records say."""
+        redis = self._control.redis
+        pattern = in_progress_key_prefix + "*"
+        marked = [
+            key.decode().removeprefix(in_progress_key_prefix)
+            async for key in redis.scan_iter(match=pattern, count=1000)
+        ]
+        if not marked:
+            return []
+        async with redis.pipeline(transaction=False) as pipe:
+            for prompt_id in marked:
+                pipe.zscore(self._control.settings.queue_name, prompt_id)
+            scores = await pipe.execute()
+        return [prompt_id for prompt_id, score in zip(marked, scores, strict=True) if score is not None]
 
     async def _act(self, due: list[str]) -> list[str]:
         queued, freed = [], []

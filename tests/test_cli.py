@@ -88,12 +88,19 @@ async def test_dry_run_only_says_what_would_be_queued(stack: Stack, records: Rec
     assert run_cli(stack, "add-pending").stdout.strip() == "3 queued"
 
 
-async def test_retry_failed_requeues_failed_records(stack: Stack, records: RecordFactory, pocketbase):
+async def test_retry_failed_requeues_failed_records(stack: Stack, records: RecordFactory, pocketbase, settings):
     record = await records.create("try again")
     await pocketbase.update_record(record.id, {"status": "failed", "error": "earlier"})
     result = run_cli(stack, "retry-failed", "--json")
     assert json.loads(result.stdout)["counts"] == {"queued": 1}
-    assert (await pocketbase.get_record(record.id)).status == "queued"
+    # The queue says it is queued; the record keeps its last run's outcome until a worker takes it.
+    report = json.loads(run_cli(stack, "inspect", record.id, "--json").stdout)
+    assert (report["state"], report["record"]["status"]) == ("queued", "failed")
+    assert run_cli(stack, "retry-failed").stdout.strip() == "1 already queued"
+    assert run_cli(stack, "add-pending").stdout.strip() == "nothing to queue"
+    await run_queue(settings)
+    done = await pocketbase.get_record(record.id)
+    assert (done.status, done.error) == ("done", "")
 
 
 async def test_retry_failed_runs_a_failed_rerun_again_with_all_its_attempts(

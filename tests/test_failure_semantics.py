@@ -84,8 +84,9 @@ async def test_consecutive_exhausted_jobs_pause_the_queue(
             finished = await wait_for_records(pocketbase, [r.id for r in created], statuses=("done", "failed"))
             assert sorted(r.status for r in finished) == ["done"] * 2 + ["failed"] * 10
             assert await state.consecutive_failures() == 0
-            reports = await control.enqueue_where(pocketbase.status_filter(RecordStatus.FAILED), force=True)
-            assert len(reports) == 10
+            pages = control.enqueue_where(pocketbase.status_filter(RecordStatus.FAILED), force=True)
+            reports = [report async for page in pages for report in page]
+            assert [r.outcome.value for r in reports] == ["queued"] * 10
             finished = await wait_for_records(pocketbase, [r.id for r in created])
     assert [r.status for r in finished] == ["done"] * 12
 

@@ -331,11 +331,13 @@ async def test_a_worker_frozen_past_its_lease_pays_nothing_and_deletes_nothing(
     assert "job done" not in frozen.output()
 
 
+@pytest.mark.parametrize("command", ["add", "add-pending"])
 async def test_a_job_left_marked_running_by_a_worker_that_died_as_it_started_runs_again(
-    stack: Stack, records: RecordFactory, pocketbase, start_worker, redis_client
+    stack: Stack, records: RecordFactory, pocketbase, start_worker, redis_client, command
 ):
     record = await records.create("a job caught at its very start")
-    assert run_cli(stack, "add", record.id).returncode == 0
+    # `add` marks the record queued; `add-pending` leaves it pending, and the sweep finds the job all the same.
+    assert run_cli(stack, *([command, record.id] if command == "add" else [command])).returncode == 0
     # What arq writes as a worker picks a job up (marked running for QUEUE_JOB_TIMEOUT + 10 s), left behind by
     # a worker killed before the job could take its lease.
     await redis_client.psetex(in_progress_key_prefix + record.id, 3_610_000, b"1")
@@ -385,17 +387,26 @@ async def test_one_failure_on_each_image_link_costs_no_attempt(stack: Stack, rec
 
 
 @pytest.mark.timeout(240)
-async def test_redis_flushed_mid_run_recovers_with_no_command_and_pays_once(
+async def test_redis_flushed_mid_run_recovers_marked_records_alone_the_rest_by_add_pending_and_pays_once(
     stack: Stack, records: RecordFactory, pocketbase, start_worker, slow_images, redis_client
 ):
-    created = await records.many(10, prefix="a flush")
+    bulk = await records.many(6, prefix="a flush")
     # Each worker holds at most three jobs (one calling, one ready, one storing): some are only queued.
     quick = {"QUEUE_CONCURRENCY": "1", "STORE_CONCURRENCY": "1", "RECONCILE_INTERVAL": "1", "WORKER_LEASE": "4"}
     first, second = start_worker(**quick), start_worker(**quick)
     assert run_cli(stack, "add-pending").returncode == 0
+    # Queued after the bulk ones, so they still wait when Redis is flushed: `add` marks them `queued`.
+    by_id = await records.many(4, prefix="a flush, added by id")
+    assert run_cli(stack, "add", *[r.id for r in by_id]).returncode == 0
+    created = bulk + by_id
     assert await wait_until(lambda: _some_done(pocketbase, created), deadline=60)
     await redis_client.flushall()
 
+    # Marked by `add` or a worker: back with no command. Queued in bulk and never taken, a record is queued in
+    # Redis alone (PocketBase still says pending), so the README's `add-pending` after a flush brings it back.
+    finished = await wait_for_records(pocketbase, [r.id for r in by_id], deadline=120)
+    assert [r.status for r in finished] == ["done"] * 4
+    assert run_cli(stack, "add-pending").returncode == 0
     finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=120)
     assert [r.status for r in finished] == ["done"] * 10
     assert_one_generation_each(stack, created)
