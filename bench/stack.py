@@ -26,9 +26,10 @@ from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
 from arq.jobs import JobResult
 
+from imagegen.enqueue import JobQueue
 from imagegen.jimeng_sandbox import SandboxConfig, SandboxThread
+from imagegen.keys import RedisKeys
 from imagegen.localstack import RunningService, ensure_bucket, free_port, pocketbase_spec, redis_spec, seaweed_spec
-from imagegen.models import JOB_NAME
 from imagegen.settings import Settings
 
 BIN = Path(sys.executable).parent
@@ -256,8 +257,8 @@ async def enqueue_all(
 
 
 async def enqueue_prompts(stack: Stack, pool: ArqRedis, ids: Iterable[str]) -> None:
-    """Queue imagegen jobs for these records as `imagegen add` does, without its PocketBase round trips."""
-    await enqueue_all(pool, JOB_NAME, stack.queue_name, ids, lambda i: (i, False))
+    """Queue imagegen jobs for these records as `imagegen add-pending` does, without reading PocketBase."""
+    await JobQueue(pool, stack.queue_name, RedisKeys(stack.queue_name)).put(list(ids))
 
 
 async def queue_drained(pool: ArqRedis, queue: str, timeout: float) -> None:

@@ -22,7 +22,6 @@ from redis.exceptions import RedisError
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
 from .enqueue import EnqueueOutcome, EnqueueReport, EnqueueTally, JobQueue
 from .errors import ConfigError, ImagegenError, InvalidPromptId, QueueError, RecordNotFound
-from .intake import announce
 from .keys import RedisKeys
 from .models import JobOutcome, JobState, OutcomeStatus, PromptRecord, RecordStatus, validate_prompt_id
 from .pocketbase import PocketBaseClient
@@ -215,14 +214,7 @@ class Control:
             [queued] = await self.jobs.put([record.id], force=force)
         if not queued:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
-        await self._announce_enqueued(1)
         return EnqueueReport(record.id, EnqueueOutcome.QUEUED)
-
-    async def _announce_enqueued(self, count: int) -> None:
-        """Tell idle workers that jobs were queued (they would find them on their next poll anyway)."""
-        if count:
-            with redis_errors(self.settings):
-                await announce(self.redis, self.keys)
 
     async def enqueue(self, prompt_id: str, *, force: bool = False) -> EnqueueReport:
         """Queue one prompt; says whether it was queued, already queued or already done.
@@ -269,8 +261,6 @@ class Control:
         fresh = EnqueueOutcome.WOULD_QUEUE if dry_run else EnqueueOutcome.QUEUED
         for prompt_id, was_queued in zip(wanted, queued, strict=True):
             reports[prompt_id] = EnqueueReport(prompt_id, fresh if was_queued else EnqueueOutcome.ALREADY_QUEUED)
-        if not dry_run and any(queued):
-            await self._announce_enqueued(sum(queued))
         return [reports[record.id] for record in records]
 
     def enqueue_pending(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:

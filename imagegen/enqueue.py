@@ -30,6 +30,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
+from .intake import announce
 from .keys import RedisKeys
 from .models import JOB_NAME
 
@@ -137,6 +138,7 @@ class JobQueue:
     def __init__(self, redis: ArqRedis, queue_name: str, keys: RedisKeys) -> None:
         self._redis = redis
         self._queue_name = queue_name
+        self._keys = keys
         prefixes = (
             job_key_prefix,
             in_progress_key_prefix,
@@ -162,10 +164,15 @@ class JobQueue:
         return live
 
     async def put(self, prompt_ids: Sequence[str], *, force: bool = False) -> list[bool]:
-        """Queue a new run of each prompt without a live job; says per prompt whether it was queued."""
+        """Queue a new run of each prompt without a live job; says per prompt whether it was queued.
+
+        Idle workers are told at once (one message per batch that queued anything)."""
         queued: list[bool] = []
         for start in range(0, len(prompt_ids), BATCH):
-            queued += await self._put_batch(prompt_ids[start : start + BATCH], force)
+            batch = await self._put_batch(prompt_ids[start : start + BATCH], force)
+            if any(batch):
+                await announce(self._redis, self._keys)
+            queued += batch
         return queued
 
     async def _put_batch(self, prompt_ids: Sequence[str], force: bool) -> list[bool]:

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     download_tries: int = Field(3, ge=1, le=10, description="tries per image before the attempt fails")
     upload_multipart_threshold: int = Field(8 * MIB, ge=5 * MIB)
     store_concurrency: int = Field(10, ge=1, le=1000, description="image transfers at once per worker process")
+    store_backlog: int = Field(
+        50, ge=1, le=100_000, description="finished generations a worker process may hold waiting to be stored"
+    )
     prompt_max_chars: int = Field(4000, ge=1)
 
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"

@@ -10,8 +10,9 @@ The API's concurrency is what the account pays for and is limited by, so it neve
   storing (one upload part per transfer) and are shared by every job of the process;
 - arq runs up to 2 x QUEUE_CONCURRENCY jobs: as many in their call as there are slots, and as many read and
   ready to call the moment a slot frees. A job whose call returned *hands back* its arq job slot, so arq takes
-  the next prompt at once while that job stores its images, up to STORE_CONCURRENCY such jobs per process;
-  past that, a finished generation keeps its job slot and new work waits for storing to catch up.
+  the next prompt at once while that job stores its images (or waits for a transfer slot), up to
+  STORE_BACKLOG such jobs per process; past that, a finished generation keeps its job slot and new calls wait
+  for storing to catch up, so a slow bucket can't pile up links that expire.
 
 Handing back works on arq's public `max_jobs` (raised by one per job storing, lowered when it ends), so the
 worker's poll loop needs no other change; its semaphore is widened once so that `max_jobs` alone limits.
@@ -34,9 +35,10 @@ _UNBOUNDED = 1 << 30
 class Slots:
     """The generation and transfer slots of one worker process, and its arq job slots when attached."""
 
-    def __init__(self, generations: int, transfers: int) -> None:
+    def __init__(self, generations: int, transfers: int, backlog: int) -> None:
         self.generations = generations
         self.transfers = transfers
+        self.backlog = backlog
         self._calls = asyncio.Semaphore(generations)
         self._transfers = asyncio.Semaphore(transfers)
         self._worker: Worker | None = None
@@ -80,7 +82,7 @@ class Slots:
 
     def hand_back(self, run: JobRun) -> None:
         """The run's paid call returned: let arq take another job now, unless storing is already at its limit."""
-        if self._worker is None or run.handed_back or self.storing >= self.transfers:
+        if self._worker is None or run.handed_back or self.storing >= self.backlog:
             return
         run.handed_back = True
         self.storing += 1

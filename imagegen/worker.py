@@ -117,7 +117,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     permits = CallPermits(
         ctx["redis"], keys, settings.jimeng_max_inflight, settings.jimeng_rate_limit, settings.worker_lease
     )
-    slots = Slots(settings.queue_concurrency, settings.store_concurrency)
+    slots = Slots(settings.queue_concurrency, settings.store_concurrency, settings.store_backlog)
     intake = Intake(ctx["redis"], keys, settings.queue_name, settings.queue_poll_interval)
     services = Services(
         settings=settings,

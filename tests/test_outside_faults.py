@@ -392,7 +392,7 @@ async def test_redis_flushed_mid_run_recovers_marked_records_alone_the_rest_by_a
 ):
     bulk = await records.many(6, prefix="a flush")
     # Each worker holds at most three jobs (one calling, one ready, one storing): some are only queued.
-    quick = {"QUEUE_CONCURRENCY": "1", "STORE_CONCURRENCY": "1", "RECONCILE_INTERVAL": "1", "WORKER_LEASE": "4"}
+    quick = {"QUEUE_CONCURRENCY": "1", "STORE_BACKLOG": "1", "RECONCILE_INTERVAL": "1", "WORKER_LEASE": "4"}
     first, second = start_worker(**quick), start_worker(**quick)
     assert run_cli(stack, "add-pending").returncode == 0
     # Queued after the bulk ones, so they still wait when Redis is flushed: `add` marks them `queued`.
