@@ -25,7 +25,7 @@ async def measure(stack: Stack, quick: bool, profile: bool) -> Figure:
     prompts = 100 if quick else 1000
     rows, notes = [], []
     for latency in (1.0, 4.0):
-        stack.jimeng_config(latency=latency, jitter=0.0)
+        stack.jimeng_config(latency=latency, jitter=0.0, distinct_images=False)
         ids = await create_records(stack, [f"occupancy {latency:g}s: a harbour at dawn #{i}" for i in range(prompts)])
         timeout = prompts * latency / SLOTS * 4 + 120
         run = await run_worker_over(stack, ids, timeout, QUEUE_CONCURRENCY=str(SLOTS))

@@ -16,7 +16,7 @@ CPU_TARGET_MS = 12.0
 
 async def measure(stack: Stack, quick: bool, profile: bool) -> Figure:
     jobs = 200 if quick else 2000
-    stack.jimeng_config(image_size=64)
+    stack.jimeng_config(image_size=64, distinct_images=False)
     ids = await create_records(stack, [f"overhead: a small lighthouse #{i}" for i in range(jobs)])
     run = await run_worker_over(stack, ids, timeout=jobs, QUEUE_CONCURRENCY="20")
     baseline = await run_baseline_burst(stack, "noop", jobs, max_jobs=20, timeout=300)

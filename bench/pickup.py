@@ -51,7 +51,7 @@ async def idle_cpu_percent(processes: list[Process], seconds: float) -> list[flo
 async def measure(stack: Stack, quick: bool, profile: bool) -> Figure:
     samples, idle_seconds = (30, 5.0) if quick else (200, 20.0)
     rng = random.Random(8)
-    stack.jimeng_config(image_size=64)
+    stack.jimeng_config(image_size=64, distinct_images=False)
     ids = await create_records(stack, [f"pick-up: a lantern #{i}" for i in range(samples)])
     worker = stack.worker()
     baseline = stack.baseline_worker("--queue", BASELINE_QUEUE)

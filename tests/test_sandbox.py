@@ -242,3 +242,15 @@ async def test_call_spans_record_each_counted_call(fake):
     assert spans[2][0] >= max(end for _, end in spans[:2])
     fake.sandbox.reset()
     assert fake.sandbox.call_spans() == []
+
+
+async def test_shared_images_are_drawn_once_and_served_for_every_call(fake):
+    fake.sandbox.config.distinct_images = False
+    try:
+        for prompt in ("a shared cat", "a shared dog"):
+            status, payload, _ = await generate(fake, {"prompt": prompt})
+            assert status == 200 and len(payload["data"]) == 4
+        assert fake.sandbox.served_images("a shared cat") == fake.sandbox.served_images("a shared dog")
+        assert len(set(fake.sandbox.served_images("a shared cat"))) == 4
+    finally:
+        fake.sandbox.config.distinct_images = True

@@ -52,6 +52,8 @@ class SandboxConfig:
     fail_rate: float = 0.0
     seed: int = 0
     public_base: str | None = None
+    # False: every call serves the same images, drawn once (benchmarks: the fake then costs next to no CPU).
+    distinct_images: bool = True
 
 
 @dataclass
@@ -77,6 +79,7 @@ class JimengSandbox:
         self._served: dict[str, list[bytes]] = {}
         self._images: dict[str, HostedImage] = {}
         self._scripts: dict[str, deque[str]] = {}
+        self._shared: list[bytes] | None = None
         # Called with the prompt in the server's thread once a paid generation is decided, before its reply leaves.
         self.on_generation: Callable[[str], None] | None = None
         # While set, generation calls wait before they are counted (a client that goes away meanwhile pays nothing).
@@ -221,20 +224,50 @@ class JimengSandbox:
             self._call_starts.setdefault(prompt, []).append(started)
             self._inflight += 1
             self._peak_inflight = max(self._peak_inflight, self._inflight)
+        rendering: asyncio.Future[list[bytes]] | None = None
         try:
             mode = self._choose(prompt)
             delay = self.config.latency + self._random.uniform(0, self.config.jitter)
             if mode.startswith("slow:"):
                 delay += float(mode[5:])
+            if self._makes_images(mode) and not self.config.distinct_images:
+                rendering = asyncio.get_running_loop().create_future()
+                rendering.set_result(self._shared_set())
+            elif self._makes_images(mode):
+                # Drawn in a thread while the latency runs, like the real service's own work: the fake's event
+                # loop never stalls on it, so other calls start and end on time.
+                rendering = asyncio.ensure_future(asyncio.to_thread(self._render_set, prompt))
             if delay:
                 await asyncio.sleep(delay)
-            return await self._play(request, prompt, mode)
+            return await self._play(request, prompt, mode, rendering)
         finally:
+            if rendering is not None and not rendering.done():
+                rendering.cancel()
             with self._lock:
                 self._inflight -= 1
                 self._call_spans.append((started, time.time()))
 
-    async def _play(self, request: web.Request, prompt: str, mode: str) -> web.StreamResponse:
+    @staticmethod
+    def _makes_images(mode: str) -> bool:
+        return not (
+            mode in PROXY_ERRORS or mode in HTTP_ERRORS or mode in ("html-502", "nonjson", "empty", "hang", "drop")
+        )
+
+    def _shared_set(self) -> list[bytes]:
+        if self._shared is None or len(self._shared) != self.config.images_per_call:
+            self._shared = self._render_set("the same image for every call")
+        return self._shared
+
+    def _render_set(self, prompt: str) -> list[bytes]:
+        salt = secrets.token_hex(4)
+        return [
+            render_image(prompt, index, FORMAT_CYCLE[index % len(FORMAT_CYCLE)], self.config.image_size, salt)
+            for index in range(self.config.images_per_call)
+        ]
+
+    async def _play(
+        self, request: web.Request, prompt: str, mode: str, rendering: asyncio.Future[list[bytes]] | None
+    ) -> web.StreamResponse:
         if mode in PROXY_ERRORS:
             code, message = PROXY_ERRORS[mode]
             return self._proxy_error(code, message)
@@ -255,16 +288,16 @@ class JimengSandbox:
             assert request.transport is not None
             request.transport.close()
             raise asyncio.CancelledError
-        return web.json_response({"created": int(time.time()), "data": self._new_images(request, prompt, mode)})
+        assert rendering is not None
+        images = await rendering
+        return web.json_response({"created": int(time.time()), "data": self._new_images(request, prompt, mode, images)})
 
-    def _new_images(self, request: web.Request, prompt: str, mode: str) -> list[dict[str, str]]:
+    def _new_images(self, request: web.Request, prompt: str, mode: str, images: list[bytes]) -> list[dict[str, str]]:
         base = self.config.public_base or f"{request.scheme}://{request.host}"
-        salt = secrets.token_hex(4)
         expires = time.time() + self.config.link_ttl
         links, served = [], []
-        for index in range(self.config.images_per_call):
+        for index, data in enumerate(images):
             fmt = FORMAT_CYCLE[index % len(FORMAT_CYCLE)]
-            data = render_image(prompt, index, fmt, self.config.image_size, salt)
             token = secrets.token_hex(12)
             failures = 1 if mode == "img-500-once" else 0
             with self._lock:
