@@ -6,6 +6,7 @@ handed on chunk by chunk with a size cap, so memory stays bounded whatever the i
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
@@ -35,6 +36,9 @@ def describe_link(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
+READ_CHUNK = 256 * 1024
+
+
 class ImageDownload:
     """An image body being downloaded: `read(n)` returns exactly n bytes until the end, as uploads expect."""
 
@@ -59,16 +63,23 @@ class ImageDownload:
         self.image_type = found
         self._pending = head
 
-    async def _read_raw(self, n: int) -> bytes:
-        chunks: list[bytes] = []
+    async def _chunks(self, n: int) -> AsyncIterator[bytes]:
+        """Up to n bytes from the network as they arrive, counted against the size cap."""
         wanted = n
         try:
             while wanted > 0:
-                chunk = await self._response.content.read(wanted)
+                # Small reads: aiohttp lets its buffer grow to twice the largest read asked of it.
+                chunk = await self._response.content.read(min(wanted, READ_CHUNK))
                 if not chunk:
-                    break
-                chunks.append(chunk)
+                    return
+                self.bytes_read += len(chunk)
+                if self.bytes_read > self._max_bytes:
+                    raise DownloadError(
+                        f"image at {describe_link(self._url)} is larger than DOWNLOAD_MAX_BYTES={self._max_bytes}",
+                        kind=FailureKind.PERMANENT,
+                    )
                 wanted -= len(chunk)
+                yield chunk
         except aiohttp.ClientPayloadError as exc:
             raise DownloadError(
                 f"download of {describe_link(self._url)} was cut off after {self.bytes_read} bytes "
@@ -76,19 +87,32 @@ class ImageDownload:
             ) from None
         except aiohttp.ClientError as exc:
             raise DownloadError(f"download of {describe_link(self._url)} failed: {type(exc).__name__}") from None
-        data = b"".join(chunks)
-        self.bytes_read += len(data)
-        if self.bytes_read > self._max_bytes:
-            raise DownloadError(
-                f"image at {describe_link(self._url)} is larger than DOWNLOAD_MAX_BYTES={self._max_bytes}",
-                kind=FailureKind.PERMANENT,
-            )
-        if len(data) < n and self.declared_length is not None and self.bytes_read < self.declared_length:
+
+    def _check_whole(self, got: int, asked: int) -> None:
+        """A short read is the end of the image only when the server said no more was coming."""
+        if got < asked and self.declared_length is not None and self.bytes_read < self.declared_length:
             raise DownloadError(
                 f"download of {describe_link(self._url)} was cut off at {self.bytes_read} of "
                 f"{self.declared_length} bytes"
             )
+
+    async def _read_raw(self, n: int) -> bytes:
+        data = b"".join([chunk async for chunk in self._chunks(n)])
+        self._check_whole(len(data), n)
         return data
+
+    async def read_into(self, part: io.BytesIO, size: int) -> int:
+        """Write the next `size` bytes of the image into `part` as they arrive (fewer only at the end) and
+        return how many; each chunk is copied once. Uploads refill one part buffer this way."""
+        head = self._pending[:size]
+        part.write(head)
+        self._pending = self._pending[len(head) :]
+        asked, got = size - len(head), 0
+        async for chunk in self._chunks(asked):
+            part.write(chunk)
+            got += len(chunk)
+        self._check_whole(got, asked)
+        return len(head) + got
 
     async def read(self, n: int = -1) -> bytes:
         """Up to n bytes (all that is left when n < 0); fewer only at the end of the image."""

@@ -1,14 +1,15 @@
 """Hosting images in an S3-compatible bucket (Volcengine TOS in production, SeaweedFS locally).
 
 Object keys derive from the prompt id only (`<prefix><id>/<n>.<ext>`), so a retry overwrites instead of
-duplicating; uploads stream from the download with bounded memory: one part of
-`UPLOAD_MULTIPART_THRESHOLD` bytes in memory at a time, multipart above that size.
+duplicating; uploads stream from the download with bounded memory: one part buffer of
+`UPLOAD_MULTIPART_THRESHOLD` bytes per transfer, refilled in place, multipart above that size.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -154,36 +155,44 @@ class Storage:
     async def upload_image(self, key: str, image: ImageDownload) -> int:
         """Stream one downloaded image into the bucket under `key`; returns the bytes stored.
 
-        Below the threshold one PUT; above it a multipart upload holding one part in memory at a time.
+        Below the threshold one PUT; above it a multipart upload. The image passes through one part buffer
+        (a BytesIO, which botocore and aiohttp send in small reads without copying it whole), refilled in place
+        part after part: a transfer holds one part in memory whatever the image size.
         """
+        part = io.BytesIO()
         try:
-            first = await image.read(self._threshold)
-            if len(first) < self._threshold:
+            filled = await image.read_into(part, self._threshold)
+            part.seek(0)
+            if filled < self._threshold:
                 await self._client.put_object(
-                    Bucket=self.bucket, Key=key, Body=first, ContentType=image.image_type.value
+                    Bucket=self.bucket, Key=key, Body=part, ContentType=image.image_type.value
                 )
-                return len(first)
-            return await self._upload_parts(key, image, first)
+                return filled
+            return await self._upload_parts(key, image, part)
         except (ClientError, BotoCoreError) as exc:
             raise storage_error(exc, f"uploading {key}", self.bucket) from None
+        finally:
+            part.close()
 
-    async def _upload_parts(self, key: str, image: ImageDownload, first: bytes) -> int:
+    async def _upload_parts(self, key: str, image: ImageDownload, part: io.BytesIO) -> int:
         created = await self._client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ContentType=image.image_type.value
         )
         upload_id = created["UploadId"]
         parts: list[CompletedPartTypeDef] = []
-        total = 0
+        total, filled = 0, self._threshold
         try:
-            chunk = first
-            while chunk:
+            while filled:
                 number = len(parts) + 1
-                part = await self._client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+                answer = await self._client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=part
                 )
-                parts.append({"ETag": part["ETag"], "PartNumber": number})
-                total += len(chunk)
-                chunk = await image.read(self._threshold)
+                parts.append({"ETag": answer["ETag"], "PartNumber": number})
+                total += filled
+                part.seek(0)
+                filled = await image.read_into(part, self._threshold)
+                part.truncate(filled)  # the last part is shorter
+                part.seek(0)
             await self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
             )
