@@ -16,10 +16,20 @@ from typing import Any, NoReturn
 import click
 
 from .checks import check_services
-from .control import Control, EnqueueOutcome, EnqueueReport, JobReport, StatusReport, open_control
+from .control import (
+    Control,
+    EnqueueOutcome,
+    EnqueueReport,
+    JobReport,
+    StatusReport,
+    count_outcomes,
+    open_control,
+    reports_json,
+)
 from .errors import ConfigError, ImagegenError
 from .logs import setup_logging
 from .settings import Settings, load_settings, require
+from .web import serve as serve_web
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
 _BAD_OUTCOMES = {EnqueueOutcome.NOT_FOUND, EnqueueOutcome.INVALID, EnqueueOutcome.ERROR}
@@ -68,19 +78,9 @@ def with_control(
 
 
 def _emit_reports(reports: list[EnqueueReport], as_json: bool, verbose: bool = True) -> int:
-    counts: dict[str, int] = {}
-    for report in reports:
-        counts[report.outcome.value] = counts.get(report.outcome.value, 0) + 1
+    counts = count_outcomes(reports)
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "results": [{"id": r.prompt_id, "outcome": r.outcome.value, "detail": r.detail} for r in reports],
-                    "counts": counts,
-                },
-                ensure_ascii=False,
-            )
-        )
+        click.echo(json.dumps(reports_json(reports), ensure_ascii=False))
     else:
         for report in reports if verbose else []:
             detail = f": {report.detail}" if report.detail else ""
@@ -180,6 +180,7 @@ def _format_report(report: JobReport) -> str:
         lines.append("record:    not found in PocketBase")
     else:
         lines.append(f"record:    {report.record_status or 'pending'}")
+        lines.append(f"prompt:    {report.prompt}")
         for url in report.images or ([report.image_url] if report.image_url else []):
             lines.append(f"image:     {url}")
     return "\n".join(lines)
@@ -309,6 +310,22 @@ def check(ctx: click.Context, as_json: bool) -> None:
             for warning in warnings:
                 click.echo(f"warning:    {warning}")
         return EXIT_OK if all(r.ok for r in results) else EXIT_SERVICE
+
+    run(ctx, work)
+
+
+@cli.command()
+@click.option("--host", help="Address to listen on (default: WEB_HOST, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port to listen on (default: WEB_PORT, 8300).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve the HTTP API under /api/ and the dashboard at / (beyond loopback only with API_TOKEN set)."""
+
+    async def work(settings: Settings) -> int:
+        require(settings, "pocketbase_email", "pocketbase_password")
+        setup_logging(settings.log_level, settings.secrets())
+        await serve_web(settings, host or settings.web_host, port or settings.web_port)
+        return EXIT_OK
 
     run(ctx, work)
 
