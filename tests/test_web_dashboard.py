@@ -122,7 +122,8 @@ async def test_dashboard_counts_thumbnails_pause_resume_and_retry(
 
 
 async def _done(pocketbase, prompt_id: str) -> bool:
-    return (await pocketbase.get_record(prompt_id)).status == "done"
+    record = await pocketbase.get_record(prompt_id)
+    return bool(record.status == "done")
 
 
 async def test_search_narrows_the_list_by_prompt_text(page: Page, records: RecordFactory):
