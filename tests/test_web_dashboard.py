@@ -74,7 +74,7 @@ async def test_dashboard_counts_thumbnails_pause_resume_and_retry(
 
     # A done job's view: its prompt and four thumbnails that really load from the S3 server.
     await page.click("#tabs button[data-state=done]")
-    await page.click(f"#task-rows tr[data-id={first.id}]")
+    await page.click(f'#task-rows tr[data-id="{first.id}"]')
     await expect(page.locator("#task-prompt")).to_have_text("a red kite")
     await expect(page.locator("#task-images img")).to_have_count(4)
     for src in await page.locator("#task-images img").evaluate_all("imgs => imgs.map(i => i.src)"):
@@ -111,7 +111,7 @@ async def test_dashboard_counts_thumbnails_pause_resume_and_retry(
     assert run_cli(stack, "add", refused.id).returncode == 0
     await count(page, "failed", 1)
     await page.click("#tabs button[data-state=failed]")
-    await page.click(f"#task-rows tr[data-id={refused.id}]")
+    await page.click(f'#task-rows tr[data-id="{refused.id}"]')
     await expect(page.locator("#task-error")).to_contain_text("moderation")
     await page.click("#task-retry-btn")
     await count(page, "failed", 0)
@@ -133,4 +133,4 @@ async def test_search_narrows_the_list_by_prompt_text(page: Page, records: Recor
     await expect(page.locator("#task-rows tr")).to_have_count(4)
     await page.fill("#search", "dunes")
     await expect(page.locator("#task-rows tr")).to_have_count(1)
-    await expect(page.locator(f"#task-rows tr[data-id={kite.id}]")).to_be_visible()
+    await expect(page.locator(f'#task-rows tr[data-id="{kite.id}"]')).to_be_visible()
