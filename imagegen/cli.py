@@ -21,6 +21,7 @@ from .errors import ConfigError, ImagegenError
 from .logs import setup_logging
 from .progress import Progress
 from .settings import Settings, load_settings, require
+from .web import serve as serve_web
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
 
@@ -67,10 +68,6 @@ def with_control(
     run(ctx, work)
 
 
-def _report_json(report: EnqueueReport) -> dict[str, str]:
-    return {"id": report.prompt_id, "outcome": report.outcome.value, "detail": report.detail}
-
-
 def _report_line(report: EnqueueReport) -> str:
     detail = f": {report.detail}" if report.detail else ""
     return f"{report.prompt_id}  {report.outcome.value}{detail}"
@@ -89,7 +86,7 @@ async def _emit_reports(
     async for page in pages:
         tally.add(page)
         if as_json and page:
-            click.echo(opening + ", ".join(json.dumps(_report_json(r), ensure_ascii=False) for r in page), nl=False)
+            click.echo(opening + ", ".join(json.dumps(r.to_json(), ensure_ascii=False) for r in page), nl=False)
             opening = ", "
         elif show_each and page and not as_json:
             meter.clear()
@@ -199,6 +196,7 @@ def _format_report(report: JobReport) -> str:
         lines.append("record:    not found in PocketBase")
     else:
         lines.append(f"record:    {report.record_status or 'pending'}")
+        lines.append(f"prompt:    {report.prompt}")
         for url in report.images or ([report.image_url] if report.image_url else []):
             lines.append(f"image:     {url}")
     return "\n".join(lines)
@@ -328,6 +326,22 @@ def check(ctx: click.Context, as_json: bool) -> None:
             for warning in warnings:
                 click.echo(f"warning:    {warning}")
         return EXIT_OK if all(r.ok for r in results) else EXIT_SERVICE
+
+    run(ctx, work)
+
+
+@cli.command()
+@click.option("--host", help="Address to listen on (default: WEB_HOST, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port to listen on (default: WEB_PORT, 8300).")
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve the HTTP API under /api/ and the dashboard at / (beyond loopback only with API_TOKEN set)."""
+
+    async def work(settings: Settings) -> int:
+        require(settings, "pocketbase_email", "pocketbase_password")
+        setup_logging(settings.log_level, settings.secrets())
+        await serve_web(settings, host or settings.web_host, port or settings.web_port)
+        return EXIT_OK
 
     run(ctx, work)
 

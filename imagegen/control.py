@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -23,10 +23,23 @@ from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
 from .enqueue import EnqueueOutcome, EnqueueReport, EnqueueTally, JobQueue
 from .errors import ConfigError, ImagegenError, InvalidPromptId, QueueError, RecordNotFound
 from .keys import RedisKeys
-from .models import JobOutcome, JobState, OutcomeStatus, PromptRecord, RecordStatus, validate_prompt_id
+from .models import (
+    JobOutcome,
+    JobState,
+    OutcomeStatus,
+    PromptRecord,
+    RecordStatus,
+    iso_time,
+    validate_prompt_id,
+)
 from .pocketbase import PocketBaseClient
 from .settings import Settings
 from .state import PauseInfo, QueueState
+from .throughput import OutcomeCounter, Throughput
+
+
+def pause_json(info: PauseInfo) -> dict[str, str]:
+    return {"reason": info.reason, "since": iso_time(info.since), "source": info.source}
 
 
 @dataclass
@@ -36,6 +49,7 @@ class JobReport:
     prompt_id: str
     state: JobState
     tries: int = 0
+    prompt: str = ""
     enqueued_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -68,6 +82,7 @@ class JobReport:
             if self.record_status is None
             else {
                 "status": self.record_status or "pending",
+                "prompt": self.prompt,
                 "imageUrl": self.image_url,
                 "images": self.images,
                 "error": self.record_error,
@@ -87,10 +102,6 @@ def redis_errors(settings: Settings) -> Iterator[None]:
             f"cannot reach {settings.redis_location()} ({type(exc).__name__}); "
             "is it running and are REDIS_HOST/REDIS_PORT/REDIS_PASSWORD right?"
         ) from None
-
-
-def iso_time(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -129,13 +140,7 @@ class StatusReport:
             },
             "records": self.records,
             "records_error": self.records_error or None,
-            "paused": None
-            if self.paused is None
-            else {
-                "reason": self.paused.reason,
-                "since": iso_time(self.paused.since),
-                "source": self.paused.source,
-            },
+            "paused": None if self.paused is None else pause_json(self.paused),
             "outages": self.outages(),
             "consecutive_failures": self.consecutive_failures,
             "max_failed": self.max_failed,
@@ -153,6 +158,7 @@ class Control:
         self.keys = RedisKeys(settings.queue_name)
         self.state = QueueState(redis, settings.queue_max_failed, self.keys)
         self.jobs = JobQueue(redis, settings.queue_name, self.keys)
+        self.outcomes = OutcomeCounter(redis, self.keys)
 
     async def pause(self, reason: str) -> PauseInfo:
         with redis_errors(self.settings):
@@ -161,6 +167,11 @@ class Control:
     async def resume(self) -> PauseInfo | None:
         with redis_errors(self.settings):
             return await self.state.resume()
+
+    async def throughput(self) -> Throughput:
+        """Jobs done and failed in each minute of the last hour."""
+        with redis_errors(self.settings):
+            return await self.outcomes.last()
 
     async def status(self, *, records: bool = True) -> StatusReport:
         """Jobs by state, records by status, the pause, outages, the failure streak and the live workers.
@@ -310,6 +321,7 @@ class Control:
             report.record_unavailable = str(exc)
             return report
         report.record_status = record.status
+        report.prompt = record.prompt
         report.image_url = record.image_url
         report.images = record.images
         report.record_error = record.error
@@ -318,15 +330,20 @@ class Control:
         return report
 
 
+async def connect_queue(settings: Settings) -> ArqRedis:
+    """A Redis pool for front ends: it fails fast (one QueueError) instead of riding out an outage."""
+    with redis_errors(settings):
+        return await create_pool(
+            redis_settings(settings, ride_out_outages=False), default_queue_name=settings.queue_name
+        )
+
+
 @asynccontextmanager
 async def open_control(settings: Settings) -> AsyncIterator[Control]:
     """Connect to Redis and PocketBase for the length of one command."""
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession())
-        with redis_errors(settings):
-            redis = await create_pool(
-                redis_settings(settings, ride_out_outages=False), default_queue_name=settings.queue_name
-            )
+        redis = await connect_queue(settings)
         stack.push_async_callback(redis.aclose)
         yield Control(settings, redis, PocketBaseClient(http, settings))
 
@@ -339,5 +356,7 @@ __all__ = [
     "ImagegenError",
     "JobReport",
     "StatusReport",
+    "connect_queue",
     "open_control",
+    "pause_json",
 ]

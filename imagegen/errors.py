@@ -3,6 +3,7 @@
     ImagegenError                      base: one readable line, `kind` says what to do about it
     ├── ConfigError                    a setting is missing or invalid (kind = account)
     ├── InvalidPromptId                a prompt id that is not 15 chars of [a-z0-9] (permanent)
+    ├── InvalidRequest                 a web API request that can't be served as sent (bad JSON, bad paging)
     ├── PromptRejected                 the record's prompt can't be sent (empty, too long) (permanent)
     ├── QueuePaused                    the queue was paused before this job could generate (wait, no attempt used)
     ├── JobInterrupted                 the worker is stopping before this job's paid call (back to the queue)
@@ -66,6 +67,12 @@ class ConfigError(ImagegenError):
 
 
 class InvalidPromptId(ImagegenError):
+    kind = FailureKind.PERMANENT
+
+
+class InvalidRequest(ImagegenError):
+    """A web API request that can't be served as sent: bad JSON, a bad field, an unknown state, paging out of range."""
+
     kind = FailureKind.PERMANENT
 
 

@@ -46,6 +46,7 @@ from .pipeline import Pipeline, Services
 from .runs import JobRun, Phase, Runs
 from .settings import FINISH_RESERVE, Settings
 from .state import QueueState, Verdict
+from .throughput import OutcomeCounter
 
 PAUSED_RECHECK = 1.0
 OUTAGE_RECHECK = 5.0
@@ -76,6 +77,7 @@ class JobRunner:
         self._pipeline = pipeline
         self._state = state
         self._runs = runs
+        self._outcomes = OutcomeCounter(state.redis, state.keys)
 
     async def run(self, job_id: str, prompt_id: str, force: bool) -> dict[str, Any]:
         """Run one job to a classified outcome (or a Retry for arq); never lets anything else escape."""
@@ -83,11 +85,21 @@ class JobRunner:
         run = self._runs.open(job_id, prompt_id, lease, self._settings.job_budget)
         try:
             outcome = await self._guarded(run, force)
+            await self._count(outcome)
         finally:
             self._runs.close(run)
             self._s.slots.job_ended(run)
             await asyncio.shield(self._release(lease))
         return outcome.to_dict()
+
+    async def _count(self, outcome: JobOutcome) -> None:
+        """Count a final outcome for the last hour's throughput; best effort, the job is decided either way."""
+        if outcome.skipped:
+            return
+        try:
+            await self._outcomes.count(outcome.status)
+        except Exception as exc:
+            logger.debug("could not count the outcome: {}", exc)
 
     @staticmethod
     async def _release(lease: PromptLease) -> None:

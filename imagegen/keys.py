@@ -47,6 +47,10 @@ class RedisKeys:
         """A final outcome decided but not yet written to the record (the record store was down)."""
         return f"{self.prefix}verdict:{prompt_id}"
 
+    def outcomes(self, minute: int) -> str:
+        """Counts of jobs that ended done or failed in one minute (minutes since the epoch), for throughput."""
+        return f"{self.prefix}outcomes:{minute}"
+
     def worker(self, worker_id: str) -> str:
         """A live worker's heartbeat, expiring when it stops beating."""
         return f"{self.prefix}worker:{worker_id}"

@@ -55,6 +55,11 @@ class _Scrubber:
         return text
 
 
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every configured secret replaced by ***, for anything that leaves the process."""
+    return _Scrubber(secrets).scrub(text)
+
+
 def setup_logging(level: str = "INFO", secrets: Iterable[str] = (), *, colorize: bool | None = None) -> None:
     """Configure loguru and route standard logging into it; call once per process."""
     scrubber = _Scrubber(secrets)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -31,6 +32,16 @@ def filter_literal(value: str) -> str:
 def _ignore_outcome(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+@dataclass(frozen=True)
+class RecordPage:
+    """One page of records matching a filter, with how many match in all."""
+
+    items: list[PromptRecord]
+    page: int
+    per_page: int
+    total: int
 
 
 class PocketBaseClient:
@@ -236,6 +247,27 @@ class PocketBaseClient:
             # A page fetched for a caller that stopped early: its failure is nobody's to report.
             upcoming.add_done_callback(_ignore_outcome)
 
+    def state_filter(self, status: RecordStatus) -> str:
+        """Records in one status as the counts and lists show them; pending: no status and no image URL."""
+        if status is RecordStatus.PENDING:
+            return f'{self.f_image_url} = "" && {self.status_filter(RecordStatus.PENDING)}'
+        return self.status_filter(status)
+
+    def search_filter(self, text: str) -> str:
+        """Records whose id or prompt contains `text`."""
+        literal = filter_literal(text)
+        return f"(id ~ {literal} || {self.f_prompt} ~ {literal})"
+
+    async def list_page(self, record_filter: str, *, page: int, per_page: int, search: str = "") -> RecordPage:
+        """One page (from 1) of the records matching the filter, in id order; `search`: id or prompt contains it."""
+        clauses = f"({record_filter})" + (f" && {self.search_filter(search)}" if search else "")
+        params = {"filter": clauses, "sort": "id", "page": str(page), "perPage": str(per_page)}
+        status, payload = await self._request("GET", self._records, params=params)
+        if status != 200 or not isinstance(payload, dict):
+            raise self._fail(f"listing {self.collection}", status, payload)
+        items = [self._record(item) for item in payload.get("items") or []]
+        return RecordPage(items, page, per_page, int(payload.get("totalItems", 0)))
+
     async def iter_records(self, record_filter: str, page_size: int = PAGE_SIZE) -> AsyncIterator[PromptRecord]:
         """Every record matching the filter, in id order (see `iter_pages`)."""
         async for page in self.iter_pages(record_filter, page_size=page_size):
@@ -252,9 +284,9 @@ class PocketBaseClient:
 
     async def count_by_status(self) -> dict[str, int]:
         """How many records are pending, queued, processing, done and failed."""
-        counts = {"pending": await self.count(f'{self.f_image_url} = "" && {self.status_filter(RecordStatus.PENDING)}')}
+        counts = {"pending": await self.count(self.state_filter(RecordStatus.PENDING))}
         for status in (RecordStatus.QUEUED, RecordStatus.PROCESSING, RecordStatus.DONE, RecordStatus.FAILED):
-            counts[status.value] = await self.count(self.status_filter(status))
+            counts[status.value] = await self.count(self.state_filter(status))
         return counts
 
     async def check(self) -> None:

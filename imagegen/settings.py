@@ -22,7 +22,14 @@ RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9")
 RESOLUTIONS = ("1k", "2k", "4k")
 MIB = 1024 * 1024
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SECRET_FIELDS = ("redis_password", "redis_url", "jimeng_api_key", "tos_access_key_secret", "pocketbase_password")
+SECRET_FIELDS = (
+    "redis_password",
+    "redis_url",
+    "jimeng_api_key",
+    "tos_access_key_secret",
+    "pocketbase_password",
+    "api_token",
+)
 # Seconds a job keeps, below arq's QUEUE_JOB_TIMEOUT, to record its outcome after its own deadline.
 FINISH_RESERVE = 10.0
 # Real generations take tens of seconds and queue for minutes at peak; a shorter limit abandons paid calls.
@@ -110,6 +117,11 @@ class Settings(BaseSettings):
         50, ge=1, le=100_000, description="finished generations a worker process may hold waiting to be stored"
     )
     prompt_max_chars: int = Field(4000, ge=1)
+
+    # the web API and dashboard (`imagegen serve`)
+    api_token: SecretStr = SecretStr("")
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(8300, ge=1, le=65535)
 
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
 

@@ -65,3 +65,9 @@ if ! command -v zsh >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     echo "imagegen setup: installing zsh (the tests run the README's commands in it)"
     apt_install zsh || echo "imagegen setup: zsh could not be installed; its shell tests will be skipped" >&2
 fi
+
+# The dashboard's browser test drives Debian's Chromium (Playwright never downloads a browser here).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "imagegen setup: installing chromium (the dashboard's browser test runs it headless)"
+    apt_install chromium || echo "imagegen setup: chromium could not be installed; the browser test will be skipped" >&2
+fi

@@ -83,6 +83,8 @@ SETTING_PREFIXES = (
     "PROMPT_",
     "LOG_",
     "AWS_",
+    "API_",
+    "WEB_",
 )
 
 
@@ -127,6 +129,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "QUEUE_CONCURRENCY": "5",
                 "DOWNLOAD_TIMEOUT": "20",
                 "WORKER_SHUTDOWN_GRACE": "20",
+                # `imagegen serve` (and supervisord.conf's imagegen-web) never on a fixed port in tests
+                "WEB_PORT": str(free_port()),
             }
             yield Stack(redis, pocketbase, seaweed, jimeng, workdir, env, dataclasses.replace(jimeng.sandbox.config))
     finally:

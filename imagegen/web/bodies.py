@@ -1,0 +1,59 @@
+"""What the API accepts: request bodies and list queries, validated at the edge into typed records."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import InvalidRequest
+from ..listing import MAX_PER_PAGE, TaskState
+
+MAX_IDS = 500
+DEFAULT_PAUSE_REASON = "paused from the web API"
+M = TypeVar("M", bound=BaseModel)
+
+
+class CreateTasks(BaseModel):
+    """POST /api/tasks: queue these prompt ids; `force` runs done or failed records again."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ids: list[str] = Field(min_length=1, max_length=MAX_IDS)
+    force: bool = False
+
+
+class PauseQueue(BaseModel):
+    """POST /api/queue/pause: an optional reason, shown with the pause."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: str | None = Field(default=None, max_length=1000)
+
+
+class TaskQuery(BaseModel):
+    """GET /api/tasks: which state, which page, what to search for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: TaskState = TaskState.QUEUED
+    page: int = Field(default=1, ge=1, le=100_000)
+    per_page: int = Field(default=20, ge=1, le=MAX_PER_PAGE)
+    q: str = Field(default="", max_length=200)
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each bad field and what is wrong with it."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def parse(model: type[M], data: Any) -> M:
+    """Validate `data` into `model`; InvalidRequest (400) with one readable line otherwise."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc)) from None

@@ -1,0 +1,48 @@
+"""What every handler reaches through the app: the settings and the long-lived clients."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from ..control import Control, connect_queue
+from ..pocketbase import PocketBaseClient
+from ..settings import Settings
+
+
+class Backends:
+    """The app's clients, created once: one HTTP session for PocketBase and one Redis pool.
+
+    The pool is made on first use, so the app starts (and `/healthz` answers 503) while Redis is down."""
+
+    def __init__(self, settings: Settings, http: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self._pocketbase = PocketBaseClient(http, settings)
+        self._control: Control | None = None
+        self._lock = asyncio.Lock()
+
+    async def control(self) -> Control:
+        if self._control is None:
+            async with self._lock:
+                if self._control is None:
+                    redis = await connect_queue(self.settings)
+                    self._control = Control(self.settings, redis, self._pocketbase)
+        return self._control
+
+    async def close(self) -> None:
+        """Close the Redis pool; safe to call twice."""
+        control, self._control = self._control, None
+        if control is not None:
+            await control.redis.aclose()
+
+
+STATIC_DIR = Path(__file__).with_name("static")
+BACKENDS = web.AppKey("backends", Backends)
+SETTINGS = web.AppKey("settings", Settings)
+
+
+async def control_of(request: web.Request) -> Control:
+    return await request.app[BACKENDS].control()

@@ -1,0 +1,154 @@
+"""One handler per route, each a thin call of one `Control` operation (or the listing) turned into JSON.
+
+The API has the CLI's semantics: the same enqueue outcomes, the same inspect and status reports. Routes
+that change anything are POSTs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+from ..control import EnqueueOutcome, EnqueueTally, pause_json, redis_errors
+from ..errors import ImagegenError, InvalidRequest, RecordNotFound
+from ..listing import list_tasks
+from ..models import JobState, validate_prompt_id
+from .bodies import DEFAULT_PAUSE_REASON, CreateTasks, PauseQueue, TaskQuery, parse
+from .context import SETTINGS, STATIC_DIR, control_of
+from .openapi import document
+
+HEALTH_TIMEOUT = 3.0
+# The dashboard: its own files only, images from the bucket's public URLs, no inline script or style.
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' http: https: data:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+routes = web.RouteTableDef()
+
+
+def reply(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda value: json.dumps(value, ensure_ascii=False))
+
+
+async def json_body(request: web.Request, *, optional: bool = False) -> Any:
+    """The request's JSON body; None for an empty body when `optional`."""
+    raw = await request.read()
+    if not raw.strip():
+        if optional:
+            return None
+        raise InvalidRequest("this route needs a JSON body")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("the body is not valid JSON") from None
+
+
+@routes.get("/")
+async def dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers=DASHBOARD_HEADERS)
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """200 when Redis answers, 503 otherwise; no token needed."""
+    try:
+        control = await control_of(request)
+        with redis_errors(request.app[SETTINGS]):
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                await control.redis.ping()
+    except (ImagegenError, TimeoutError) as exc:
+        return reply({"ok": False, "redis": "unreachable", "error": str(exc) or "no answer in time"}, 503)
+    return reply({"ok": True, "redis": "ok"})
+
+
+@routes.get("/api/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return reply(document())
+
+
+@routes.get("/api/queue")
+async def queue_summary(request: web.Request) -> web.Response:
+    """Jobs and records by state, the pause, the failure streak, live workers and the last hour's outcomes."""
+    control = await control_of(request)
+    report = await control.status()
+    throughput = await control.throughput()
+    return reply({**report.to_json(), "throughput": throughput.to_json()})
+
+
+@routes.post("/api/queue/pause")
+async def pause(request: web.Request) -> web.Response:
+    body = parse(PauseQueue, await json_body(request, optional=True) or {})
+    control = await control_of(request)
+    info = await control.pause(body.reason or DEFAULT_PAUSE_REASON)
+    return reply({"paused": pause_json(info)})
+
+
+@routes.post("/api/queue/resume")
+async def resume(request: web.Request) -> web.Response:
+    control = await control_of(request)
+    lifted = await control.resume()
+    return reply({"resumed": lifted is not None, "was_paused": None if lifted is None else pause_json(lifted)})
+
+
+@routes.get("/api/tasks")
+async def tasks(request: web.Request) -> web.Response:
+    query = parse(TaskQuery, dict(request.query))
+    control = await control_of(request)
+    page = await list_tasks(control, query.state, page=query.page, per_page=query.per_page, search=query.q)
+    return reply(page.to_json())
+
+
+@routes.post("/api/tasks")
+async def create_tasks(request: web.Request) -> web.Response:
+    """Queue each id, as `imagegen add` does: one outcome per id and the counts."""
+    body = parse(CreateTasks, await json_body(request))
+    control = await control_of(request)
+    reports = [await control.enqueue(prompt_id, force=body.force) for prompt_id in body.ids]
+    tally = EnqueueTally()
+    tally.add(reports)
+    return reply(tally.to_json(reports))
+
+
+@routes.post("/api/tasks/enqueue-pending")
+async def enqueue_pending(request: web.Request) -> web.Response:
+    control = await control_of(request)
+    return reply((await EnqueueTally().add_pages(control.enqueue_pending())).to_json())
+
+
+@routes.post("/api/tasks/retry-failed")
+async def retry_failed(request: web.Request) -> web.Response:
+    control = await control_of(request)
+    return reply((await EnqueueTally().add_pages(control.retry_failed())).to_json())
+
+
+@routes.get("/api/tasks/{id}")
+async def task(request: web.Request) -> web.Response:
+    """What `imagegen inspect --json` prints; 404 when neither a job nor a record has the id."""
+    prompt_id = validate_prompt_id(request.match_info["id"])
+    control = await control_of(request)
+    report = await control.inspect(prompt_id)
+    if report.record_unavailable:
+        return reply(
+            {"error": f"the record could not be read: {report.record_unavailable}", "task": report.to_json()}, 503
+        )
+    if report.record_status is None and report.state is JobState.UNKNOWN:
+        raise RecordNotFound(f"no job and no record with id {prompt_id!r}")
+    return reply(report.to_json())
+
+
+@routes.post("/api/tasks/{id}/retry")
+async def retry(request: web.Request) -> web.Response:
+    """Queue the record again as `imagegen add` does: a new run with all its attempts (a done one stays done)."""
+    prompt_id = validate_prompt_id(request.match_info["id"])
+    control = await control_of(request)
+    report = await control.enqueue(prompt_id)
+    if report.outcome is EnqueueOutcome.NOT_FOUND:
+        raise RecordNotFound(report.detail)
+    return reply(report.to_json())

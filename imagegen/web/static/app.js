@@ -1,0 +1,416 @@
+// The imagegen dashboard: polls the JSON API every 2 s and renders it; no build step, no libraries.
+"use strict";
+
+const POLL_MS = 2000;
+const PER_PAGE = 20;
+const TOKEN_KEY = "imagegen.apiToken";
+const STATES = ["pending", "queued", "processing", "done", "failed", "deferred", "in_progress"];
+const STATE_LABELS = { in_progress: "in progress" };
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+const view = { state: "queued", page: 1, search: "", taskId: null, total: 0, counts: {} };
+let refreshing = false;
+let pollProblem = false; // the problem shown came from polling (cleared by the next good poll)
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+// --- the API ---------------------------------------------------------------------------------------------
+
+class AuthNeeded extends Error {}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  const token = localStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  let data = null;
+  try {
+    data = await response.json();
+  } catch (_) {
+    data = null;
+  }
+  if (response.status === 401) throw new AuthNeeded((data && data.error) || "token needed");
+  if (!response.ok) throw new Error((data && data.error) || `HTTP ${response.status}`);
+  return data;
+}
+
+function askForToken(message) {
+  $("token-form").hidden = false;
+  $("token-note").textContent = message || "kept in this browser only";
+  $("updated").textContent = "waiting for the API token";
+  if (document.activeElement !== $("token-input")) $("token-input").focus();
+}
+
+function showProblem(message, fromPoll = false) {
+  pollProblem = fromPoll;
+  const box = $("problem");
+  box.hidden = !message;
+  box.textContent = message || "";
+}
+
+// --- rendering -------------------------------------------------------------------------------------------
+
+function setNumber(id, value) {
+  $(id).textContent = value === null || value === undefined ? "–" : String(value);
+}
+
+function renderQueue(queue) {
+  const records = queue.records || {};
+  view.counts = records;
+  for (const name of ["pending", "queued", "processing", "done", "failed"]) setNumber(`count-${name}`, records[name]);
+  for (const [name, value] of Object.entries(queue.jobs)) setNumber(`jobs-${name}`, value);
+  setNumber("workers", queue.workers.length);
+  $("streak").textContent = `${queue.consecutive_failures} / ${queue.max_failed}`;
+
+  const paused = queue.paused;
+  $("paused-banner").hidden = !paused;
+  $("pause-btn").disabled = Boolean(paused);
+  $("resume-btn").disabled = !paused;
+  if (paused) {
+    $("paused-reason").textContent = paused.reason;
+    $("paused-since").textContent = `(${paused.source}, since ${new Date(paused.since).toLocaleString()})`;
+  }
+  const outages = queue.outages || [];
+  $("outages").hidden = outages.length === 0 && !queue.records_error;
+  $("outages").textContent = [
+    ...outages.map((o) => `${o.service} down since ${new Date(o.since).toLocaleTimeString()}: ${o.error}`),
+    queue.records_error ? `record counts unavailable: ${queue.records_error}` : "",
+  ]
+    .filter(Boolean)
+    .join(" · ");
+  renderChart(queue.throughput);
+  renderTabs();
+}
+
+function renderChart(throughput) {
+  const svg = $("chart");
+  svg.replaceChildren();
+  const minutes = throughput.minutes;
+  const width = 600;
+  const height = 100;
+  const top = Math.max(1, ...minutes.map((m) => m.done + m.failed));
+  const slot = width / minutes.length;
+  minutes.forEach((minute, index) => {
+    const x = index * slot + 1;
+    const doneHeight = (minute.done / top) * height;
+    const failedHeight = (minute.failed / top) * height;
+    for (const [className, y, h, count] of [
+      ["done", height - doneHeight, doneHeight, minute.done],
+      ["failed", height - doneHeight - failedHeight, failedHeight, minute.failed],
+    ]) {
+      if (h <= 0) continue;
+      const bar = document.createElementNS(SVG_NS, "rect");
+      bar.setAttribute("class", className);
+      bar.setAttribute("x", x.toFixed(1));
+      bar.setAttribute("y", y.toFixed(1));
+      bar.setAttribute("width", Math.max(1, slot - 2).toFixed(1));
+      bar.setAttribute("height", h.toFixed(1));
+      const title = document.createElementNS(SVG_NS, "title");
+      title.textContent = `${new Date(minute.minute).toLocaleTimeString()}: ${count} ${className}`;
+      bar.appendChild(title);
+      svg.appendChild(bar);
+    }
+  });
+  const axis = document.createElementNS(SVG_NS, "line");
+  axis.setAttribute("class", "axis");
+  for (const [name, value] of [["x1", 0], ["y1", height], ["x2", width], ["y2", height]]) axis.setAttribute(name, value);
+  svg.appendChild(axis);
+  for (const [x, label, anchor] of [[0, "60 min ago", "start"], [width, "now", "end"], [width, `max ${top}/min`, "end"]]) {
+    const text = document.createElementNS(SVG_NS, "text");
+    text.setAttribute("x", x);
+    text.setAttribute("y", label.startsWith("max") ? 10 : height + 14);
+    text.setAttribute("text-anchor", anchor);
+    text.textContent = label;
+    svg.appendChild(text);
+  }
+  const rate = throughput.failure_rate === null ? "–" : `${(throughput.failure_rate * 100).toFixed(1)}%`;
+  $("hour-figures").textContent = `${throughput.done} done, ${throughput.failed} failed, failure rate ${rate}`;
+}
+
+function renderTabs() {
+  const tabs = $("tabs");
+  if (!tabs.childElementCount) {
+    for (const state of STATES) {
+      const button = el("button", "");
+      button.type = "button";
+      button.dataset.state = state;
+      button.addEventListener("click", () => {
+        view.state = state;
+        view.page = 1;
+        refresh();
+      });
+      tabs.appendChild(button);
+    }
+  }
+  for (const button of tabs.children) {
+    const state = button.dataset.state;
+    const count = view.counts[state];
+    button.textContent = (STATE_LABELS[state] || state) + (count === undefined ? "" : ` (${count})`);
+    button.setAttribute("aria-pressed", String(state === view.state));
+  }
+}
+
+function noteOf(item) {
+  if (item.phase) return `${item.phase} on ${item.worker}`;
+  if (item.scheduled_for) return `next try ${new Date(item.scheduled_for).toLocaleTimeString()}`;
+  return item.error || (item.images.length ? `${item.images.length} images` : "");
+}
+
+function renderList(page) {
+  view.total = page.total;
+  const rows = $("task-rows");
+  rows.replaceChildren();
+  for (const item of page.items) {
+    const row = el("tr");
+    row.dataset.id = item.id;
+    if (item.id === view.taskId) row.classList.add("selected");
+    row.appendChild(el("td", item.id)).title = item.id;
+    row.appendChild(el("td", item.prompt ?? "")).title = item.prompt ?? "";
+    const status = item.status || (item.phase ? "running" : "deferred");
+    row.appendChild(el("td", status, `status-${status}`));
+    row.appendChild(el("td", noteOf(item))).title = item.error || "";
+    row.addEventListener("click", () => openTask(item.id));
+    rows.appendChild(row);
+  }
+  if (!page.items.length) {
+    const row = el("tr");
+    const cell = el("td", view.search ? "nothing matches" : "nothing here", "muted");
+    cell.colSpan = 4;
+    row.appendChild(cell);
+    rows.appendChild(row);
+  }
+  const pages = Math.max(1, Math.ceil(page.total / page.per_page));
+  $("page-info").textContent = `page ${page.page} of ${pages} · ${page.total} tasks`;
+  $("prev-page").disabled = page.page <= 1;
+  $("next-page").disabled = page.page >= pages;
+}
+
+function fact(list, label, value) {
+  if (value === null || value === undefined || value === "") return;
+  list.appendChild(el("dt", label));
+  list.appendChild(el("dd", value));
+}
+
+function seconds(value) {
+  return typeof value === "number" ? `${value.toFixed(1)} s` : String(value);
+}
+
+// `stages` may be a list of {stage|name, ...timings} or a map of stage -> seconds or -> {timings}.
+function renderStages(task) {
+  const box = $("task-stages");
+  box.replaceChildren();
+  const stages = task.stages;
+  if (!stages || (Array.isArray(stages) ? !stages.length : !Object.keys(stages).length)) return;
+  const entries = Array.isArray(stages)
+    ? stages.map((s) => [s.stage ?? s.name ?? "", s])
+    : Object.entries(stages);
+  const table = el("table", null, "stages");
+  const head = el("tr");
+  head.appendChild(el("th", "stage"));
+  head.appendChild(el("th", "timing"));
+  table.appendChild(head);
+  for (const [name, value] of entries) {
+    const row = el("tr");
+    row.appendChild(el("td", name, name === task.stage ? "status-done" : ""));
+    let text = value;
+    if (value && typeof value === "object") {
+      text = Object.entries(value)
+        .filter(([key]) => key !== "stage" && key !== "name")
+        .map(([key, v]) => `${key} ${seconds(v)}`)
+        .join(", ");
+    } else {
+      text = seconds(value);
+    }
+    row.appendChild(el("td", text));
+    table.appendChild(row);
+  }
+  box.appendChild(table);
+}
+
+function renderTask(task) {
+  $("task-view").hidden = false;
+  $("task-id").textContent = task.id;
+  const record = task.record;
+  $("task-prompt").textContent = record ? record.prompt : "no record in PocketBase";
+  const facts = $("task-facts");
+  facts.replaceChildren();
+  fact(facts, "job", task.state);
+  fact(facts, "stage", task.stage);
+  fact(facts, "record", record ? record.status : null);
+  fact(facts, "attempts", task.tries);
+  fact(facts, "enqueued", task.enqueued_at && new Date(task.enqueued_at).toLocaleString());
+  fact(facts, "started", task.started_at && new Date(task.started_at).toLocaleString());
+  fact(facts, "finished", task.finished_at && new Date(task.finished_at).toLocaleString());
+  fact(facts, "next try", task.scheduled_for && new Date(task.scheduled_for).toLocaleString());
+  fact(facts, "took", task.duration_seconds === null ? null : seconds(task.duration_seconds));
+  renderStages(task);
+  const error = task.error || (record && record.error) || "";
+  $("task-error").hidden = !error;
+  $("task-error").textContent = error;
+  const urls = record ? (record.images.length ? record.images : record.imageUrl ? [record.imageUrl] : []) : [];
+  const thumbs = $("task-images");
+  const shown = Array.from(thumbs.querySelectorAll("img")).map((img) => img.getAttribute("src"));
+  if (shown.join("\n") !== urls.join("\n")) {
+    thumbs.replaceChildren();
+    for (const url of urls) {
+      const link = el("a");
+      link.href = url;
+      link.target = "_blank";
+      link.rel = "noopener noreferrer";
+      const img = el("img");
+      img.src = url;
+      img.alt = `generated image of ${task.id}`;
+      img.loading = "lazy";
+      link.appendChild(img);
+      thumbs.appendChild(link);
+    }
+  }
+}
+
+// --- actions ---------------------------------------------------------------------------------------------
+
+function openTask(id) {
+  view.taskId = id;
+  history.replaceState(null, "", `#task=${encodeURIComponent(id)}`);
+  refresh();
+}
+
+function closeTask() {
+  view.taskId = null;
+  $("task-view").hidden = true;
+  history.replaceState(null, "", location.pathname);
+  refresh();
+}
+
+async function act(button, work) {
+  button.disabled = true;
+  try {
+    const result = await work();
+    showProblem("");
+    return result;
+  } catch (error) {
+    if (error instanceof AuthNeeded) askForToken(error.message);
+    else showProblem(error.message);
+    return null;
+  } finally {
+    button.disabled = false;
+    await refresh();
+  }
+}
+
+function counted(result) {
+  if (!result) return;
+  const counts = Object.entries(result.counts).map(([name, n]) => `${n} ${name}`);
+  $("updated").textContent = counts.length ? counts.join(", ") : "nothing to queue";
+}
+
+function wireActions() {
+  $("pause-btn").addEventListener("click", (event) => {
+    const reason = window.prompt("Why pause the queue?", "paused from the dashboard");
+    if (reason === null) return;
+    act(event.currentTarget, () => api("POST", "/api/queue/pause", reason.trim() ? { reason: reason.trim() } : {}));
+  });
+  for (const id of ["resume-btn", "banner-resume-btn"]) {
+    $(id).addEventListener("click", (event) => act(event.currentTarget, () => api("POST", "/api/queue/resume")));
+  }
+  $("retry-failed-btn").addEventListener("click", async (event) => {
+    counted(await act(event.currentTarget, () => api("POST", "/api/tasks/retry-failed")));
+  });
+  $("enqueue-pending-btn").addEventListener("click", async (event) => {
+    counted(await act(event.currentTarget, () => api("POST", "/api/tasks/enqueue-pending")));
+  });
+  $("task-retry-btn").addEventListener("click", (event) => {
+    const id = view.taskId;
+    if (id) act(event.currentTarget, () => api("POST", `/api/tasks/${encodeURIComponent(id)}/retry`));
+  });
+  $("task-close-btn").addEventListener("click", closeTask);
+  $("prev-page").addEventListener("click", () => {
+    view.page = Math.max(1, view.page - 1);
+    refresh();
+  });
+  $("next-page").addEventListener("click", () => {
+    view.page += 1;
+    refresh();
+  });
+  let typing = null;
+  $("search").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => {
+      view.search = $("search").value.trim();
+      view.page = 1;
+      refresh();
+    }, 250);
+  });
+  $("search-form").addEventListener("submit", (event) => event.preventDefault());
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    localStorage.setItem(TOKEN_KEY, $("token-input").value.trim());
+    $("token-input").value = "";
+    $("token-form").hidden = true;
+    refresh();
+  });
+  $("forget-token-btn").addEventListener("click", () => {
+    localStorage.removeItem(TOKEN_KEY);
+    refresh();
+  });
+}
+
+// --- the loop --------------------------------------------------------------------------------------------
+
+async function refresh() {
+  if (refreshing) return;
+  refreshing = true;
+  try {
+    const params = new URLSearchParams({ state: view.state, page: String(view.page), per_page: String(PER_PAGE) });
+    if (view.search) params.set("q", view.search);
+    const [queue, page, task] = await Promise.all([
+      api("GET", "/api/queue"),
+      api("GET", `/api/tasks?${params}`),
+      view.taskId ? api("GET", `/api/tasks/${encodeURIComponent(view.taskId)}`).catch(taskProblem) : null,
+    ]);
+    renderQueue(queue);
+    renderList(page);
+    if (task) renderTask(task);
+    $("token-form").hidden = true;
+    $("forget-token-btn").hidden = !localStorage.getItem(TOKEN_KEY);
+    $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    if (pollProblem) showProblem("");
+  } catch (error) {
+    if (error instanceof AuthNeeded) askForToken(error.message);
+    else showProblem(`the API did not answer: ${error.message}`, true);
+  } finally {
+    refreshing = false;
+  }
+}
+
+function taskProblem(error) {
+  if (error instanceof AuthNeeded) throw error;
+  $("task-view").hidden = false;
+  $("task-prompt").textContent = error.message;
+  for (const id of ["task-facts", "task-stages", "task-images"]) $(id).replaceChildren();
+  $("task-error").hidden = true;
+  return null;
+}
+
+function start() {
+  const match = location.hash.match(/^#task=([a-z0-9]+)$/);
+  if (match) view.taskId = match[1];
+  wireActions();
+  renderTabs();
+  refresh();
+  setInterval(refresh, POLL_MS);
+}
+
+document.addEventListener("DOMContentLoaded", start);
