@@ -44,7 +44,8 @@ async def measure(stack: Stack, quick: bool, profile: bool) -> Figure:
             f"baseline {len(baseline.results):,} sleeping jobs."
         )
     notes += [
-        "QUEUE_CONCURRENCY=50, one worker process, images of 256 px drawn once and served for every call (the fake then costs next to no CPU), no jitter.",
+        "QUEUE_CONCURRENCY=50, one worker process, images of 256 px drawn once and served for every call (the "
+        "fake then costs next to no CPU), no jitter.",
         "Occupancy: the fake API's summed call durations / (50 x (last call end - first call start)).",
         "Throughput: jobs / (last job finish - first job start), over the ideal 50 jobs per latency.",
         "Baseline: a plain arq worker with max_jobs=50 over as many jobs that sleep the latency (queued "
