@@ -29,7 +29,15 @@ from arq.jobs import JobResult
 from imagegen.enqueue import JobQueue
 from imagegen.jimeng_sandbox import SandboxConfig, SandboxThread
 from imagegen.keys import RedisKeys
-from imagegen.localstack import RunningService, ensure_bucket, free_port, pocketbase_spec, redis_spec, seaweed_spec
+from imagegen.localstack import (
+    RunningService,
+    ensure_bucket,
+    free_port,
+    pocketbase_spec,
+    redis_spec,
+    seaweed_spec,
+    stack_env,
+)
 from imagegen.settings import Settings
 
 BIN = Path(sys.executable).parent
@@ -371,23 +379,18 @@ def running_stack(root: Path) -> Iterator[Stack]:
         (root / "work").mkdir(exist_ok=True)
         config = SandboxConfig(api_key=JIMENG_KEY, retry_after=0)
         with SandboxThread(config) as jimeng:
-            env = {
-                "REDIS_HOST": "127.0.0.1",
-                "REDIS_PORT": str(redis_port),
-                "JIMENG_API_KEY": JIMENG_KEY,
-                "JIMENG_API_URL": jimeng.base_url,
-                "TOS_BUCKET": BUCKET,
-                "TOS_ACCESS_KEY_ID": S3_ACCESS,
-                "TOS_ACCESS_KEY_SECRET": S3_SECRET,
-                "TOS_REGION": "us-east-1",
-                "TOS_ENDPOINT": s3_url,
-                "TOS_ADDRESSING_STYLE": "path",
-                "POCKETBASE_URL": f"http://127.0.0.1:{pb_port}",
-                "POCKETBASE_EMAIL": PB_EMAIL,
-                "POCKETBASE_PASSWORD": PB_PASSWORD,
-                "POCKETBASE_COLLECTION": "prompts",
-                "QUEUE_NAME": "imagegen:queue",
-            }
+            env = stack_env(
+                redis_port=redis_port,
+                jimeng_url=jimeng.base_url,
+                jimeng_key=JIMENG_KEY,
+                s3_url=s3_url,
+                bucket=BUCKET,
+                s3_access_key=S3_ACCESS,
+                s3_secret_key=S3_SECRET,
+                pocketbase_url=f"http://127.0.0.1:{pb_port}",
+                pocketbase_email=PB_EMAIL,
+                pocketbase_password=PB_PASSWORD,
+            ) | {"POCKETBASE_COLLECTION": "prompts", "QUEUE_NAME": "imagegen:queue"}
             stack = Stack(root, services, jimeng, env, dataclasses.replace(config), redis_port)
             asyncio.run(_enable_batch(stack))
             yield stack

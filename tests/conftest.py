@@ -29,6 +29,7 @@ from imagegen.localstack import (
     pocketbase_spec,
     redis_spec,
     seaweed_spec,
+    stack_env,
 )
 from imagegen.models import PromptRecord
 from imagegen.pocketbase import PocketBaseClient
@@ -108,23 +109,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         with SandboxThread(SandboxConfig(api_key=JIMENG_KEY, retry_after=0)) as jimeng:
             workdir = root / "work"
             workdir.mkdir()
-            env = {
-                "REDIS_HOST": "127.0.0.1",
-                "REDIS_PORT": str(redis_port),
+            env = stack_env(
+                redis_port=redis_port,
+                jimeng_url=jimeng.base_url,
+                jimeng_key=JIMENG_KEY,
+                s3_url=s3_url,
+                bucket=BUCKET,
+                s3_access_key=S3_ACCESS,
+                s3_secret_key=S3_SECRET,
+                pocketbase_url=f"http://127.0.0.1:{pb_port}",
+                pocketbase_email=PB_EMAIL,
+                pocketbase_password=PB_PASSWORD,
+            ) | {
                 "REDIS_PASSWORD": REDIS_PASSWORD,
                 "REDIS_DB": "0",
-                "JIMENG_API_KEY": JIMENG_KEY,
-                "JIMENG_API_URL": jimeng.base_url,
                 "JIMENG_TIMEOUT": "20000",
-                "TOS_BUCKET": BUCKET,
-                "TOS_ACCESS_KEY_ID": S3_ACCESS,
-                "TOS_ACCESS_KEY_SECRET": S3_SECRET,
-                "TOS_REGION": "us-east-1",
-                "TOS_ENDPOINT": s3_url,
-                "TOS_ADDRESSING_STYLE": "path",
-                "POCKETBASE_URL": f"http://127.0.0.1:{pb_port}",
-                "POCKETBASE_EMAIL": PB_EMAIL,
-                "POCKETBASE_PASSWORD": PB_PASSWORD,
                 "QUEUE_BACKOFF": "0.2",
                 "QUEUE_CONCURRENCY": "5",
                 "DOWNLOAD_TIMEOUT": "20",

@@ -4,6 +4,7 @@ Each `*_spec` function prepares a data dir and returns a `ServiceSpec`; `Running
 the demo stack hands the same specs to supervisord.
 """
 
+from .env import stack_env
 from .pocketbase import pocketbase_spec
 from .process import LocalStackError, RunningService, ServiceSpec, child_env, find_binary, free_port
 from .redis import redis_spec
@@ -20,4 +21,5 @@ __all__ = [
     "pocketbase_spec",
     "redis_spec",
     "seaweed_spec",
+    "stack_env",
 ]
