@@ -391,12 +391,13 @@ async def test_redis_flushed_mid_run_recovers_marked_records_alone_the_rest_by_a
     stack: Stack, records: RecordFactory, pocketbase, start_worker, slow_images, redis_client
 ):
     bulk = await records.many(6, prefix="a flush")
-    # Each worker holds at most three jobs (one calling, one ready, one storing): some are only queued.
+    # Each worker holds at most three jobs (one calling, one ready, one storing): at the flush, most of the
+    # sixteen are only queued, the last ten queued (by `add`) above all.
     quick = {"QUEUE_CONCURRENCY": "1", "STORE_BACKLOG": "1", "RECONCILE_INTERVAL": "1", "WORKER_LEASE": "4"}
     first, second = start_worker(**quick), start_worker(**quick)
     assert run_cli(stack, "add-pending").returncode == 0
     # Queued after the bulk ones, so they still wait when Redis is flushed: `add` marks them `queued`.
-    by_id = await records.many(4, prefix="a flush, added by id")
+    by_id = await records.many(10, prefix="a flush, added by id")
     assert run_cli(stack, "add", *[r.id for r in by_id]).returncode == 0
     created = bulk + by_id
     assert await wait_until(lambda: _some_done(pocketbase, created), deadline=60)
@@ -405,10 +406,10 @@ async def test_redis_flushed_mid_run_recovers_marked_records_alone_the_rest_by_a
     # Marked by `add` or a worker: back with no command. Queued in bulk and never taken, a record is queued in
     # Redis alone (PocketBase still says pending), so the README's `add-pending` after a flush brings it back.
     finished = await wait_for_records(pocketbase, [r.id for r in by_id], deadline=120)
-    assert [r.status for r in finished] == ["done"] * 4
+    assert [r.status for r in finished] == ["done"] * 10
     assert run_cli(stack, "add-pending").returncode == 0
     finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=120)
-    assert [r.status for r in finished] == ["done"] * 10
+    assert [r.status for r in finished] == ["done"] * 16
     assert_one_generation_each(stack, created)
     reconciled = first.output() + second.output()
     assert "records left queued/processing without a job" in reconciled
