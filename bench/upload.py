@@ -60,7 +60,7 @@ async def move_job(
     bodies = []
     for url in links:
         async with open_image(http, url, max_bytes=1 << 34, time_limit=600) as image:
-            bodies.append((await image.read(-1), image.image_type.value))
+            bodies.append((await image.read_all(), image.image_type.value))
     for index, (body, content_type) in enumerate(bodies):
         await s3.put_object(
             Bucket=storage.bucket, Key=f"bench/buffered/{job}/{index}", Body=body, ContentType=content_type

@@ -40,7 +40,7 @@ READ_CHUNK = 256 * 1024
 
 
 class ImageDownload:
-    """An image body being downloaded: `read(n)` returns exactly n bytes until the end, as uploads expect."""
+    """An image body being downloaded: uploads take it a part at a time with `read_into`."""
 
     def __init__(self, response: aiohttp.ClientResponse, url: str, max_bytes: int) -> None:
         self._response = response
@@ -114,17 +114,10 @@ class ImageDownload:
         self._check_whole(got, asked)
         return len(head) + got
 
-    async def read(self, n: int = -1) -> bytes:
-        """Up to n bytes (all that is left when n < 0); fewer only at the end of the image."""
-        if n < 0:
-            rest = await self._read_raw(self._max_bytes + 1 - self.bytes_read)
-            data, self._pending = self._pending + rest, b""
-            return data
-        if len(self._pending) >= n:
-            data, self._pending = self._pending[:n], self._pending[n:]
-            return data
-        data = self._pending + await self._read_raw(n - len(self._pending))
-        self._pending = b""
+    async def read_all(self) -> bytes:
+        """The rest of the image in one piece, for a caller that buffers it whole."""
+        rest = await self._read_raw(self._max_bytes + 1 - self.bytes_read)
+        data, self._pending = self._pending + rest, b""
         return data
 
 

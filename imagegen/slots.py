@@ -36,16 +36,12 @@ class Slots:
     """The generation and transfer slots of one worker process, and its arq job slots when attached."""
 
     def __init__(self, generations: int, transfers: int, backlog: int) -> None:
-        self.generations = generations
-        self.transfers = transfers
-        self.backlog = backlog
+        self._backlog = backlog
         self._calls = asyncio.Semaphore(generations)
         self._transfers = asyncio.Semaphore(transfers)
         self._worker: Worker | None = None
         self._wake: Callable[[], None] = lambda: None
         self.storing = 0  # jobs that handed back their arq slot and are storing
-        self.calling = 0  # generation slots held
-        self.transferring = 0  # transfer slots held
 
     @staticmethod
     def arq_jobs(generations: int) -> int:
@@ -62,27 +58,21 @@ class Slots:
         """Wait for a generation slot; the run holds it until `free_call_slot` or the end of its job."""
         await self._calls.acquire()
         run.holds_call_slot = True
-        self.calling += 1
 
     def free_call_slot(self, run: JobRun) -> None:
         if run.holds_call_slot:
             run.holds_call_slot = False
-            self.calling -= 1
             self._calls.release()
 
     @asynccontextmanager
     async def transfer(self) -> AsyncIterator[None]:
         """Hold a transfer slot for one image download -> upload."""
         async with self._transfers:
-            self.transferring += 1
-            try:
-                yield
-            finally:
-                self.transferring -= 1
+            yield
 
     def hand_back(self, run: JobRun) -> None:
         """The run's paid call returned: let arq take another job now, unless storing is already at its limit."""
-        if self._worker is None or run.handed_back or self.storing >= self.backlog:
+        if self._worker is None or run.handed_back or self.storing >= self._backlog:
             return
         run.handed_back = True
         self.storing += 1
@@ -97,7 +87,3 @@ class Slots:
         run.handed_back = False
         self.storing -= 1
         self._worker.max_jobs -= 1
-
-    def snapshot(self) -> dict[str, int]:
-        """Slots in use, for the heartbeat."""
-        return {"calling": self.calling, "transferring": self.transferring, "storing_jobs": self.storing}
