@@ -188,6 +188,11 @@ def _format_report(report: JobReport) -> str:
             lines.append(f"{label:<10} {data[key]}")
     if data["duration_seconds"] is not None:
         lines.append(f"duration:  {data['duration_seconds']:.1f}s")
+    if report.stage is not None:
+        lines.append(f"stage:     {data['stage']} since {data['stage_since']}")
+        spent = ", ".join(f"{t['stage']} {t['seconds']:.1f}s" for t in data["stages"])
+        if spent:
+            lines.append(f"timings:   {spent}")
     if report.error:
         lines.append(f"error:     {report.error}")
     if report.record_unavailable:

@@ -23,6 +23,7 @@ from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
 from .enqueue import EnqueueOutcome, EnqueueReport, EnqueueTally, JobQueue
 from .errors import ConfigError, ImagegenError, InvalidPromptId, QueueError, RecordNotFound
 from .keys import RedisKeys
+from .metrics import QueueFigures
 from .models import (
     JobOutcome,
     JobState,
@@ -34,6 +35,7 @@ from .models import (
 )
 from .pocketbase import PocketBaseClient
 from .settings import Settings
+from .stages import FINAL, Stage, StageLog, StageView, combine, parse_live
 from .state import PauseInfo, QueueState
 from .throughput import OutcomeCounter, Throughput
 
@@ -60,15 +62,22 @@ class JobReport:
     images: list[str] = field(default_factory=list)
     record_error: str = ""
     record_unavailable: str = ""  # why the record could not be read (PocketBase down)
+    stage: StageView | None = None  # where the job is and how long each stage took (`stages`)
 
     def to_json(self) -> dict[str, Any]:
         def iso(value: datetime | None) -> str | None:
             return value.isoformat() if value else None
 
+        stage = self.stage.to_json() if self.stage is not None else {"stage": None, "stage_since": None, "stages": []}
+        if stage["stage_since"] is not None:
+            stage["stage_since"] = iso_time(stage["stage_since"])
+        for timing in stage["stages"]:
+            timing["started"] = iso_time(timing["started"])
         return {
             "id": self.prompt_id,
             "state": self.state.value,
             "tries": self.tries,
+            **stage,
             "enqueued_at": iso(self.enqueued_at),
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
@@ -159,6 +168,7 @@ class Control:
         self.state = QueueState(redis, settings.queue_max_failed, self.keys)
         self.jobs = JobQueue(redis, settings.queue_name, self.keys)
         self.outcomes = OutcomeCounter(redis, self.keys)
+        self.stages = StageLog(redis, self.keys, settings.queue_keep_result)
 
     async def pause(self, reason: str) -> PauseInfo:
         with redis_errors(self.settings):
@@ -204,6 +214,35 @@ class Control:
         except ImagegenError as exc:
             report.records_error = str(exc)
         return report
+
+    async def queue_figures(self) -> QueueFigures:
+        """The queue as the Prometheus metrics of `imagegen serve` show it (records only if PocketBase answers)."""
+        report = await self.status()
+        with redis_errors(self.settings):
+            finished = await self.outcomes.totals()
+        jobs = report.to_json()["jobs"]
+        return QueueFigures(
+            jobs=jobs,
+            paused=report.paused is not None,
+            paused_source=report.paused.source if report.paused is not None else "",
+            consecutive_failures=report.consecutive_failures,
+            max_failed=report.max_failed,
+            workers=len(report.workers),
+            finished=finished,
+            records=report.records,
+        )
+
+    async def stage(self, prompt_id: str) -> StageView | None:
+        """Where a prompt's job is: the running worker's view (its heartbeat) over the timings of ended runs."""
+        with redis_errors(self.settings):
+            recorded = await self.stages.read(prompt_id)
+            workers = await self.state.workers()
+        live = None
+        for worker in workers:
+            for job in worker.get("jobs") or []:
+                if job.get("job") == prompt_id:
+                    live = parse_live(job, float(worker.get("seen") or 0))
+        return combine(recorded, live)
 
     def job(self, prompt_id: str) -> Job:
         return Job(prompt_id, self.redis, _queue_name=self.settings.queue_name)
@@ -296,6 +335,7 @@ class Control:
                 report.scheduled_for = datetime.fromtimestamp(info.score / 1000, tz=info.enqueue_time.tzinfo)
         with redis_errors(self.settings):
             report.tries = await self.state.attempts(prompt_id)
+        report.stage = await self.stage(prompt_id)
         if status is JobStatus.complete and isinstance(info, JobResult):
             report.started_at, report.finished_at = info.start_time, info.finish_time
             outcome = JobOutcome.from_result(info.result)
@@ -313,6 +353,10 @@ class Control:
                 JobStatus.deferred: JobState.DEFERRED,
                 JobStatus.in_progress: JobState.IN_PROGRESS,
             }.get(status, JobState.UNKNOWN)
+        stale = report.stage is None or report.stage.stage in FINAL
+        if report.state in (JobState.QUEUED, JobState.DEFERRED) and report.enqueued_at is not None and stale:
+            # Not yet taken by a worker: what is recorded belongs to an earlier job of the prompt.
+            report.stage = StageView(Stage.QUEUED, report.enqueued_at.timestamp())
         try:
             record = await self.pocketbase.get_record(prompt_id)
         except RecordNotFound:

@@ -40,11 +40,13 @@ from .errors import (
     excerpt,
 )
 from .lease import PromptLease, lease_ttl
+from .metrics import WorkerMetrics
 from .models import JobOutcome, OutcomeStatus, RecordStatus
 from .outages import POCKETBASE, outage_service
 from .pipeline import Pipeline, Services
 from .runs import JobRun, Phase, Runs
 from .settings import FINISH_RESERVE, Settings
+from .stages import Stage, StageLog
 from .state import QueueState, Verdict
 from .throughput import OutcomeCounter
 
@@ -52,6 +54,21 @@ PAUSED_RECHECK = 1.0
 OUTAGE_RECHECK = 5.0
 # How long a best-effort note on the record may take before the job moves on without it.
 NOTE_TIMEOUT = 3.0
+
+
+class Requeue(Retry):
+    """arq's Retry, with the reason the job goes back to the queue (for the metrics)."""
+
+    def __init__(self, reason: str, defer: float) -> None:
+        super().__init__(defer=defer)
+        self.reason = reason
+
+
+# The stage a job's run ends in, by its outcome; a superseded run writes nothing (the other run decides).
+_FINAL_STAGE = {
+    OutcomeStatus.DONE: Stage.DONE,
+    OutcomeStatus.FAILED: Stage.FAILED,
+}
 
 
 def retry_delay(settings: Settings, attempt: int, retry_after: float | None) -> float:
@@ -71,35 +88,63 @@ def pause_wait_limit(settings: Settings) -> float:
 class JobRunner:
     """Runs prompt jobs with the failure policy above; one per worker process."""
 
-    def __init__(self, services: Services, pipeline: Pipeline, state: QueueState, runs: Runs) -> None:
+    def __init__(
+        self, services: Services, pipeline: Pipeline, state: QueueState, runs: Runs, metrics: WorkerMetrics
+    ) -> None:
         self._s = services
         self._settings = services.settings
         self._pipeline = pipeline
         self._state = state
         self._runs = runs
+        self._metrics = metrics
         self._outcomes = OutcomeCounter(state.redis, state.keys)
+        self._stages = StageLog(state.redis, state.keys, services.settings.queue_keep_result)
 
-    async def run(self, job_id: str, prompt_id: str, force: bool) -> dict[str, Any]:
-        """Run one job to a classified outcome (or a Retry for arq); never lets anything else escape."""
+    async def run(
+        self, job_id: str, prompt_id: str, force: bool, *, queued_since: float | None = None, fresh: bool = True
+    ) -> dict[str, Any]:
+        """Run one job to a classified outcome (or a Retry for arq); never lets anything else escape.
+
+        `queued_since` (epoch) times the job's wait in the queue; `fresh` says this is the job's first run."""
         lease = PromptLease(self._state.redis, self._state.keys, prompt_id, job_id, self._settings.worker_lease)
-        run = self._runs.open(job_id, prompt_id, lease, self._settings.job_budget)
+        run = self._runs.open(job_id, prompt_id, lease, self._settings.job_budget, queued_since)
+        outcome: JobOutcome | None = None
         try:
             outcome = await self._guarded(run, force)
-            await self._count(outcome)
+        except Requeue as exc:
+            self._metrics.retries.labels(exc.reason).inc()
+            raise
+        except asyncio.CancelledError:
+            self._metrics.retries.labels("cancelled").inc()
+            raise
         finally:
             self._runs.close(run)
             self._s.slots.job_ended(run)
+            await asyncio.shield(self._end(run, outcome, fresh))
             await asyncio.shield(self._release(lease))
         return outcome.to_dict()
 
-    async def _count(self, outcome: JobOutcome) -> None:
-        """Count a final outcome for the last hour's throughput; best effort, the job is decided either way."""
-        if outcome.skipped:
+    async def _end(self, run: JobRun, outcome: JobOutcome | None, fresh: bool) -> None:
+        """Count the run's outcome and record its stages (one round trip, best effort: the job is decided)."""
+        if outcome is not None:
+            label = "skipped" if outcome.skipped else outcome.status.value
+            self._metrics.jobs.labels(label).inc()
+        stage = Stage.QUEUED if outcome is None else _FINAL_STAGE.get(outcome.status)
+        if stage is None:
             return
+        seconds = run.clock.finish(stage)
+        self._metrics.run_ended(seconds)
         try:
-            await self._outcomes.count(outcome.status)
+            async with self._state.redis.pipeline(transaction=False) as pipe:
+                if outcome is not None and not outcome.skipped:
+                    self._outcomes.add(pipe, outcome.status)
+                # Only the run holding the prompt's lease speaks for it; one that never got it wrote nothing.
+                if run.lease.held:
+                    self._stages.add_record(pipe, run.prompt_id, run.clock, seconds, run.attempt, fresh)
+                if len(pipe):
+                    await pipe.execute()
         except Exception as exc:
-            logger.debug("could not count the outcome: {}", exc)
+            logger.bind(prompt_id=run.prompt_id).debug("could not record the run's end: {}", exc)
 
     @staticmethod
     async def _release(lease: PromptLease) -> None:
@@ -156,13 +201,13 @@ class JobRunner:
         if not await run.lease.claim():
             wait = max(PAUSED_RECHECK, await lease_ttl(self._state.redis, self._state.keys, prompt_id))
             log.info("another run holds this prompt's lease; trying again in {:.0f}s", wait)
-            raise Retry(defer=wait)
+            raise Requeue("busy", defer=wait)
         verdict = await self._state.verdict(prompt_id)
         if verdict is not None:
             return await self._write_verdict(run, verdict)
         run.enter(Phase.WAITING)
         if not await s.gate.wait_open(pause_wait_limit(self._settings)):
-            raise Retry(defer=PAUSED_RECHECK)
+            raise Requeue("paused", defer=PAUSED_RECHECK)
         run.enter(Phase.PREPARING)
         await run.lease.ensure()
         run.attempt = await self._state.begin_attempt(prompt_id)
@@ -202,7 +247,9 @@ class JobRunner:
             log.warning("{}", exc)
             await self._give_back(run)
             await self._note(run, RecordStatus.QUEUED, str(exc))
-            raise Retry(defer=0 if isinstance(exc, JobInterrupted) else OUTAGE_RECHECK)
+            if isinstance(exc, JobInterrupted):
+                raise Requeue("interrupted", defer=0)
+            raise Requeue("outage", defer=OUTAGE_RECHECK)
         if isinstance(exc, QueuePaused):
             await self._wait_for_resume(run, str(exc))
         if exc.kind is FailureKind.ACCOUNT:
@@ -215,7 +262,7 @@ class JobRunner:
             note = f"attempt {run.attempt} of {attempts} failed: {exc}; retrying in {delay:.0f}s"
             log.warning(note)
             await self._note(run, RecordStatus.QUEUED, note)
-            raise Retry(defer=delay)
+            raise Requeue("failed_attempt", defer=delay)
         log.error("job failed ({} failure, attempt {}): {}", exc.kind.value, run.attempt, exc)
         if isinstance(exc, RecordNotFound):
             await self._state.forget_attempts(run.prompt_id)
@@ -227,7 +274,7 @@ class JobRunner:
         """Back to the queue without using an attempt; the record says why it waits."""
         await self._give_back(run)
         await self._note(run, RecordStatus.QUEUED, note)
-        raise Retry(defer=PAUSED_RECHECK)
+        raise Requeue("paused", defer=PAUSED_RECHECK)
 
     async def _give_back(self, run: JobRun) -> None:
         if run.attempt:
@@ -262,7 +309,7 @@ class JobRunner:
     async def _write_verdict(self, run: JobRun, verdict: Verdict) -> JobOutcome:
         """Mark the record failed; if PocketBase is down, keep the verdict for the job's next run."""
         prompt_id = run.prompt_id
-        run.phase = Phase.FINISHING
+        run.set_phase(Phase.FINISHING)
         try:
             await run.lease.ensure()
             async with asyncio.timeout(FINISH_RESERVE / 2):
@@ -279,7 +326,7 @@ class JobRunner:
             logger.bind(prompt_id=prompt_id).warning(
                 "the record can't be marked failed now ({}); the job's next run writes it", exc or "PocketBase is down"
             )
-            raise Retry(defer=OUTAGE_RECHECK) from None
+            raise Requeue("outage", defer=OUTAGE_RECHECK) from None
         await self._state.forget_verdict(prompt_id)
         await self._state.forget_attempts(prompt_id)
         return JobOutcome(OutcomeStatus.FAILED, verdict.attempt, kind=verdict.kind, error=verdict.error)

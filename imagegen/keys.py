@@ -28,6 +28,8 @@ class RedisKeys:
         self.inflight_calls = f"{self.prefix}jimeng:inflight"
         # Start times of the jimeng calls of the last minute (JIMENG_RATE_LIMIT).
         self.call_window = f"{self.prefix}jimeng:calls"
+        # Jobs that ended done or failed since the queue began, by outcome (a hash; Prometheus counters).
+        self.outcome_totals = f"{self.prefix}outcomes:total"
         # Pub/sub channel: a message on it wakes idle workers when jobs were queued.
         self.wake = f"{self.prefix}wake"
 
@@ -46,6 +48,10 @@ class RedisKeys:
     def verdict(self, prompt_id: str) -> str:
         """A final outcome decided but not yet written to the record (the record store was down)."""
         return f"{self.prefix}verdict:{prompt_id}"
+
+    def stages(self, prompt_id: str) -> str:
+        """A prompt's current stage and the seconds its job spent in each stage (`stages`)."""
+        return f"{self.prefix}stages:{prompt_id}"
 
     def outcomes(self, minute: int) -> str:
         """Counts of jobs that ended done or failed in one minute (minutes since the epoch), for throughput."""

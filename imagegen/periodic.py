@@ -25,6 +25,7 @@ class Periodic:
         self._first_delay = first_delay
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self.last_success: float | None = None  # event-loop time the step last worked
 
     async def step(self) -> None:
         raise NotImplementedError
@@ -41,10 +42,15 @@ class Periodic:
                     logger.warning("{} failed ({}: {}); trying again", self.name, type(exc).__name__, exc)
                 self._failing = True
             else:
+                self.last_success = asyncio.get_running_loop().time()
                 if self._failing:
                     logger.info("{} works again", self.name)
                 self._failing = False
             await asyncio.sleep(self._interval)
+
+    @property
+    def interval(self) -> float:
+        return self._interval
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name=f"imagegen-{self.name}")

@@ -23,6 +23,7 @@ from .download import describe_link, open_image
 from .errors import (
     DownloadError,
     FailureKind,
+    JimengError,
     JobInterrupted,
     LinkRefusedError,
     PromptRejected,
@@ -31,6 +32,7 @@ from .errors import (
 )
 from .jimeng import JimengClient
 from .ledger import GenerationLedger, GenerationRecord
+from .metrics import WorkerMetrics
 from .models import PromptRecord, RecordStatus, StoredImage
 from .outages import POCKETBASE, STORAGE, Outages
 from .permits import CallPermits
@@ -38,6 +40,7 @@ from .pocketbase import PocketBaseClient
 from .runs import JobRun, Phase
 from .settings import Settings
 from .slots import Slots
+from .stages import Stage, StageClock
 from .state import PauseGate
 from .storage import Storage
 
@@ -69,6 +72,7 @@ class Services:
     outages: Outages
     permits: CallPermits
     slots: Slots
+    metrics: WorkerMetrics
 
 
 def check_prompt(record: PromptRecord, max_chars: int) -> str:
@@ -163,7 +167,7 @@ class Pipeline:
         s.slots.free_call_slot(run)
         # The slot is free the moment the call returned: the next prompt's call starts while this one stores.
         s.slots.hand_back(run)
-        run.phase = Phase.STORING
+        run.set_phase(Phase.STORING)
         result.generated = True
         result.timings["generate"] = result.timings.get("generate", 0.0) + elapsed
         logger.bind(prompt_id=prompt_id).info("generated {} images in {:.1f}s", len(generation.urls), elapsed)
@@ -199,7 +203,12 @@ class Pipeline:
             # No await between the stop check and the call: a stop either sends this run back or waits for it.
             run.enter(Phase.GENERATING)
             t0 = time.monotonic()
-            generation = await s.jimeng.generate(prompt, negative)
+            try:
+                generation = await s.jimeng.generate(prompt, negative)
+            except JimengError as exc:
+                s.metrics.call_ended(exc)
+                raise
+            s.metrics.call_ended(None)
             elapsed = time.monotonic() - t0
         finally:
             await asyncio.shield(s.permits.give_back(run.lease.token))
@@ -214,7 +223,7 @@ class Pipeline:
             await run.lease.ensure()
 
             async def store(index: int = index, url: str = url) -> StoredImage:
-                return await self._store_one(prompt_id, index, url)
+                return await self._store_one(prompt_id, index, url, run.clock)
 
             generation.stored[index] = await s.outages.call(STORAGE, store, run)
             await s.ledger.save(prompt_id, generation)
@@ -225,11 +234,12 @@ class Pipeline:
         result.images = [generation.stored[i] for i in range(len(generation.urls))]
         result.timings["store"] = result.timings.get("store", 0.0) + time.monotonic() - t0
 
-    async def _store_one(self, prompt_id: str, index: int, url: str) -> StoredImage:
+    async def _store_one(self, prompt_id: str, index: int, url: str, clock: StageClock) -> StoredImage:
         """Download one image into the bucket, trying a transient download failure again in place."""
         settings, storage = self._s.settings, self._s.storage
         tries = settings.download_tries
         for number in range(1, tries + 1):
+            clock.enter(Stage.DOWNLOADING)
             try:
                 async with (
                     self._s.slots.transfer(),
@@ -238,7 +248,8 @@ class Pipeline:
                     ) as download,
                 ):
                     key = storage.object_key(prompt_id, index, download.image_type.extension)
-                    size = await storage.upload_image(key, download)
+                    size = await storage.upload_image(key, download, lambda: clock.enter(Stage.UPLOADING))
+                self._s.metrics.stored(size)
                 return StoredImage(
                     source_url=describe_link(url),
                     key=key,

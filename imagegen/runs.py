@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import JobInterrupted
 from .lease import PromptLease
+from .stages import Stage, StageClock
 
 
 class Phase(StrEnum):
@@ -27,6 +28,16 @@ class Phase(StrEnum):
     GENERATING = "generating"  # inside the paid call
     STORING = "storing"  # moving images into the bucket
     FINISHING = "finishing"  # writing the outcome
+
+
+# The stage (`stages`) a phase is part of; storing is split into downloading and uploading by the transfer.
+_STAGE_OF = {
+    Phase.WAITING: Stage.QUEUED,
+    Phase.PREPARING: Stage.QUEUED,
+    Phase.READY: Stage.QUEUED,
+    Phase.GENERATING: Stage.GENERATING,
+    Phase.FINISHING: Stage.SAVING,
+}
 
 
 @dataclass(eq=False)
@@ -48,6 +59,7 @@ class JobRun:
     handed_back: bool = False  # its paid call returned and its arq job slot went to the next prompt
     interrupted: bool = False
     started: float = field(default_factory=time.time)
+    clock: StageClock = field(default_factory=lambda: StageClock(time.time()))
 
     @property
     def interruptible(self) -> bool:
@@ -61,8 +73,14 @@ class JobRun:
         return self.deadline - asyncio.get_running_loop().time()
 
     def enter(self, phase: Phase) -> None:
-        self.phase = phase
+        self.set_phase(phase)
         self.check_stop()
+
+    def set_phase(self, phase: Phase) -> None:
+        self.phase = phase
+        stage = _STAGE_OF.get(phase)
+        if stage is not None:
+            self.clock.enter(stage)
 
     def check_stop(self) -> None:
         """Raise JobInterrupted when the worker is stopping and this run can go back to the queue."""
@@ -74,7 +92,13 @@ class JobRun:
         self.task.cancel()
 
     def describe(self) -> dict[str, Any]:
-        return {"job": self.job_id, "phase": self.phase.value, "since": self.started, "outage": self.outage}
+        return {
+            "job": self.job_id,
+            "phase": self.phase.value,
+            "since": self.started,
+            "outage": self.outage,
+            **self.clock.describe(),
+        }
 
 
 class Runs:
@@ -85,10 +109,15 @@ class Runs:
         self.stopping = False
         self.jobs_done = 0
 
-    def open(self, job_id: str, prompt_id: str, lease: PromptLease, budget: float) -> JobRun:
+    def open(
+        self, job_id: str, prompt_id: str, lease: PromptLease, budget: float, queued_since: float | None = None
+    ) -> JobRun:
+        """A run of a job, timed from `queued_since` (epoch; by default now)."""
         task = asyncio.current_task()
         assert task is not None
         run = JobRun(job_id, prompt_id, lease, task, asyncio.get_running_loop().time() + budget, self)
+        if queued_since is not None:
+            run.clock = StageClock(queued_since)
         self._runs[job_id] = run
         return run
 

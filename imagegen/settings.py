@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     worker_shutdown_grace: int = Field(720, ge=0, description="seconds")
     worker_lease: float = Field(10.0, ge=2, le=600, description="seconds a dead worker's jobs stay claimed")
     reconcile_interval: float = Field(60.0, gt=0, description="seconds between sweeps for stranded records")
+    # A worker's /metrics and /healthz: off at 0; process N under supervisord listens on the port + N.
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="first port of the workers' /metrics; 0 off")
+    worker_metrics_host: str = "127.0.0.1"
+    worker_index: int = Field(0, ge=0, le=10_000, description="this worker's number (supervisord's process_num)")
     outage_pause_after: float = Field(60.0, ge=0, description="seconds of outage before the queue pauses; 0 never")
 
     # image download and upload

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import io
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -152,8 +152,9 @@ class Storage:
     def public_url(self, key: str) -> str:
         return f"{self._public_base}/{key}"
 
-    async def upload_image(self, key: str, image: ImageDownload) -> int:
-        """Stream one downloaded image into the bucket under `key`; returns the bytes stored.
+    async def upload_image(self, key: str, image: ImageDownload, on_upload: Callable[[], None] | None = None) -> int:
+        """Stream one downloaded image into the bucket under `key`; returns the bytes stored. `on_upload` is
+        called when the first bytes go to the bucket.
 
         Below the threshold one PUT; above it a multipart upload. The image passes through one part buffer
         (a BytesIO, which botocore and aiohttp send in small reads without copying it whole), refilled in place
@@ -163,6 +164,8 @@ class Storage:
         try:
             filled = await image.read_into(part, self._threshold)
             part.seek(0)
+            if on_upload is not None:
+                on_upload()
             if filled < self._threshold:
                 await self._client.put_object(
                     Bucket=self.bucket, Key=key, Body=part, ContentType=image.image_type.value

@@ -1,7 +1,8 @@
 """Job outcomes per minute, for throughput and failure rate over the last hour.
 
 The job boundary counts each final outcome (`done` or `failed`) in a Redis hash per minute bucket that
-expires after two hours; readers sum the buckets they want. One HINCRBY per job, no growing keys.
+expires after two hours (readers sum the buckets they want) and in one hash of totals since the queue began
+(the queue's Prometheus counters). Written in the round trip that ends the job; no growing keys.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from .keys import RedisKeys
 from .models import OutcomeStatus, iso_time
@@ -63,15 +65,20 @@ class OutcomeCounter:
         self._redis = redis
         self._keys = keys
 
-    async def count(self, status: OutcomeStatus, *, now: float | None = None) -> None:
-        """Count one job that ended with `status` (only done and failed are counted)."""
+    def add(self, pipe: Pipeline, status: OutcomeStatus, *, now: float | None = None) -> None:
+        """Queue the count of one outcome on `pipe`, for the caller to execute with its other writes."""
         if status not in COUNTED:
             return
         key = self._keys.outcomes(int((time.time() if now is None else now) // 60))
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(key, status.value, 1)
-            pipe.expire(key, BUCKET_TTL)
-            await pipe.execute()
+        pipe.hincrby(key, status.value, 1)
+        pipe.expire(key, BUCKET_TTL)
+        pipe.hincrby(self._keys.outcome_totals, status.value, 1)
+
+    async def totals(self) -> dict[str, int]:
+        """Jobs ended done and failed since the queue began."""
+        fields = [status.value for status in COUNTED]
+        raw: list[bytes | None] = await self._redis.hmget(self._keys.outcome_totals, fields)  # type: ignore[misc]
+        return {status.value: int(value or 0) for status, value in zip(COUNTED, raw, strict=True)}
 
     async def last(self, minutes: int = WINDOW_MINUTES, *, now: float | None = None) -> Throughput:
         """Done and failed counts of each of the last `minutes` minutes, the current one included."""

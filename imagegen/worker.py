@@ -26,9 +26,11 @@ from arq.worker import Worker, func
 from loguru import logger
 from redis.exceptions import RedisError
 
+from .access import check_bind
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings, sync_client
 from .control import Control
 from .errors import ConfigError, PromptFailed
+from .exporter import Exporter, metrics_port
 from .heartbeat import Heartbeat
 from .intake import Intake
 from .jimeng import JimengClient
@@ -36,6 +38,7 @@ from .jobs import JobRunner
 from .keys import RedisKeys
 from .ledger import GenerationLedger
 from .logs import setup_logging
+from .metrics import WorkerMetrics
 from .models import JOB_NAME, OutcomeStatus
 from .outages import POCKETBASE, STORAGE, Outages
 from .permits import CallPermits
@@ -119,6 +122,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     slots = Slots(settings.queue_concurrency, settings.store_concurrency, settings.store_backlog)
     intake = Intake(ctx["redis"], keys, settings.queue_name, settings.queue_poll_interval)
+    metrics = WorkerMetrics()
     services = Services(
         settings=settings,
         http=http,
@@ -130,11 +134,22 @@ async def startup(ctx: dict[str, Any]) -> None:
         outages=outages,
         permits=permits,
         slots=slots,
+        metrics=metrics,
     )
     runs = Runs()
+    metrics.watch(lambda: [run.clock.stage for run in runs])
     heartbeat = Heartbeat(state, runs, outages, permits, settings.queue_name, settings.worker_lease)
     heartbeat.start()
     stack.push_async_callback(heartbeat.stop)
+    port = metrics_port(settings)
+    if port is not None:
+        exporter = Exporter(settings, metrics, heartbeat, runs, heartbeat.interval)
+        try:
+            await exporter.start(port)
+        except ConfigError as exc:
+            await stack.aclose()
+            startup_failure(str(exc))
+        stack.push_async_callback(exporter.stop)
     reconciler = Reconciler(
         Control(settings, ctx["redis"], pocketbase),
         settings.reconcile_interval,
@@ -145,7 +160,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     stack.push_async_callback(reconciler.stop)
     ctx["exit_stack"] = stack
     ctx["services"] = services
-    ctx["runner"] = JobRunner(services, Pipeline(services), state, runs)
+    ctx["runner"] = JobRunner(services, Pipeline(services), state, runs, metrics)
     worker = _running_worker()
     if worker is not None:
         intake.install(worker)
@@ -185,7 +200,17 @@ async def generate_images(ctx: dict[str, Any], prompt_id: str, force: bool = Fal
 
     A failed prompt is raised to arq as PromptFailed, so arq's counters and result say it failed."""
     runner: JobRunner = ctx["runner"]
-    outcome = await runner.run(str(ctx["job_id"]), prompt_id, force)
+    # A first run has waited since the job was queued; a later one since it became due (after its backoff).
+    enqueued: datetime | None = ctx.get("enqueue_time")
+    score: int | None = ctx.get("score")
+    marks = [mark for mark in (enqueued.timestamp() if enqueued else None, score / 1000 if score else None) if mark]
+    outcome = await runner.run(
+        str(ctx["job_id"]),
+        prompt_id,
+        force,
+        queued_since=max(marks) if marks else None,
+        fresh=int(ctx.get("job_try") or 1) == 1,
+    )
     if outcome["status"] == OutcomeStatus.FAILED.value:
         raise PromptFailed(outcome)
     return outcome
@@ -253,6 +278,8 @@ def settings_for_worker() -> Settings:
     for warning in settings.warnings():
         logger.warning("settings: {}", warning)
     try:
+        if metrics_port(settings) is not None:
+            check_bind(settings, settings.worker_metrics_host, "WORKER_METRICS_HOST")
         wait_for_redis(settings)
     except ConfigError as exc:
         startup_failure(str(exc))

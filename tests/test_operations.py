@@ -10,9 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from imagegen.localstack import free_port
 
 from .conftest import BIN, RecordFactory, Stack, wait_for_records
+from .test_pipeline import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,8 +68,10 @@ async def test_every_row_of_the_migration_table_works_as_written(
     assert "numprocs=1\n" in conf
     (project / "supervisord.conf").write_text(conf.replace("numprocs=1\n", "numprocs=2\n"))
     os.symlink(Path(sys.prefix), project / ".venv")
-    # "with its virtualenv active": what `source .venv/bin/activate` does to PATH.
-    env = stack.process_env(VIRTUAL_ENV=str(project / ".venv"))
+    # "with its virtualenv active": what `source .venv/bin/activate` does to PATH. Metrics on: each process
+    # serves them on a port of its own.
+    metrics = free_port(also_free_offset=1)
+    env = stack.process_env(VIRTUAL_ENV=str(project / ".venv"), WORKER_METRICS_PORT=str(metrics))
     env["PATH"] = f"{project / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
     table = migration_table()
     first, second = await records.create("a row by row check"), await records.create("a pending one")
@@ -85,6 +92,7 @@ async def test_every_row_of_the_migration_table_works_as_written(
                 assert await _worker_running(run)
             if name == "bun run queue:pending":
                 assert (await wait_for_records(pocketbase, [first.id, second.id]))[1].status == "done"
+                assert await wait_until(lambda: _jobs_done(metrics, metrics + 1), deadline=20) == 2
             if name == "bun run queue:status <id>":
                 assert "state:     done" in done.stdout
             if name == "bun run worker:logs":
@@ -105,9 +113,23 @@ async def test_every_row_of_the_migration_table_works_as_written(
         )
 
 
-async def _worker_running(run) -> bool:
-    from .test_pipeline import wait_until
+async def _jobs_done(*ports: int) -> int:
+    """Jobs done by the worker processes behind these metrics ports (every one must answer)."""
+    done = 0
+    async with aiohttp.ClientSession() as http:
+        for port in ports:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as response:
+                assert response.status == 200
+                for family in text_string_to_metric_families(await response.text()):
+                    done += sum(
+                        int(s.value)
+                        for s in family.samples
+                        if s.name == "imagegen_jobs_total" and s.labels == {"outcome": "done"}
+                    )
+    return done
 
+
+async def _worker_running(run) -> bool:
     async def running() -> bool:
         return "RUNNING" in run("bun run worker:status").stdout
 

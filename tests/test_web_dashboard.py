@@ -76,6 +76,10 @@ async def test_dashboard_counts_thumbnails_pause_resume_and_retry(
     await page.click("#tabs button[data-state=done]")
     await page.click(f'#task-rows tr[data-id="{first.id}"]')
     await expect(page.locator("#task-prompt")).to_have_text("a red kite")
+    # Each stage it went through, with its time.
+    stages = page.locator("#task-stages tr td:first-child")
+    await expect(stages).to_have_text(["queued", "generating", "downloading", "uploading", "saving"])
+    await expect(page.locator("#task-facts")).to_contain_text("done since")
     await expect(page.locator("#task-images img")).to_have_count(4)
     for src in await page.locator("#task-images img").evaluate_all("imgs => imgs.map(i => i.src)"):
         assert src.startswith(stack.settings().tos_public_base_url)

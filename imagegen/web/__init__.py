@@ -5,7 +5,8 @@ JSON errors, `bodies` the validated request bodies and queries, `openapi` the AP
 the bind rules and the serving loop; `static/` is the dashboard (plain HTML, CSS and JavaScript).
 """
 
+from ..access import check_bind
 from .app import create_app
-from .server import check_bind, serve
+from .server import serve
 
 __all__ = ["check_bind", "create_app", "serve"]

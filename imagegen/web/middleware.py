@@ -7,18 +7,19 @@ logged once with its traceback and answered without it. Every message is scrubbe
 
 from __future__ import annotations
 
-import hmac
 import json
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from loguru import logger
 
+from ..access import token_refusal
 from ..errors import ConfigError, ImagegenError, InvalidPromptId, InvalidRequest, RecordNotFound, ServiceError
 from ..logs import scrub
 from .context import SETTINGS
 
-# Under /api/, only the document describing the API is public; outside it, /healthz and the dashboard's files.
+# Under /api/, only the document describing the API is public; outside it, /healthz and the dashboard's files
+# are public, /metrics is not.
 PUBLIC_API_PATHS = frozenset({"/api/openapi.json"})
 
 
@@ -32,19 +33,18 @@ def _dumps(value: object) -> str:
 
 
 def needs_token(request: web.Request) -> bool:
+    if request.path == "/metrics":
+        return True
     return request.path.startswith("/api/") and request.path not in PUBLIC_API_PATHS
 
 
 @web.middleware
 async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With API_TOKEN set, /api/ calls must send `Authorization: Bearer <token>` (compared in constant time)."""
-    token = request.app[SETTINGS].api_token.get_secret_value()
-    if token and needs_token(request):
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            return _unauthorized(request, "this API needs a token: send the header 'Authorization: Bearer <API_TOKEN>'")
-        if not hmac.compare_digest(given.strip().encode(), token.encode()):
-            return _unauthorized(request, "wrong token: it does not match API_TOKEN")
+    """With API_TOKEN set, /api/ calls and /metrics must send `Authorization: Bearer <token>` (`access`)."""
+    if needs_token(request):
+        refusal = token_refusal(request.app[SETTINGS], request.headers.get("Authorization", ""))
+        if refusal is not None:
+            return _unauthorized(request, refusal)
     return await handler(request)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from ..control import EnqueueOutcome
 from ..listing import TaskState
 from ..models import JobState
+from ..stages import TIMED, Stage
 from .bodies import CreateTasks, PauseQueue, TaskQuery
 
 STRING = {"type": "string"}
@@ -65,8 +66,9 @@ SCHEMAS: dict[str, Any] = {
                         ),
                     ]
                 },
-                "stage": {"type": ["string", "null"]},
-                "stages": {"type": ["array", "object", "null"]},
+                "stage": {"oneOf": [{"type": "null"}, {"enum": [s.value for s in Stage]}]},
+                "stage_since": NULLABLE_TIME,
+                "stages": {"type": "array", "items": ref("StageTiming")},
             },
             "id",
             "state",
@@ -75,6 +77,16 @@ SCHEMAS: dict[str, Any] = {
             "record",
         ),
         "description": "What `imagegen inspect --json` prints.",
+    },
+    "StageTiming": {
+        **obj(
+            {
+                "stage": {"enum": [s.value for s in TIMED]},
+                "seconds": {"type": "number", "minimum": 0},
+                "started": {"type": "string", "format": "date-time"},
+            }
+        ),
+        "description": "Seconds the job spent in one stage (over all its runs) and when it first entered it.",
     },
     "TaskItem": obj(
         {
@@ -174,6 +186,16 @@ def paths() -> dict[str, dict[str, Any]]:
                 "summary": "Whether Redis answers (no token needed)",
                 "security": [],
                 "responses": {"200": response("Redis answers", "Health"), "503": response("Redis is down", "Health")},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "The queue's Prometheus metrics (text format; token needed when API_TOKEN is set)",
+                "responses": {
+                    "200": {"description": "metrics in Prometheus' text format", "content": {"text/plain": {}}},
+                    "401": response("missing or wrong bearer token", "Error"),
+                    "503": response("Redis is unreachable", "Error"),
+                },
             }
         },
         "/api/openapi.json": {

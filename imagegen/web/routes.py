@@ -15,6 +15,7 @@ from aiohttp import web
 from ..control import EnqueueOutcome, EnqueueTally, pause_json, redis_errors
 from ..errors import ImagegenError, InvalidRequest, RecordNotFound
 from ..listing import list_tasks
+from ..metrics import CONTENT_TYPE, queue_metrics
 from ..models import JobState, validate_prompt_id
 from .bodies import DEFAULT_PAUSE_REASON, CreateTasks, PauseQueue, TaskQuery, parse
 from .context import SETTINGS, STATIC_DIR, control_of
@@ -66,6 +67,15 @@ async def healthz(request: web.Request) -> web.Response:
     except (ImagegenError, TimeoutError) as exc:
         return reply({"ok": False, "redis": "unreachable", "error": str(exc) or "no answer in time"}, 503)
     return reply({"ok": True, "redis": "ok"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """The queue's Prometheus metrics; the record counts are left out (imagegen_records_up 0) while PocketBase
+    can't be read, and the answer is 503 only when Redis can't."""
+    control = await control_of(request)
+    figures = await control.queue_figures()
+    return web.Response(body=queue_metrics(figures), headers={"Content-Type": CONTENT_TYPE})
 
 
 @routes.get("/api/openapi.json")

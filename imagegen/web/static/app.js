@@ -207,33 +207,20 @@ function seconds(value) {
   return typeof value === "number" ? `${value.toFixed(1)} s` : String(value);
 }
 
-// `stages` may be a list of {stage|name, ...timings} or a map of stage -> seconds or -> {timings}.
+// Each stage the job went through: seconds spent (over all its runs) and when it first entered it.
 function renderStages(task) {
   const box = $("task-stages");
   box.replaceChildren();
-  const stages = task.stages;
-  if (!stages || (Array.isArray(stages) ? !stages.length : !Object.keys(stages).length)) return;
-  const entries = Array.isArray(stages)
-    ? stages.map((s) => [s.stage ?? s.name ?? "", s])
-    : Object.entries(stages);
+  if (!task.stages || !task.stages.length) return;
   const table = el("table", null, "stages");
   const head = el("tr");
-  head.appendChild(el("th", "stage"));
-  head.appendChild(el("th", "timing"));
+  for (const title of ["stage", "time", "first entered"]) head.appendChild(el("th", title));
   table.appendChild(head);
-  for (const [name, value] of entries) {
+  for (const timing of task.stages) {
     const row = el("tr");
-    row.appendChild(el("td", name, name === task.stage ? "status-done" : ""));
-    let text = value;
-    if (value && typeof value === "object") {
-      text = Object.entries(value)
-        .filter(([key]) => key !== "stage" && key !== "name")
-        .map(([key, v]) => `${key} ${seconds(v)}`)
-        .join(", ");
-    } else {
-      text = seconds(value);
-    }
-    row.appendChild(el("td", text));
+    row.appendChild(el("td", timing.stage, timing.stage === task.stage ? "status-done" : ""));
+    row.appendChild(el("td", seconds(timing.seconds)));
+    row.appendChild(el("td", new Date(timing.started).toLocaleTimeString()));
     table.appendChild(row);
   }
   box.appendChild(table);
@@ -247,7 +234,8 @@ function renderTask(task) {
   const facts = $("task-facts");
   facts.replaceChildren();
   fact(facts, "job", task.state);
-  fact(facts, "stage", task.stage);
+  fact(facts, "stage", task.stage && task.stage_since
+    ? `${task.stage} since ${new Date(task.stage_since).toLocaleTimeString()}` : task.stage);
   fact(facts, "record", record ? record.status : null);
   fact(facts, "attempts", task.tries);
   fact(facts, "enqueued", task.enqueued_at && new Date(task.enqueued_at).toLocaleString());
