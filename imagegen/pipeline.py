@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from loguru import logger
 
-from .download import describe_link, open_image
 from .errors import (
     DownloadError,
-    FailureKind,
     JobInterrupted,
     LinkRefusedError,
     PromptRejected,
@@ -40,8 +38,7 @@ from .settings import Settings
 from .slots import Slots
 from .state import PauseGate
 from .storage import Storage
-
-DOWNLOAD_RETRY_DELAY = 0.5
+from .transfer import store_image
 
 
 @dataclass
@@ -227,36 +224,17 @@ class Pipeline:
 
     async def _store_one(self, prompt_id: str, index: int, url: str) -> StoredImage:
         """Download one image into the bucket, trying a transient download failure again in place."""
-        settings, storage = self._s.settings, self._s.storage
-        tries = settings.download_tries
-        for number in range(1, tries + 1):
-            try:
-                async with (
-                    self._s.slots.transfer(),
-                    open_image(
-                        self._s.http, url, max_bytes=settings.download_max_bytes, time_limit=settings.download_timeout
-                    ) as download,
-                ):
-                    key = storage.object_key(prompt_id, index, download.image_type.extension)
-                    size = await storage.upload_image(key, download)
-                return StoredImage(
-                    source_url=describe_link(url),
-                    key=key,
-                    public_url=storage.public_url(key),
-                    content_type=download.image_type.value,
-                    size=size,
-                )
-            except LinkRefusedError:
-                raise
-            except DownloadError as exc:
-                if exc.kind is not FailureKind.TRANSIENT or number == tries:
-                    raise
-                delay = DOWNLOAD_RETRY_DELAY * 2 ** (number - 1)
-                logger.bind(prompt_id=prompt_id).info(
-                    "image {}: {}; trying again in {:.1f}s ({}/{})", index, exc, delay, number + 1, tries
-                )
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # the loop returns or raises
+        s = self._s
+        return await store_image(
+            s.http,
+            s.storage,
+            s.settings,
+            url,
+            lambda extension: s.storage.object_key(prompt_id, index, extension),
+            slot=s.slots.transfer,
+            log_id=prompt_id,
+            index=index,
+        )
 
     async def _finish(self, run: JobRun, result: PipelineResult, *, leftovers_possible: bool) -> None:
         s, prompt_id = self._s, run.prompt_id
