@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from loguru import logger
 
+from .choices import Choices
 from .errors import (
     DownloadError,
     JobInterrupted,
@@ -79,6 +80,24 @@ def check_prompt(record: PromptRecord, max_chars: int) -> str:
     return prompt
 
 
+def check_choices(record: PromptRecord, settings: Settings) -> Choices:
+    """The record's model, ratio and resolution, each empty one taken from its JIMENG_* setting; a value the
+    API would not take fails the record (PromptRejected, permanent) before anything is paid."""
+    fields = {
+        "model": settings.pocketbase_field_model,
+        "ratio": settings.pocketbase_field_ratio,
+        "resolution": settings.pocketbase_field_resolution,
+    }
+
+    def describe(name: str, value: str, allowed: str) -> str:
+        return (
+            f"record {record.id} has {fields[name]}={value!r}, which {allowed}; "
+            f"fix the field or empty it to use JIMENG_{name.upper()}"
+        )
+
+    return settings.default_choices.overridden(record.choices_given(), describe)
+
+
 class Pipeline:
     """Runs prompts through generation and hosting; one instance per worker process."""
 
@@ -97,6 +116,7 @@ class Pipeline:
             result.skipped = True
             return result
         prompt = check_prompt(record, s.settings.prompt_max_chars)
+        choices = check_choices(record, s.settings)
         # Every run marks the record `processing` before it can store anything, and nothing of ours ever marks
         # a record pending again: a pending record without images or a note, on a first attempt, has no objects
         # of an earlier run in the bucket, and listing them can be skipped.
@@ -120,7 +140,7 @@ class Pipeline:
                 generation.age(),
             )
         else:
-            generation = await self._generate(run, prompt, record.negative_prompt, result)
+            generation = await self._generate(run, prompt, record.negative_prompt, choices, result)
         regenerated = False
         while True:
             try:
@@ -143,7 +163,7 @@ class Pipeline:
                 await s.ledger.forget(prompt_id)
                 run.generation_saved = False
                 run.enter(Phase.PREPARING)
-                generation = await self._generate(run, prompt, record.negative_prompt, result)
+                generation = await self._generate(run, prompt, record.negative_prompt, choices, result)
                 regenerated = True
                 untouched = False
         run.enter(Phase.FINISHING)
@@ -151,12 +171,14 @@ class Pipeline:
         result.timings["total"] = time.monotonic() - started
         return result
 
-    async def _generate(self, run: JobRun, prompt: str, negative: str, result: PipelineResult) -> GenerationRecord:
+    async def _generate(
+        self, run: JobRun, prompt: str, negative: str, choices: Choices, result: PipelineResult
+    ) -> GenerationRecord:
         s, prompt_id = self._s, run.prompt_id
         run.enter(Phase.READY)
         await s.slots.take_call_slot(run)
         # A failure keeps the slot until the job's outcome is decided (see `slots`).
-        generation, elapsed = await self._call(run, prompt, negative)
+        generation, elapsed = await self._call(run, prompt, negative, choices)
         s.slots.free_call_slot(run)
         # The slot is free the moment the call returned: the next prompt's call starts while this one stores.
         s.slots.hand_back(run)
@@ -168,7 +190,7 @@ class Pipeline:
         run.generation_saved = True
         return generation
 
-    async def _call(self, run: JobRun, prompt: str, negative: str) -> tuple[GenerationRecord, float]:
+    async def _call(self, run: JobRun, prompt: str, negative: str, choices: Choices) -> tuple[GenerationRecord, float]:
         """The last checks and the paid call, inside a generation slot, and the seconds it took.
 
         No Redis round trip here as a rule (the pause is cached, the lease renewed recently): the slot was
@@ -196,7 +218,7 @@ class Pipeline:
             # No await between the stop check and the call: a stop either sends this run back or waits for it.
             run.enter(Phase.GENERATING)
             t0 = time.monotonic()
-            generation = await s.jimeng.generate(prompt, negative)
+            generation = await s.jimeng.generate(prompt, negative, choices)
             elapsed = time.monotonic() - t0
         finally:
             await asyncio.shield(s.permits.give_back(run.lease.token))
