@@ -1,4 +1,4 @@
-"""The `imagegen` command: a thin shell over `control` and `checks`.
+"""The `imagegen` command: a thin shell over `control`, `checks` and `oneoff`.
 
 Exit codes: 0 success; 1 some ids were not found, invalid or failed; 2 bad settings or usage;
 3 a service could not be reached or refused us. Expected failures print one line, never a traceback.
@@ -19,6 +19,7 @@ from .checks import check_services
 from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from .errors import ConfigError, ImagegenError
 from .logs import setup_logging
+from .oneoff import OneOffRequest, generate_once
 from .progress import Progress
 from .settings import Settings, load_settings, require
 from .web import serve as serve_web
@@ -331,6 +332,41 @@ def check(ctx: click.Context, as_json: bool) -> None:
             for warning in warnings:
                 click.echo(f"warning:    {warning}")
         return EXIT_OK if all(r.ok for r in results) else EXIT_SERVICE
+
+    run(ctx, work)
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--ratio", default="", metavar="R", help="Aspect ratio, e.g. 16:9 (default: JIMENG_RATIO).")
+@click.option("--resolution", default="", metavar="X", help="1k, 2k or 4k (default: JIMENG_RESOLUTION).")
+@click.option("--model", default="", metavar="M", help="Model name, e.g. jimeng-4.5 (default: JIMENG_MODEL).")
+@click.option("--negative", default="", metavar="TEXT", help="Negative prompt: what the images should not show.")
+@click.option("--upload", is_flag=True, help="Store the images in the bucket (TOS_*) and print their public URLs.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def generate(
+    ctx: click.Context,
+    prompt: str,
+    ratio: str,
+    resolution: str,
+    model: str,
+    negative: str,
+    upload: bool,
+    as_json: bool,
+) -> None:
+    """Generate images for PROMPT with exactly one paid jimeng call (no PocketBase, no queue) and print their
+    links, or with --upload their URLs in the bucket. The API's links expire within hours."""
+    try:
+        given = {"model": model, "ratio": ratio, "resolution": resolution}
+        request = OneOffRequest.build(_settings(ctx), prompt, negative, given, upload=upload)
+    except ImagegenError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+    async def work(settings: Settings) -> int:
+        result = await generate_once(settings, request, lambda line: click.echo(f"imagegen: {line}", err=True))
+        click.echo(json.dumps(result.to_json(), ensure_ascii=False) if as_json else "\n".join(result.urls))
+        return EXIT_OK
 
     run(ctx, work)
 

@@ -4,7 +4,7 @@
     ├── ConfigError                    a setting is missing or invalid (kind = account)
     ├── InvalidPromptId                a prompt id that is not 15 chars of [a-z0-9] (permanent)
     ├── InvalidRequest                 a web API request that can't be served as sent (bad JSON, bad paging)
-    ├── PromptRejected                 the record's prompt can't be sent (empty, too long) (permanent)
+    ├── PromptRejected                 the prompt can't be sent: empty, too long, a bad model/ratio/resolution
     ├── QueuePaused                    the queue was paused before this job could generate (wait, no attempt used)
     ├── JobInterrupted                 the worker is stopping before this job's paid call (back to the queue)
     ├── LeaseLost                      another run of the same prompt holds its lease: stop, pay nothing
@@ -77,7 +77,7 @@ class InvalidRequest(ImagegenError):
 
 
 class PromptRejected(ImagegenError):
-    """The record's prompt can't be sent as it is (empty or too long)."""
+    """The prompt can't be sent as it is: empty, too long, or with a model, ratio or resolution the API won't take."""
 
     kind = FailureKind.PERMANENT
 

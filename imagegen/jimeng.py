@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
+from .choices import Choices
 from .errors import FailureKind, JimengError, excerpt
 from .settings import Settings
 
@@ -146,30 +147,30 @@ class JimengClient:
         self._session = session
         self._url = f"{settings.jimeng_api_url}/images/generations"
         self._key = settings.jimeng_api_key
-        self._model = settings.jimeng_model
-        self._ratio = settings.jimeng_ratio
-        self._resolution = settings.jimeng_resolution
+        self._defaults = settings.default_choices
         self._timeout = aiohttp.ClientTimeout(total=settings.jimeng_timeout_seconds)
 
-    def request_body(self, prompt: str, negative_prompt: str = "") -> dict[str, str]:
+    def request_body(self, prompt: str, negative_prompt: str = "", choices: Choices | None = None) -> dict[str, str]:
+        chosen = choices or self._defaults
         body = {
-            "model": self._model,
+            "model": chosen.model,
             "prompt": prompt,
-            "ratio": self._ratio,
-            "resolution": self._resolution,
+            "ratio": chosen.ratio,
+            "resolution": chosen.resolution,
             "response_format": "url",
         }
         if negative_prompt:
             body["negative_prompt"] = negative_prompt
         return body
 
-    async def generate(self, prompt: str, negative_prompt: str = "") -> Generation:
-        """One paid generation call; raises JimengError classified as transient, permanent or account."""
+    async def generate(self, prompt: str, negative_prompt: str = "", choices: Choices | None = None) -> Generation:
+        """One paid generation call (with the settings' model, ratio and resolution unless `choices` are
+        given); raises JimengError classified as transient, permanent or account."""
         headers = {"Authorization": f"Bearer {self._key.get_secret_value()}"}
         try:
             async with self._session.post(
                 self._url,
-                json=self.request_body(prompt, negative_prompt),
+                json=self.request_body(prompt, negative_prompt, choices),
                 headers=headers,
                 timeout=self._timeout,
             ) as response:

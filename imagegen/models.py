@@ -66,6 +66,14 @@ class PromptRecord:
     images: list[str] = field(default_factory=list)
     status: str = ""
     error: str = ""
+    # The record's own model, ratio and resolution as written (unchecked); empty means the JIMENG_* setting.
+    model: str = ""
+    ratio: str = ""
+    resolution: str = ""
+
+    def choices_given(self) -> dict[str, str]:
+        """The record's model, ratio and resolution, keyed as `Choices` names them."""
+        return {"model": self.model, "ratio": self.ratio, "resolution": self.resolution}
 
     @property
     def is_done(self) -> bool:

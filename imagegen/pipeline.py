@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 import aiohttp
 from loguru import logger
 
-from .download import describe_link, open_image
+from .choices import Choices
 from .errors import (
     DownloadError,
-    FailureKind,
     JimengError,
     JobInterrupted,
     LinkRefusedError,
@@ -43,8 +42,7 @@ from .slots import Slots
 from .stages import Stage, StageClock
 from .state import PauseGate
 from .storage import Storage
-
-DOWNLOAD_RETRY_DELAY = 0.5
+from .transfer import store_image
 
 
 @dataclass
@@ -86,6 +84,24 @@ def check_prompt(record: PromptRecord, max_chars: int) -> str:
     return prompt
 
 
+def check_choices(record: PromptRecord, settings: Settings) -> Choices:
+    """The record's model, ratio and resolution, each empty one taken from its JIMENG_* setting; a value the
+    API would not take fails the record (PromptRejected, permanent) before anything is paid."""
+    fields = {
+        "model": settings.pocketbase_field_model,
+        "ratio": settings.pocketbase_field_ratio,
+        "resolution": settings.pocketbase_field_resolution,
+    }
+
+    def describe(name: str, value: str, allowed: str) -> str:
+        return (
+            f"record {record.id} has {fields[name]}={value!r}, which {allowed}; "
+            f"fix the field or empty it to use JIMENG_{name.upper()}"
+        )
+
+    return settings.default_choices.overridden(record.choices_given(), describe)
+
+
 class Pipeline:
     """Runs prompts through generation and hosting; one instance per worker process."""
 
@@ -104,6 +120,7 @@ class Pipeline:
             result.skipped = True
             return result
         prompt = check_prompt(record, s.settings.prompt_max_chars)
+        choices = check_choices(record, s.settings)
         # Every run marks the record `processing` before it can store anything, and nothing of ours ever marks
         # a record pending again: a pending record without images or a note, on a first attempt, has no objects
         # of an earlier run in the bucket, and listing them can be skipped.
@@ -127,7 +144,7 @@ class Pipeline:
                 generation.age(),
             )
         else:
-            generation = await self._generate(run, prompt, record.negative_prompt, result)
+            generation = await self._generate(run, prompt, record.negative_prompt, choices, result)
         regenerated = False
         while True:
             try:
@@ -150,7 +167,7 @@ class Pipeline:
                 await s.ledger.forget(prompt_id)
                 run.generation_saved = False
                 run.enter(Phase.PREPARING)
-                generation = await self._generate(run, prompt, record.negative_prompt, result)
+                generation = await self._generate(run, prompt, record.negative_prompt, choices, result)
                 regenerated = True
                 untouched = False
         run.enter(Phase.FINISHING)
@@ -158,12 +175,14 @@ class Pipeline:
         result.timings["total"] = time.monotonic() - started
         return result
 
-    async def _generate(self, run: JobRun, prompt: str, negative: str, result: PipelineResult) -> GenerationRecord:
+    async def _generate(
+        self, run: JobRun, prompt: str, negative: str, choices: Choices, result: PipelineResult
+    ) -> GenerationRecord:
         s, prompt_id = self._s, run.prompt_id
         run.enter(Phase.READY)
         await s.slots.take_call_slot(run)
         # A failure keeps the slot until the job's outcome is decided (see `slots`).
-        generation, elapsed = await self._call(run, prompt, negative)
+        generation, elapsed = await self._call(run, prompt, negative, choices)
         s.slots.free_call_slot(run)
         # The slot is free the moment the call returned: the next prompt's call starts while this one stores.
         s.slots.hand_back(run)
@@ -175,7 +194,7 @@ class Pipeline:
         run.generation_saved = True
         return generation
 
-    async def _call(self, run: JobRun, prompt: str, negative: str) -> tuple[GenerationRecord, float]:
+    async def _call(self, run: JobRun, prompt: str, negative: str, choices: Choices) -> tuple[GenerationRecord, float]:
         """The last checks and the paid call, inside a generation slot, and the seconds it took.
 
         No Redis round trip here as a rule (the pause is cached, the lease renewed recently): the slot was
@@ -204,7 +223,7 @@ class Pipeline:
             run.enter(Phase.GENERATING)
             t0 = time.monotonic()
             try:
-                generation = await s.jimeng.generate(prompt, negative)
+                generation = await s.jimeng.generate(prompt, negative, choices)
             except JimengError as exc:
                 s.metrics.call_ended(exc)
                 raise
@@ -236,38 +255,21 @@ class Pipeline:
 
     async def _store_one(self, prompt_id: str, index: int, url: str, clock: StageClock) -> StoredImage:
         """Download one image into the bucket, trying a transient download failure again in place."""
-        settings, storage = self._s.settings, self._s.storage
-        tries = settings.download_tries
-        for number in range(1, tries + 1):
-            clock.enter(Stage.DOWNLOADING)
-            try:
-                async with (
-                    self._s.slots.transfer(),
-                    open_image(
-                        self._s.http, url, max_bytes=settings.download_max_bytes, time_limit=settings.download_timeout
-                    ) as download,
-                ):
-                    key = storage.object_key(prompt_id, index, download.image_type.extension)
-                    size = await storage.upload_image(key, download, lambda: clock.enter(Stage.UPLOADING))
-                self._s.metrics.stored(size)
-                return StoredImage(
-                    source_url=describe_link(url),
-                    key=key,
-                    public_url=storage.public_url(key),
-                    content_type=download.image_type.value,
-                    size=size,
-                )
-            except LinkRefusedError:
-                raise
-            except DownloadError as exc:
-                if exc.kind is not FailureKind.TRANSIENT or number == tries:
-                    raise
-                delay = DOWNLOAD_RETRY_DELAY * 2 ** (number - 1)
-                logger.bind(prompt_id=prompt_id).info(
-                    "image {}: {}; trying again in {:.1f}s ({}/{})", index, exc, delay, number + 1, tries
-                )
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # the loop returns or raises
+        s = self._s
+        image = await store_image(
+            s.http,
+            s.storage,
+            s.settings,
+            url,
+            lambda extension: s.storage.object_key(prompt_id, index, extension),
+            slot=s.slots.transfer,
+            log_id=prompt_id,
+            index=index,
+            on_download=lambda: clock.enter(Stage.DOWNLOADING),
+            on_upload=lambda: clock.enter(Stage.UPLOADING),
+        )
+        s.metrics.stored(image.size)
+        return image
 
     async def _finish(self, run: JobRun, result: PipelineResult, *, leftovers_possible: bool) -> None:
         s, prompt_id = self._s, run.prompt_id

@@ -63,6 +63,9 @@ class PocketBaseClient:
         self.f_status = settings.pocketbase_field_status
         self.f_error = settings.pocketbase_field_error
         self.f_images = settings.pocketbase_field_images
+        self.f_model = settings.pocketbase_field_model
+        self.f_ratio = settings.pocketbase_field_ratio
+        self.f_resolution = settings.pocketbase_field_resolution
 
     async def login(self) -> None:
         """Log in as the configured superuser; a refusal is an account-level failure."""
@@ -155,6 +158,9 @@ class PocketBaseClient:
             images=[str(u) for u in images] if isinstance(images, list) else [],
             status=str(item.get(self.f_status) or ""),
             error=str(item.get(self.f_error) or ""),
+            model=str(item.get(self.f_model) or "") if self.f_model else "",
+            ratio=str(item.get(self.f_ratio) or "") if self.f_ratio else "",
+            resolution=str(item.get(self.f_resolution) or "") if self.f_resolution else "",
         )
 
     async def get_record(self, prompt_id: str) -> PromptRecord:

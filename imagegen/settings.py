@@ -16,10 +16,9 @@ from urllib.parse import urlsplit
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .choices import Choices, check_model, check_ratio, check_resolution
 from .errors import ConfigError
 
-RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9")
-RESOLUTIONS = ("1k", "2k", "4k")
 MIB = 1024 * 1024
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_FIELDS = (
@@ -89,6 +88,10 @@ class Settings(BaseSettings):
     pocketbase_field_status: str = "status"
     pocketbase_field_error: str = "error"
     pocketbase_field_images: str = "images"
+    # Optional per-record choices; a record's empty value means the JIMENG_* setting.
+    pocketbase_field_model: str = "model"
+    pocketbase_field_ratio: str = "ratio"
+    pocketbase_field_resolution: str = "resolution"
 
     # queue and worker
     queue_name: str = "imagegen:queue"
@@ -147,19 +150,10 @@ class Settings(BaseSettings):
                 raise ValueError("must be host:port pairs separated by commas")
         return value.strip()
 
-    @field_validator("jimeng_ratio")
-    @classmethod
-    def _known_ratio(cls, value: str) -> str:
-        if value not in RATIOS:
-            raise ValueError(f"must be one of {', '.join(RATIOS)}")
-        return value
-
-    @field_validator("jimeng_resolution")
-    @classmethod
-    def _known_resolution(cls, value: str) -> str:
-        if value.lower() not in RESOLUTIONS:
-            raise ValueError(f"must be one of {', '.join(RESOLUTIONS)}")
-        return value.lower()
+    # The checks records and `imagegen generate` use too (see `choices`).
+    _known_model = field_validator("jimeng_model")(check_model)
+    _known_ratio = field_validator("jimeng_ratio")(check_ratio)
+    _known_resolution = field_validator("jimeng_resolution")(check_resolution)
 
     @field_validator("jimeng_api_url", "pocketbase_url", "tos_public_base_url")
     @classmethod
@@ -191,11 +185,16 @@ class Settings(BaseSettings):
             raise ValueError("must be a PocketBase name: letters, digits and _, not starting with a digit")
         return value
 
-    @field_validator("pocketbase_field_images")
+    @field_validator(
+        "pocketbase_field_images",
+        "pocketbase_field_model",
+        "pocketbase_field_ratio",
+        "pocketbase_field_resolution",
+    )
     @classmethod
     def _optional_identifier(cls, value: str) -> str:
         if value and not _FIELD_NAME.match(value):
-            raise ValueError("must be a PocketBase field name, or empty when the collection has no images field")
+            raise ValueError("must be a PocketBase field name, or empty when the collection has no such field")
         return value
 
     @field_validator("tos_key_prefix")
@@ -255,6 +254,11 @@ class Settings(BaseSettings):
     def job_budget(self) -> float:
         """Seconds a job may work before its own deadline (arq's QUEUE_JOB_TIMEOUT minus the finish reserve)."""
         return self.queue_job_timeout - FINISH_RESERVE
+
+    @property
+    def default_choices(self) -> Choices:
+        """The model, ratio and resolution asked for unless a record or a command option says otherwise."""
+        return Choices(self.jimeng_model, self.jimeng_ratio, self.jimeng_resolution)
 
     @property
     def jimeng_timeout_seconds(self) -> float:

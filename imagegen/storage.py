@@ -1,8 +1,9 @@
 """Hosting images in an S3-compatible bucket (Volcengine TOS in production, SeaweedFS locally).
 
 Object keys derive from the prompt id only (`<prefix><id>/<n>.<ext>`), so a retry overwrites instead of
-duplicating; uploads stream from the download with bounded memory: one part buffer of
-`UPLOAD_MULTIPART_THRESHOLD` bytes per transfer, refilled in place, multipart above that size.
+duplicating; images of `imagegen generate`, which have no record, go under `<prefix>generate/`. Uploads
+stream from the download with bounded memory: one part buffer of `UPLOAD_MULTIPART_THRESHOLD` bytes per
+transfer, refilled in place, multipart above that size.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
 
+ONE_OFF_FOLDER = "generate"
 _ACCOUNT_CODES = {
     "InvalidAccessKeyId": "the access key is unknown; check TOS_ACCESS_KEY_ID",
     "SignatureDoesNotMatch": "the secret does not match the key; check TOS_ACCESS_KEY_SECRET",
@@ -148,6 +150,12 @@ class Storage:
 
     def object_key(self, prompt_id: str, index: int, extension: str) -> str:
         return f"{self.prompt_prefix(prompt_id)}{index}.{extension}"
+
+    def one_off_key(self, run_id: str, index: int, extension: str) -> str:
+        """The key of image `index` of one `imagegen generate` run (`run_id`: its UTC time and a random part).
+
+        A folder of its own that no prompt id (15 characters) can name, so no record's clean-up touches it."""
+        return f"{self._prefix}{ONE_OFF_FOLDER}/{run_id}-{index}.{extension}"
 
     def public_url(self, key: str) -> str:
         return f"{self._public_base}/{key}"

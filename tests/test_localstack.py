@@ -182,9 +182,9 @@ async def _login(http: aiohttp.ClientSession, base: str) -> str:
 async def test_pocketbase_superuser_and_prompts_collection(tmp_path: Path) -> None:
     data_dir = tmp_path / "pocketbase"
     spec = pocketbase_spec(data_dir, free_port(), admin_email=PB_EMAIL, admin_password=PB_PASSWORD)
-    migrations = list((data_dir / "pb_migrations").glob("*.js"))
-    assert len(migrations) == 1
-    assert PB_PASSWORD not in migrations[0].read_text()
+    migrations = sorted((data_dir / "pb_migrations").glob("*.js"))
+    assert [m.name for m in migrations] == ["1735689600_imagegen_setup.js", "1735689601_imagegen_choices.js"]
+    assert all(PB_PASSWORD not in m.read_text() for m in migrations)
     assert PB_PASSWORD not in " ".join(spec.argv)
     records = f"{spec.url}/api/collections/prompts/records"
     long_prompt = "a lighthouse in a storm, " * 240  # 6000 characters
@@ -193,11 +193,13 @@ async def test_pocketbase_superuser_and_prompts_collection(tmp_path: Path) -> No
             auth = {"Authorization": await _login(http, spec.url)}
             async with http.get(records) as response:  # superuser-only rules
                 assert response.status == 403
-            body = {"prompt": long_prompt[:6000], "negativePrompt": "blurry"}
+            body = {"prompt": long_prompt[:6000], "negativePrompt": "blurry", "ratio": "16:9"}
             async with http.post(records, json=body, headers=auth) as response:
                 assert response.status == 200, await response.text()
                 created = await response.json()
             assert created["status"] == "" and created["images"] is None and created["created"]
+            # the optional per-record choices: free text, checked by the worker
+            assert (created["ratio"], created["model"], created["resolution"]) == ("16:9", "", "")
             images = ["http://127.0.0.1:1/bucket/a.png", "http://127.0.0.1:1/bucket/b.png"]
             patch = {"status": "done", "images": images, "imageUrl": images[0]}
             async with http.patch(f"{records}/{created['id']}", json=patch, headers=auth) as response:
@@ -210,13 +212,15 @@ async def test_pocketbase_superuser_and_prompts_collection(tmp_path: Path) -> No
     [item] = listed["items"]
     assert len(item["prompt"]) == 6000 and item["images"] == images and item["status"] == "done"
 
-    # Restarting on the same data dir keeps the records; a second copy of the migration changes nothing.
+    # Restarting on the same data dir keeps the records; a second copy of the migrations changes nothing.
     shutil.copy(migrations[0], migrations[0].with_name("1900000000_again.js"))
+    shutil.copy(migrations[1], migrations[1].with_name("1900000001_again.js"))
     with RunningService(spec) as service:
         async with aiohttp.ClientSession() as http:
             auth = {"Authorization": await _login(http, spec.url)}
             async with http.get(f"{records}/{created['id']}", headers=auth) as response:
-                assert (await response.json())["images"] == images
+                again = await response.json()
+                assert again["images"] == images and again["ratio"] == "16:9"
             async with http.get(f"{spec.url}/api/collections?filter=name='prompts'", headers=auth) as response:
                 assert (await response.json())["totalItems"] == 1
     _assert_stopped(service)

@@ -13,12 +13,15 @@ def clean_env(monkeypatch, tmp_path):
     for name in (
         "REDIS_PORT",
         "JIMENG_RATIO",
+        "JIMENG_MODEL",
+        "JIMENG_RESOLUTION",
         "JIMENG_TIMEOUT",
         "TOS_BUCKET",
         "TOS_ENDPOINT",
         "TOS_ADDRESSING_STYLE",
         "TOS_PUBLIC_BASE_URL",
         "POCKETBASE_FIELD_STATUS",
+        "POCKETBASE_FIELD_RATIO",
         "POCKETBASE_PASSWORD",
         "TOS_KEY_PREFIX",
     ):
@@ -70,9 +73,12 @@ def test_explicit_public_base_wins_and_prefix_is_normalised(clean_env):
         ("REDIS_PORT", "sixty", "REDIS_PORT"),
         ("REDIS_PORT", "70000", "REDIS_PORT"),
         ("JIMENG_RATIO", "5:5", "JIMENG_RATIO: must be one of"),
+        ("JIMENG_RESOLUTION", "8k", "JIMENG_RESOLUTION: must be one of 1k, 2k, 4k"),
+        ("JIMENG_MODEL", "jimeng 4.0", "JIMENG_MODEL: must be a model name"),
         ("JIMENG_TIMEOUT", "0", "JIMENG_TIMEOUT"),
         ("TOS_ADDRESSING_STYLE", "sideways", "TOS_ADDRESSING_STYLE"),
         ("POCKETBASE_FIELD_STATUS", 'status" || 1', "POCKETBASE_FIELD_STATUS"),
+        ("POCKETBASE_FIELD_RATIO", "aspect ratio", "POCKETBASE_FIELD_RATIO"),
     ],
 )
 def test_invalid_values_fail_with_one_line_naming_the_variable(clean_env, name, value, words):

@@ -36,6 +36,7 @@ ANY_PROMPT = "*"
 # Where the sandbox process reads the bearer key it requires (kept out of its command line).
 SANDBOX_KEY_ENV = "IMAGEGEN_SANDBOX_API_KEY"
 _REJECTED_FIELDS = ("size", "width", "height")
+RECEIVED_KEPT = 10_000
 
 
 @dataclass
@@ -77,6 +78,9 @@ class JimengSandbox:
         self._generations: Counter[str] = Counter()
         self._downloads: Counter[str] = Counter()
         self._served: dict[str, list[bytes]] = {}
+        # The bodies of the latest generation requests, refused ones too, in order of arrival (bounded: the
+        # local stack's sandbox runs for days).
+        self._received: deque[Any] = deque(maxlen=RECEIVED_KEPT)
         self._images: dict[str, HostedImage] = {}
         self._scripts: dict[str, deque[str]] = {}
         self._shared: list[bytes] | None = None
@@ -117,6 +121,7 @@ class JimengSandbox:
             self._generations.clear()
             self._downloads.clear()
             self._served.clear()
+            self._received.clear()
             self._images.clear()
             self._scripts.clear()
             self._call_starts.clear()
@@ -150,6 +155,16 @@ class JimengSandbox:
         how busy the API was kept."""
         with self._lock:
             return list(self._call_spans)
+
+    def received(self, prompt: str | None = None) -> list[Any]:
+        """The JSON bodies of the generation requests received (for `prompt`, or all; the latest RECEIVED_KEPT),
+        refused ones too."""
+        with self._lock:
+            return [
+                body
+                for body in self._received
+                if prompt is None or (isinstance(body, dict) and body.get("prompt") == prompt)
+            ]
 
     def generations(self, prompt: str) -> int:
         """Calls for this prompt that returned images: the paid ones."""
@@ -212,6 +227,8 @@ class JimengSandbox:
             payload = await request.json()
         except ValueError:
             payload = None
+        with self._lock:
+            self._received.append(payload)
         refused = self._check_request(request, payload)
         if refused is not None:
             return refused

