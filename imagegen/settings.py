@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     pocketbase_field_status: str = "status"
     pocketbase_field_error: str = "error"
     pocketbase_field_images: str = "images"
+    pocketbase_watch: bool = Field(False, description="queue records as they are created (realtime subscription)")
 
     # queue and worker
     queue_name: str = "imagegen:queue"
