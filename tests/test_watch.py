@@ -8,11 +8,13 @@ import asyncio
 import re
 import signal
 
+import aiohttp
 import pytest
 
+from imagegen.control import open_control
 from imagegen.errors import PocketBaseError
 from imagegen.keys import RedisKeys
-from imagegen.watch import ServerEvent, SSEParser
+from imagegen.watch import ServerEvent, SSEParser, Watcher
 
 from .conftest import RecordFactory, Stack, wait_for_records
 from .faultproxy import FaultProxy
@@ -184,3 +186,25 @@ async def test_another_worker_takes_the_subscription_over_when_its_holder_is_kil
     assert other.stop() == 0
     assert await redis_client.get(lease_key) is None
     assert "gave up the PocketBase subscription" in other.output()
+
+
+@pytest.mark.timeout(60)
+async def test_a_stale_token_is_renewed_before_subscribing(stack: Stack, records: RecordFactory, pocketbase, settings):
+    # PocketBase takes a subscription sent with an expired or invalid token (204) and then sends nothing.
+    async with open_control(settings) as control, aiohttp.ClientSession() as http:
+        await control.pocketbase.login()
+        control.pocketbase._token = "an.expired.token"  # as a token past its lifetime is: refused, then ignored
+        watcher = Watcher(control, http, lease=10, sweep_interval=600, worker_id="test:1")
+        watcher.start()
+        try:
+            async with asyncio.timeout(20):
+                await watcher.subscribed.wait()
+            created = await records.create("seen with a renewed token")
+
+            async def queued() -> bool:
+                return bool((await pocketbase.get_record(created.id)).status == "queued")
+
+            assert await wait_until(queued, deadline=10)
+            assert control.pocketbase._token not in ("an.expired.token", None)
+        finally:
+            await watcher.stop()
