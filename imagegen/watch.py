@@ -151,7 +151,7 @@ def _line_end(buffer: bytes) -> tuple[int, int] | None:
 
 
 def is_pending(record: PromptRecord) -> bool:
-    """Waiting for its first run: no status and no image URL (what `imagegen list pending` shows)."""
+    """Waiting for its first run: no status and no image URL (what `imagegen status` counts as pending)."""
     return record.status == RecordStatus.PENDING and not record.image_url
 
 
@@ -182,6 +182,7 @@ class Watcher:
         self._incoming: asyncio.Queue[str] = asyncio.Queue()
         self._waiting: set[str] = set()  # ids in `_incoming`: a burst of updates to one record queues it once
         self._enqueue_failing = False
+        self._sweep_failing = False
         # One outage of the stream: when it started and whether its line was logged.
         self._lost_at: float | None = None
         self._lost_logged = False
@@ -208,8 +209,11 @@ class Watcher:
 
     async def _run(self) -> None:
         while True:
-            if await self._renew():
-                await self._hold()
+            try:
+                if await self._renew():
+                    await self._hold()
+            except Exception as exc:  # a bug: logged, and watching goes on
+                logger.opt(exception=exc).error("watch failed: {}", exc)
             await asyncio.sleep(self._ttl / 4)
 
     async def _renew(self) -> bool:
@@ -275,11 +279,12 @@ class Watcher:
             self.subscribed.clear()
             lived = time.monotonic() - opened
             if self._lost_at is None:
-                # It was live: reopen at once (PocketBase ends idle streams after a few minutes); a failure to
-                # reopen is what starts an outage.
                 self._lost_at = time.monotonic()
-                delay = FIRST_DELAY if lived >= STABLE_AFTER else min(delay * 2, MAX_DELAY)
                 if lived >= STABLE_AFTER:
+                    # A healthy stream ended (PocketBase ends idle ones after a few minutes): reopen at once;
+                    # only a failure to reopen starts an outage. A stream that keeps dropping soon after it
+                    # opened is an outage at once, and keeps backing off.
+                    delay = FIRST_DELAY
                     logger.debug("realtime stream ended ({}); reopening", reason)
                     continue
             if not self._lost_logged:
@@ -343,6 +348,8 @@ class Watcher:
                     logger.bind(prompt_id=prompt_id).warning("watch: could not queue a new record ({})", exc)
                 self._enqueue_failing = True
                 continue
+            if self._enqueue_failing:
+                logger.info("watch: queueing new records works again")
             self._enqueue_failing = False
             if report.outcome is EnqueueOutcome.QUEUED:
                 logger.bind(prompt_id=prompt_id).info("queued a new pending record (watch)")
@@ -353,13 +360,22 @@ class Watcher:
                 async with asyncio.timeout(self._sweep_interval):
                     await self._sweep_now.wait()
             self._sweep_now.clear()
+            if not self.subscribed.is_set():
+                continue  # PocketBase is out of reach: the reconnect asks for a sweep, no need to log failures
             try:
                 await self.sweep()
-            except ImagegenError as exc:
-                # Most often PocketBase is down: the stream is lost too, and reconnecting asks for a sweep.
-                logger.warning("watch sweep failed ({}); trying again later", exc)
             except Exception as exc:
-                logger.opt(exception=exc).error("watch sweep failed: {}", exc)
+                if not isinstance(exc, ImagegenError):
+                    logger.opt(exception=exc).error("watch sweep failed: {}", exc)
+                elif not self._sweep_failing:
+                    logger.warning("watch sweep failed ({}); trying again in {:.0f} s", exc, MAX_DELAY)
+                self._sweep_failing = True
+                await asyncio.sleep(MAX_DELAY)  # what it was to find must not wait a whole interval
+                self._sweep_now.set()
+            else:
+                if self._sweep_failing:
+                    logger.info("watch sweep works again")
+                self._sweep_failing = False
 
     async def sweep(self) -> int:
         """Queue every pending record without a live job (bulk, paged by key); returns how many were queued."""
@@ -387,6 +403,8 @@ def _describe(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, aiohttp.ClientResponseError):
         return f"HTTP {exc.status}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect to {exc.host}:{exc.port}"
     if isinstance(exc, TimeoutError):
         return "no data in time"
     return type(exc).__name__

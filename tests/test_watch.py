@@ -133,6 +133,11 @@ async def test_the_subscription_survives_a_pocketbase_restart_and_the_sweep_queu
             stack.pocketbase.start()
         assert await wait_until(lambda: answers(pocketbase))  # our own kept-alive connections died with it
         missed = await records.many(3, prefix="while the watcher is disconnected")
+
+        async def retried() -> bool:  # a few reconnects refused, so "one line per outage" means something
+            return sum(path == "/api/realtime" and fault is not None for _, path, fault in proxy.events) >= 3
+
+        assert await wait_until(retried, deadline=30)
         assert "realtime connection back" not in worker.output()
         proxy.enabled = False
 
