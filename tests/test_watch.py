@@ -16,7 +16,7 @@ from imagegen.errors import PocketBaseError
 from imagegen.keys import RedisKeys
 from imagegen.watch import ServerEvent, SSEParser, Watcher
 
-from .conftest import RecordFactory, Stack, wait_for_records
+from .conftest import SECRETS, RecordFactory, Stack, wait_for_records
 from .faultproxy import FaultProxy
 from .test_pipeline import wait_until
 
@@ -152,6 +152,7 @@ async def test_the_subscription_survives_a_pocketbase_restart_and_the_sweep_queu
         log = worker.output()
     assert log.count("lost the realtime connection") == 1  # one line per outage, not one per retry
     assert log.count("realtime connection back after") == 1
+    assert not [secret for secret in SECRETS if secret in log]
     assert stack.jimeng.sandbox.stats()["total_calls"] == 5
 
 
