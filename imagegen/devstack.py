@@ -1,8 +1,10 @@
 """The local default stack: everything imagegen needs on this machine, run by supervisord.
 
 `python -m imagegen.devstack up` starts what `.env` does not configure (Redis, PocketBase with the prompts
-collection, a SeaweedFS S3 server, the jimeng sandbox) plus the worker, seeds sample prompts into a local
-PocketBase, queues every pending record and prints each record with its image URL.
+collection, a SeaweedFS S3 server, the jimeng sandbox) plus the worker, watching a local collection
+(POCKETBASE_WATCH, unless `.env` says otherwise), seeds sample prompts into a local PocketBase, queues every
+pending record and prints each record with its image URL. Then, on a local PocketBase, it creates one more
+record through PocketBase's REST API and shows the watching worker bring it to `done` with no command.
 `python -m imagegen.devstack down` stops it all; the data stays in `.stack/` for the next `up`.
 """
 
@@ -39,6 +41,7 @@ from .localstack import (
 )
 from .logs import setup_logging
 from .models import PromptRecord, RecordStatus
+from .pocketbase import PocketBaseClient
 from .settings import Settings, load_settings
 
 SAMPLE_PROMPTS = (
@@ -49,6 +52,7 @@ SAMPLE_PROMPTS = (
     "a tiny astronaut tending a garden on the moon, children's book illustration",
     "sunflowers in a blue vase on a wooden table, impressionist style",
 )
+WATCH_PROMPT = "a hot air balloon over a lavender field at sunset, created through the REST API"
 WAIT_SECONDS = 900
 
 
@@ -118,7 +122,10 @@ def plan_stack(paths: StackPaths, configured: set[str]) -> tuple[list[ServiceSpe
     state = _load_state(paths)
     data = paths.state / "data"
     specs: list[ServiceSpec] = []
-    env: dict[str, str] = {}
+    # The demo shows records queued as they are created, on its own PocketBase only: a PocketBase named in
+    # `.env` is watched only if `.env` says so (watching starts paid generations for every new record).
+    watch = not {"POCKETBASE_WATCH", "POCKETBASE_EMAIL"} & configured
+    env: dict[str, str] = {"POCKETBASE_WATCH": "true"} if watch else {}
     if "REDIS_HOST" not in configured:
         specs.append(redis_spec(data / "redis", int(state["redis_port"]), password=state["redis_password"]))
         env |= {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": state["redis_port"], "REDIS_PASSWORD": state["redis_password"]}
@@ -287,7 +294,11 @@ async def seed_and_run(settings: Settings, seed: bool, wait: float) -> list[Prom
         async for page in control.enqueue_pending():
             tally.add(page)
             ids += [r.prompt_id for r in page]
-        click.echo(f"  queued {tally.counts.get(EnqueueOutcome.QUEUED.value, 0)} of {len(ids)} pending records")
+        already = tally.counts.get(EnqueueOutcome.ALREADY_QUEUED.value, 0)
+        watched = f" ({already} already queued by the watching worker as they were created)" if already else ""
+        click.echo(
+            f"  queued {tally.counts.get(EnqueueOutcome.QUEUED.value, 0)} of {len(ids)} pending records{watched}"
+        )
         loop = asyncio.get_running_loop()
         end = loop.time() + wait
         while True:
@@ -297,6 +308,27 @@ async def seed_and_run(settings: Settings, seed: bool, wait: float) -> list[Prom
                 break
             await asyncio.sleep(1)
         return [r async for r in pb.iter_records('id != ""')]
+
+
+async def watch_demo(settings: Settings, wait: float) -> PromptRecord:
+    """Create one record through PocketBase's REST API and wait, running no command, until the watching
+    worker has brought it to an end."""
+    async with aiohttp.ClientSession() as http:
+        pb = PocketBaseClient(http, settings)
+        record = await pb.create_record(WATCH_PROMPT, "blurry, low quality")
+        click.echo(
+            f"\n  created {record.id} with POST /api/collections/{pb.collection}/records (PocketBase's REST API); "
+            "no command queues it"
+        )
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            record = await pb.get_record(record.id)
+            if record.status in (RecordStatus.DONE, RecordStatus.FAILED) or loop.time() > start + wait:
+                break
+            await asyncio.sleep(0.5)
+        click.echo(f"  the watching worker took it: {record.status or 'pending'} after {loop.time() - start:.1f} s")
+        return record
 
 
 async def describe_url(http: aiohttp.ClientSession, url: str) -> str:
@@ -353,16 +385,23 @@ def up(workers: int, wait: float) -> None:
             )
         records = asyncio.run(seed_and_run(settings, "POCKETBASE_EMAIL" not in configured, wait))
         asyncio.run(print_records(records))
+        watched: list[PromptRecord] = []
+        if settings.pocketbase_watch and "POCKETBASE_EMAIL" not in configured:
+            watched.append(asyncio.run(watch_demo(settings, wait)))
+            asyncio.run(print_records(watched))
     except ImagegenError as exc:
         raise click.ClickException(str(exc)) from None
     done = sum(r.status == RecordStatus.DONE for r in records)
     click.echo(f"\n{done} of {len(records)} records done. Worker logs: logs/worker-0-out.log, logs/worker-0-error.log")
+    if watched:
+        reached = "reached done" if watched[0].status == RecordStatus.DONE else "did NOT reach done"
+        click.echo(f"The record created through the REST API {reached} with no command (POCKETBASE_WATCH=true).")
     user_env = "--env-file .env " if (paths.root / ".env").exists() else ""
     click.echo(
         f"Use the CLI against this stack: .venv/bin/imagegen {user_env}--env-file .stack/imagegen.env "
         "inspect <id>\nStop everything with: make demo-stop"
     )
-    if done < len(records):
+    if done < len(records) or any(r.status != RecordStatus.DONE for r in watched):
         sys.exit(1)
 
 

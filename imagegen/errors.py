@@ -17,7 +17,8 @@
         │   └── LinkRefusedError       the image link answered 403/404/410 (expired only when old enough)
         ├── StorageError               the S3-compatible bucket
         ├── PocketBaseError            the record store
-        │   └── RecordNotFound         no record with that id (permanent)
+        │   ├── RecordNotFound         no record with that id (permanent)
+        │   └── RealtimeError          the realtime stream broke its protocol (transient: reconnect)
         └── QueueError                 Redis, which holds the queue
 
 Transient errors of PocketBase, the bucket and Redis are *outages*: the job waits for the service in place
@@ -185,6 +186,12 @@ class PocketBaseError(ServiceError):
 
 class RecordNotFound(PocketBaseError):
     kind = FailureKind.PERMANENT
+
+
+class RealtimeError(PocketBaseError):
+    """The realtime stream answered or ended outside its protocol (`watch` reconnects)."""
+
+    kind = FailureKind.TRANSIENT
 
 
 class QueueError(ServiceError):

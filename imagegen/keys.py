@@ -32,6 +32,8 @@ class RedisKeys:
         self.outcome_totals = f"{self.prefix}outcomes:total"
         # Pub/sub channel: a message on it wakes idle workers when jobs were queued.
         self.wake = f"{self.prefix}wake"
+        # The owner token of the one worker holding the PocketBase subscription (POCKETBASE_WATCH).
+        self.watch_lease = f"{self.prefix}watch:lease"
 
     def generation(self, prompt_id: str) -> str:
         """The remembered result of a paid generation for one prompt (links + what already landed)."""

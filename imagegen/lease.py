@@ -39,7 +39,8 @@ end
 return 0
 """
 
-_RELEASE = """
+# KEYS: a lease; ARGV: token. Deletes the lease only while the token holds it (also used by `watch`).
+RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
 end
@@ -63,7 +64,7 @@ class PromptLease:
         self._confirmed = float("-inf")  # monotonic time of the last renewal Redis confirmed
         self._lock = asyncio.Lock()
         self._claim = redis.register_script(_CLAIM)
-        self._release = redis.register_script(_RELEASE)
+        self._release = redis.register_script(RELEASE)
 
     async def claim(self) -> bool:
         """Take or renew the lease; False when another run holds it (then this run has lost it)."""

@@ -1,8 +1,9 @@
 """The PocketBase collection holding the prompts: the source of truth for what to generate and where it is.
 
 One superuser login per process, reused; an expired token (PocketBase answers 403 on records, 401 on
-collections) triggers one fresh login and one retry. Record ids are validated before any call and records
-are addressed by path, never spliced raw into a filter.
+collections) triggers one fresh login and one retry. Realtime subscriptions are the exception: PocketBase
+accepts them with an expired token and then silently sends nothing, so `subscribe` renews the token first.
+Record ids are validated before any call and records are addressed by path, never spliced raw into a filter.
 """
 
 from __future__ import annotations
@@ -147,6 +148,10 @@ class PocketBaseClient:
             kind = FailureKind.ACCOUNT
             detail = f"collection {self.collection!r} not found; check POCKETBASE_COLLECTION"
         return PocketBaseError(f"{action} failed (HTTP {status}): {detail}", kind=kind, status=status, detail=detail)
+
+    def record_from(self, item: Mapping[str, Any]) -> PromptRecord:
+        """A record as PocketBase sends it (a list item, or the `record` of a realtime event)."""
+        return self._record(item)
 
     def _record(self, item: Mapping[str, Any]) -> PromptRecord:
         images = item.get(self.f_images) if self.f_images else None
@@ -294,6 +299,24 @@ class PocketBaseClient:
         for status in (RecordStatus.QUEUED, RecordStatus.PROCESSING, RecordStatus.DONE, RecordStatus.FAILED):
             counts[status.value] = await self.count(self.state_filter(status))
         return counts
+
+    async def refresh_token(self) -> None:
+        """Renew the superuser token (an expired one can't be renewed: log in again, once)."""
+        status, payload = await self._request("POST", f"{self._base}/api/collections/_superusers/auth-refresh")
+        if status != 200 or not isinstance(payload, dict) or not payload.get("token"):
+            raise self._fail("renewing the PocketBase login", status, payload)
+        self._token = str(payload["token"])
+
+    async def subscribe(self, client_id: str, topics: list[str]) -> None:
+        """Submit the subscriptions of one realtime connection (its `clientId` from PB_CONNECT).
+
+        The token is renewed first: PocketBase takes a subscription sent with an expired token (204) and then
+        delivers none of the events the token no longer allows."""
+        await self.refresh_token()
+        body = {"clientId": client_id, "subscriptions": topics}
+        status, payload = await self._request("POST", f"{self._base}/api/realtime", body=body)
+        if status != 204:
+            raise self._fail(f"subscribing to {', '.join(topics)}", status, payload)
 
     async def check(self) -> None:
         """Raise PocketBaseError unless login works and the collection can be listed."""

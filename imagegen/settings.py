@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     pocketbase_field_model: str = "model"
     pocketbase_field_ratio: str = "ratio"
     pocketbase_field_resolution: str = "resolution"
+    pocketbase_watch: bool = Field(False, description="queue records as they are created (realtime subscription)")
 
     # queue and worker
     queue_name: str = "imagegen:queue"

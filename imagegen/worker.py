@@ -50,6 +50,7 @@ from .settings import Settings, load_settings, require
 from .slots import Slots
 from .state import PauseGate, QueueState
 from .storage import Storage, open_s3_client
+from .watch import Watcher
 
 ARQ_MAX_TRIES = 100_000
 WORKER_REQUIRED = (
@@ -158,6 +159,16 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     reconciler.start()
     stack.push_async_callback(reconciler.stop)
+    if settings.pocketbase_watch:
+        watcher = Watcher(
+            Control(settings, ctx["redis"], pocketbase),
+            http,
+            lease=settings.worker_lease,
+            sweep_interval=settings.reconcile_interval,
+            worker_id=heartbeat.worker_id,
+        )
+        watcher.start()
+        stack.push_async_callback(watcher.stop)
     ctx["exit_stack"] = stack
     ctx["services"] = services
     ctx["runner"] = JobRunner(services, Pipeline(services), state, runs, metrics)
@@ -175,7 +186,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         logger.warning("the queue is paused since {}: {}; `imagegen resume` continues", since, paused.reason)
     logger.info(
         "worker ready: queue {}, concurrency {} (jimeng calls across workers: {}), jimeng {} ({} {}), bucket {}, "
-        "pocketbase {}/{}",
+        "pocketbase {}/{}{}",
         settings.queue_name,
         settings.queue_concurrency,
         settings.jimeng_max_inflight or "no cap",
@@ -185,6 +196,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings.tos_bucket,
         settings.pocketbase_url,
         settings.pocketbase_collection,
+        " (watching for new records)" if settings.pocketbase_watch else "",
     )
 
 

@@ -38,12 +38,17 @@ def test_local_stack_turns_the_sample_prompts_into_hosted_images(tmp_path: Path)
         up = devstack(tmp_path, "up", "--wait", "120")
         assert up.returncode == 0, up.stdout + up.stderr
         assert "6 of 6 records done" in up.stdout
+        # Then one record created through PocketBase's REST API, queued by the watching worker alone.
+        watched = re.search(r"created ([a-z0-9]{15}) with POST /api/collections/prompts/records", up.stdout)
+        assert watched is not None, up.stdout
+        assert re.search(rf"^{watched.group(1)}  \[done\]", up.stdout, flags=re.MULTILINE), up.stdout
+        assert "The record created through the REST API reached done with no command" in up.stdout
         urls = re.findall(r"^    (http://\S+)  \(HTTP 200, image/", up.stdout, flags=re.MULTILINE)
-        assert len(urls) == 24
+        assert len(urls) == 28
         for url in urls[:4]:
             with urllib.request.urlopen(url, timeout=10) as response:
                 assert sniff_image_type(response.read(16)) is not None
-        assert (tmp_path / "logs" / "worker-0-out.log").read_text().count("job done: 4 images") == 6
+        assert (tmp_path / "logs" / "worker-0-out.log").read_text().count("job done: 4 images") == 7
 
         # The CLI command the demo prints works as printed, from a project directory (which has its .venv).
         (tmp_path / ".venv").symlink_to(Path(sys.prefix))
