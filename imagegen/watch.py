@@ -5,7 +5,7 @@ deployment's subscription: a Redis lease with an owner token (`keys.watch_lease`
 WORKER_LEASE / 4 seconds. When its holder dies the lease expires and another worker takes it within about
 one lease period; a clean stop gives it up at once.
 
-The holder opens PocketBase's realtime stream (server-sent events, read chunk by chunk from aiohttp's
+The holder opens PocketBase's realtime stream (server-sent events, `sse`, read chunk by chunk from aiohttp's
 streaming response, so it never blocks the event loop), submits its subscription to the collection and
 queues each record that an event shows `pending` (no status, no image URL) after a create or an update.
 Statuses the worker writes itself (`queued`, `processing`, `done`, `failed`) are not pending, so they never
@@ -36,7 +36,6 @@ import json
 import secrets
 import time
 from contextlib import suppress
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -48,6 +47,7 @@ from .enqueue import EnqueueOutcome, EnqueueTally
 from .errors import ImagegenError, RealtimeError
 from .lease import RELEASE
 from .models import PromptRecord, RecordStatus
+from .sse import ServerEvent, SSEParser
 
 FIRST_DELAY = 0.5
 MAX_DELAY = 10.0
@@ -56,8 +56,6 @@ STABLE_AFTER = 30.0
 # PocketBase closes a realtime connection after 5 idle minutes; silence past this means the connection is dead.
 READ_TIMEOUT = 360.0
 CONNECT_TIMEOUT = 15.0
-# The largest event accepted (a record with long prompts is tens of KiB).
-MAX_EVENT_BYTES = 8 * 1024 * 1024
 # Records enqueued at once while a burst of events is worked off.
 ENQUEUERS = 4
 
@@ -74,80 +72,6 @@ if not holder then
 end
 return 0
 """
-
-
-@dataclass(frozen=True)
-class ServerEvent:
-    """One server-sent event."""
-
-    event: str
-    data: str
-    id: str = ""
-
-
-class SSEParser:
-    """Turns the bytes of an event stream into events (the WHATWG `text/event-stream` rules we need).
-
-    Lines end in LF, CRLF or CR; `field:value` lines build an event (`data` lines join with LF) and an empty
-    line sends it; lines starting with `:` are comments; unknown fields are ignored."""
-
-    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
-        self._buffer = b""
-        self._event = ""
-        self._data: list[str] = []
-        self._id = ""
-        self._size = 0
-        self._max = max_event_bytes
-
-    def feed(self, chunk: bytes) -> list[ServerEvent]:
-        """Take the next bytes; return the events they complete."""
-        self._buffer += chunk
-        events: list[ServerEvent] = []
-        while True:
-            cut = _line_end(self._buffer)
-            if cut is None:
-                break
-            end, after = cut
-            line = self._buffer[:end].decode("utf-8", errors="replace")
-            self._buffer = self._buffer[after:]
-            event = self._line(line)
-            if event is not None:
-                events.append(event)
-        if len(self._buffer) + self._size > self._max:
-            raise RealtimeError(f"an event of the realtime stream is larger than {self._max} bytes")
-        return events
-
-    def _line(self, line: str) -> ServerEvent | None:
-        if not line:
-            if not self._data and not self._event:
-                return None
-            event = ServerEvent(self._event or "message", "\n".join(self._data), self._id)
-            self._event, self._data, self._size = "", [], 0
-            return event
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        self._size += len(line)
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id" and "\0" not in value:
-            self._id = value
-        return None
-
-
-def _line_end(buffer: bytes) -> tuple[int, int] | None:
-    """Where the first line ends and the next starts; None while no full line is there.
-
-    A CR at the very end may be the first half of a CRLF, so it waits for the next byte."""
-    lf, cr = buffer.find(b"\n"), buffer.find(b"\r")
-    if cr == -1 or (lf != -1 and lf < cr):
-        return None if lf == -1 else (lf, lf + 1)
-    if cr + 1 == len(buffer):
-        return None
-    return cr, cr + (2 if buffer[cr + 1 : cr + 2] == b"\n" else 1)
 
 
 def is_pending(record: PromptRecord) -> bool:

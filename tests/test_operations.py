@@ -4,8 +4,10 @@ project directory with its virtualenv active, in bash and in zsh, against the re
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from imagegen.localstack import free_port
 
 from .conftest import BIN, RecordFactory, Stack, wait_for_records
 from .test_pipeline import wait_until
@@ -70,7 +70,7 @@ async def test_every_row_of_the_migration_table_works_as_written(
     os.symlink(Path(sys.prefix), project / ".venv")
     # "with its virtualenv active": what `source .venv/bin/activate` does to PATH. Metrics on: each process
     # serves them on a port of its own.
-    metrics = free_port(also_free_offset=1)
+    metrics = fixed_ports(2)
     env = stack.process_env(VIRTUAL_ENV=str(project / ".venv"), WORKER_METRICS_PORT=str(metrics))
     env["PATH"] = f"{project / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"
     table = migration_table()
@@ -87,7 +87,7 @@ async def test_every_row_of_the_migration_table_works_as_written(
     try:
         for name, expected in SEQUENCE:
             done = run(name)
-            assert done.returncode == expected, (name, done.stdout, done.stderr)
+            assert done.returncode == expected, (name, done.stdout, done.stderr, _error_logs(project))
             if name == "bun run worker:start":
                 assert await _worker_running(run)
             if name == "bun run queue:pending":
@@ -111,6 +111,31 @@ async def test_every_row_of_the_migration_table_works_as_written(
             timeout=120,
             env=env,
         )
+
+
+def fixed_ports(count: int) -> int:
+    """The first of `count` free loopback ports in a row, below the kernel's ephemeral range: a worker that
+    is stopped and started again binds the same port, which an ephemeral port handed to another process
+    meanwhile could otherwise have taken."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000)
+        if all(_bindable(port) for port in range(first, first + count)):
+            return first
+    raise AssertionError("no free ports in 20000-32000")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _error_logs(project: Path) -> str:
+    return "\n".join(f"{log.name}: {log.read_text()[-2000:]}" for log in sorted((project / "logs").glob("*-error.log")))
 
 
 async def _jobs_done(*ports: int) -> int:

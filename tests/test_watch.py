@@ -14,7 +14,8 @@ import pytest
 from imagegen.control import open_control
 from imagegen.errors import PocketBaseError
 from imagegen.keys import RedisKeys
-from imagegen.watch import ServerEvent, SSEParser, Watcher
+from imagegen.sse import ServerEvent, SSEParser
+from imagegen.watch import Watcher
 
 from .conftest import SECRETS, RecordFactory, Stack, wait_for_records
 from .faultproxy import FaultProxy
