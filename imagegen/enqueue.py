@@ -73,7 +73,7 @@ _ENQUEUE = (
 local now, expires, force = tonumber(ARGV[8]), ARGV[9], ARGV[10] == '1'
 local outcomes = {}
 for i = 1, (#ARGV - 10) / 3 do
-  local id, job, priority = ARGV[8 + 3 * i], ARGV[9 + 3 * i], tonumber(ARGV[10 + 3 * i])
+  local id, job, priority = ARGV[8 + 3 * i], ARGV[9 + 3 * i], ARGV[10 + 3 * i]
   local job_key = ARGV[1] .. id
   if live(id) then
     outcomes[i] = 0
@@ -84,8 +84,8 @@ for i = 1, (#ARGV - 10) / 3 do
       outcomes[i] = 0
     else
       redis.call('psetex', job_key, expires, job)
-      redis.call('zadd', queue, shifted(now, priority), id)
-      if priority ~= 0 then redis.call('psetex', ARGV[7] .. id, expires, priority) end
+      redis.call('zadd', queue, shifted(now, tonumber(priority)), id)
+      if priority ~= '0' then redis.call('psetex', ARGV[7] .. id, expires, priority) end
       outcomes[i] = 1
     end
   end
