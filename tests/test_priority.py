@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -262,6 +263,9 @@ async def test_priorities_order_a_backlog_on_one_slot(
     assert set(order[:2]) == {f.id for f in fillers}
     assert order[2:] == [backlog[name].id for name in expected]
     assert all(stack.jimeng.sandbox.generations(r.prompt) == 1 for r in every)
+    # arq's start line of each job, with no delay of decades (the shift) in it
+    assert worker.output().count(":generate_images(") >= len(every)
+    assert re.search(r"delayed=\d{6,}", worker.output()) is None
 
 
 @pytest.mark.timeout(120)
