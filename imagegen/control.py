@@ -35,7 +35,7 @@ from .models import (
     validate_prompt_id,
 )
 from .pocketbase import PocketBaseClient
-from .priority import priority_of
+from .priority import check_priority, priority_of
 from .settings import Settings
 from .stages import FINAL, Stage, StageLog, StageView, combine, parse_live
 from .state import PauseInfo, QueueState
@@ -281,6 +281,8 @@ class Control:
         already queued keeps its job and the priority that job has. The record is marked `queued` first: one
         request is nothing for a handful of ids, and the reconcile sweep then brings the job back by itself
         should Redis lose it (it looks only at records a worker or `add` marked)."""
+        if priority is not None:
+            check_priority(priority)  # the front ends refuse a bad one first; this guards the encoding
         try:
             validate_prompt_id(prompt_id)
             record = await self.pocketbase.get_record(prompt_id)
