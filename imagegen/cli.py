@@ -20,6 +20,7 @@ from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusRepo
 from .errors import ConfigError, ImagegenError
 from .logs import setup_logging
 from .oneoff import OneOffRequest, generate_once
+from .priority import PRIORITY_RULE, check_priority
 from .progress import Progress
 from .settings import Settings, load_settings, require
 from .web import serve as serve_web
@@ -120,15 +121,31 @@ def cli(ctx: click.Context, env_files: tuple[str, ...]) -> None:
 @cli.command()
 @click.argument("prompt_ids", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Run again even when the record is already done or failed.")
+@click.option(
+    "--priority",
+    "priority_given",
+    metavar="N",
+    help="Priority from -1000 to 1000, higher runs first (default: each record's priority field, else 0).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
-def add(ctx: click.Context, prompt_ids: tuple[str, ...], force: bool, as_json: bool) -> None:
+def add(
+    ctx: click.Context, prompt_ids: tuple[str, ...], force: bool, priority_given: str | None, as_json: bool
+) -> None:
     """Queue the given prompt records (ids are 15 characters of a-z0-9)."""
+    priority = None
+    if priority_given is not None:
+        try:
+            if not priority_given.strip():  # a record's empty field means 0; an empty option means a mistake
+                raise ValueError(PRIORITY_RULE)
+            priority = check_priority(priority_given)
+        except ValueError as exc:
+            fail(f"invalid --priority {priority_given!r}: {exc}", EXIT_USAGE)
 
     async def action(control: Control) -> int:
         async def reports() -> AsyncIterator[list[EnqueueReport]]:
             for prompt_id in prompt_ids:
-                yield [await control.enqueue(prompt_id, force=force)]
+                yield [await control.enqueue(prompt_id, force=force, priority=priority)]
 
         return await _emit_reports(reports(), as_json)
 
@@ -187,6 +204,8 @@ def _format_report(report: JobReport) -> str:
     ):
         if data[key]:
             lines.append(f"{label:<10} {data[key]}")
+    if report.priority is not None:
+        lines.append(f"priority:  {report.priority}")
     if data["duration_seconds"] is not None:
         lines.append(f"duration:  {data['duration_seconds']:.1f}s")
     if report.stage is not None:

@@ -17,6 +17,7 @@ from arq import create_pool
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.jobs import Job, JobResult, JobStatus
+from loguru import logger
 from redis.exceptions import RedisError
 
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
@@ -34,6 +35,7 @@ from .models import (
     validate_prompt_id,
 )
 from .pocketbase import PocketBaseClient
+from .priority import check_priority, priority_of
 from .settings import Settings
 from .stages import FINAL, Stage, StageLog, StageView, combine, parse_live
 from .state import PauseInfo, QueueState
@@ -63,6 +65,7 @@ class JobReport:
     record_error: str = ""
     record_unavailable: str = ""  # why the record could not be read (PocketBase down)
     stage: StageView | None = None  # where the job is and how long each stage took (`stages`)
+    priority: int | None = None  # the priority its job was queued with, while the job is in the queue
 
     def to_json(self) -> dict[str, Any]:
         def iso(value: datetime | None) -> str | None:
@@ -77,6 +80,7 @@ class JobReport:
             "id": self.prompt_id,
             "state": self.state.value,
             "tries": self.tries,
+            "priority": self.priority,
             **stage,
             "enqueued_at": iso(self.enqueued_at),
             "started_at": iso(self.started_at),
@@ -252,7 +256,7 @@ class Control:
         with redis_errors(self.settings):
             return await self.jobs.live(prompt_ids)
 
-    async def _enqueue_record(self, record: PromptRecord, force: bool) -> EnqueueReport:
+    async def _enqueue_record(self, record: PromptRecord, force: bool, priority: int | None) -> EnqueueReport:
         if record.is_done and not force:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_DONE, record.image_url)
         if record.id in await self.live_ids([record.id]):
@@ -260,18 +264,25 @@ class Control:
         # Marked before the job exists, so a job that fails fast can't be overwritten back to `queued`.
         if record.status != RecordStatus.QUEUED.value or record.error:
             await self.pocketbase.set_status(record.id, RecordStatus.QUEUED)
+        problem = "" if priority is not None else record.priority_problem
+        chosen = {record.id: record.priority if priority is None else priority}
         with redis_errors(self.settings):
-            [queued] = await self.jobs.put([record.id], force=force)
+            [queued] = await self.jobs.put([record.id], force=force, priorities=chosen)
         if not queued:
             return EnqueueReport(record.id, EnqueueOutcome.ALREADY_QUEUED)
-        return EnqueueReport(record.id, EnqueueOutcome.QUEUED)
+        if problem:
+            logger.bind(prompt_id=record.id).warning("{}", problem)
+        return EnqueueReport(record.id, EnqueueOutcome.QUEUED, problem)
 
-    async def enqueue(self, prompt_id: str, *, force: bool = False) -> EnqueueReport:
+    async def enqueue(self, prompt_id: str, *, force: bool = False, priority: int | None = None) -> EnqueueReport:
         """Queue one prompt; says whether it was queued, already queued or already done.
 
-        The record is marked `queued` first: one request is nothing for a handful of ids, and the reconcile
-        sweep then brings the job back by itself should Redis lose it (it looks only at records a worker or
-        `add` marked)."""
+        `priority` (checked by the caller, see `priority.check_priority`) overrides the record's own; a prompt
+        already queued keeps its job and the priority that job has. The record is marked `queued` first: one
+        request is nothing for a handful of ids, and the reconcile sweep then brings the job back by itself
+        should Redis lose it (it looks only at records a worker or `add` marked)."""
+        if priority is not None:
+            check_priority(priority)  # the front ends refuse a bad one first; this guards the encoding
         try:
             validate_prompt_id(prompt_id)
             record = await self.pocketbase.get_record(prompt_id)
@@ -279,7 +290,7 @@ class Control:
             return EnqueueReport(prompt_id, EnqueueOutcome.INVALID, str(exc))
         except RecordNotFound as exc:
             return EnqueueReport(prompt_id, EnqueueOutcome.NOT_FOUND, str(exc))
-        return await self._enqueue_record(record, force)
+        return await self._enqueue_record(record, force, priority)
 
     async def enqueue_where(
         self, record_filter: str, *, force: bool = False, dry_run: bool = False
@@ -290,7 +301,8 @@ class Control:
         Bulk queueing writes nothing to PocketBase: the queue in Redis is what says a record is queued, and
         the record shows its status (`pending`, or `failed` for a retry) until a worker marks it
         `processing`. So a page costs one PocketBase read (the next one is read meanwhile) and one Redis
-        round trip, and memory stays that of a page or two however many records match."""
+        round trip, and memory stays that of a page or two however many records match. Each record is queued
+        with its own priority (a value that is none counts as 0, with a warning in its report and the log)."""
         pages = self.pocketbase.iter_pages(record_filter)
         async for page in pages:
             yield await self._enqueue_page(page, force, dry_run)
@@ -302,15 +314,26 @@ class Control:
             if record.is_done and not force
         }
         wanted = [record.id for record in records if record.id not in reports]
+        priorities = {record.id: record.priority for record in records if record.priority}
+        problems = {record.id: record.priority_problem for record in records if record.priority_problem}
         with redis_errors(self.settings):
             if dry_run:
                 live = await self.jobs.live(wanted)
                 queued = [prompt_id not in live for prompt_id in wanted]
             else:
-                queued = await self.jobs.put(wanted, force=force)
+                queued = await self.jobs.put(wanted, force=force, priorities=priorities)
         fresh = EnqueueOutcome.WOULD_QUEUE if dry_run else EnqueueOutcome.QUEUED
+        warned = []
         for prompt_id, was_queued in zip(wanted, queued, strict=True):
-            reports[prompt_id] = EnqueueReport(prompt_id, fresh if was_queued else EnqueueOutcome.ALREADY_QUEUED)
+            problem = problems.get(prompt_id, "") if was_queued else ""
+            reports[prompt_id] = EnqueueReport(
+                prompt_id, fresh if was_queued else EnqueueOutcome.ALREADY_QUEUED, problem
+            )
+            if problem:
+                warned.append(problem)
+        if warned:
+            more = f" (and {len(warned) - 1} more)" if len(warned) > 1 else ""
+            logger.warning("{}{}", warned[0], more)
         return [reports[record.id] for record in records]
 
     def enqueue_pending(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:
@@ -320,6 +343,15 @@ class Control:
     def retry_failed(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:
         """Queue every failed record again, each with all its attempts."""
         return self.enqueue_where(self.pocketbase.status_filter(RecordStatus.FAILED), dry_run=dry_run)
+
+    async def _queued_priority(self, prompt_id: str, score: float) -> int:
+        """The priority of a job in the queue: in its score, or (a deferred retry's plain time) in its key."""
+        carried = priority_of(score)
+        if carried is not None:
+            return carried
+        with redis_errors(self.settings):
+            stored = await self.redis.get(self.keys.priority(prompt_id))
+        return int(stored) if stored is not None else 0
 
     async def inspect(self, prompt_id: str) -> JobReport:
         """The job's state in the queue and the record's state in PocketBase."""
@@ -333,6 +365,8 @@ class Control:
             report.enqueued_at = info.enqueue_time
             if info.score and status is JobStatus.deferred:
                 report.scheduled_for = datetime.fromtimestamp(info.score / 1000, tz=info.enqueue_time.tzinfo)
+            if info.score is not None:
+                report.priority = await self._queued_priority(prompt_id, info.score)
         with redis_errors(self.settings):
             report.tries = await self.state.attempts(prompt_id)
         report.stage = await self.stage(prompt_id)

@@ -10,8 +10,9 @@ its job atomically, so neither a concurrent `add-pending` nor a worker can slip 
   waiting to be written goes too;
 - then the job is written exactly as arq's `ArqRedis.enqueue_job` writes it: the job pickled by arq's own
   `serialize_job` under `arq:job:<id>`, expiring after the pool's `expires_extra_ms`, and the id in the
-  queue scored by its enqueue time. A job key left without a queue entry makes arq refuse the id, and the
-  script says `already queued` then, as `enqueue_job` would.
+  queue scored by its enqueue time, shifted by its priority (see `priority`; a priority other than 0 is
+  also kept in the prompt's priority key, for a retry to come back to). A job key left without a queue
+  entry makes arq refuse the id, and the script says `already queued` then, as `enqueue_job` would.
 
 arq's `enqueue_job` costs a WATCH/MULTI round trip or two per job; this costs one script call per batch,
 which is what lets `add-pending` queue tens of thousands of records a second. A batch of BATCH prompts holds
@@ -21,7 +22,7 @@ a second script that only reads.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -34,15 +35,17 @@ from arq.utils import timestamp_ms
 from .intake import announce
 from .keys import RedisKeys
 from .models import JOB_NAME
+from .priority import LUA_SHIFTED
 
 # Prompts per script call: large enough that round trips don't count, small enough not to hold Redis long.
 BATCH = 1000
 
-# Both scripts take the queue as KEYS[1] and the key prefixes as ARGV[1..6] (job, in-progress, lease, result,
-# attempts, verdict: each key is its prefix followed by the prompt id) and build each prompt's keys from them.
+# Both scripts take the queue as KEYS[1] and the key prefixes as ARGV[1..7] (job, in-progress, lease, result,
+# attempts, verdict, priority: each key is its prefix followed by the prompt id) and build each prompt's keys
+# from them.
 # Declaring six keys per prompt instead made encoding the call cost more than running it; and since the keys
 # of one prompt fall in different Redis Cluster slots anyway, declaring them would buy nothing.
-_PREFIXES = 6
+_PREFIXES = 7
 _LIVE = """
 local queue = KEYS[1]
 local function live(id)
@@ -56,31 +59,33 @@ _READ_LIVE = (
     _LIVE
     + """
 local found = {}
-for i = 7, #ARGV do found[i - 6] = live(ARGV[i]) and 1 or 0 end
+for i = 8, #ARGV do found[i - 7] = live(ARGV[i]) and 1 or 0 end
 return found
 """
 )
 
-# Then ARGV: enqueue time ms (the score), job expiry ms, "1" to drop verdicts (force), then per prompt: id, job.
+# Then ARGV: enqueue time ms, job expiry ms, "1" to drop verdicts (force), then per prompt: id, job, priority.
 # Returns per prompt 1 (queued) or 0 (it has a live job, or a job key arq would refuse to overwrite).
 _ENQUEUE = (
     _LIVE
+    + LUA_SHIFTED
     + """
-local score, expires, force = ARGV[7], ARGV[8], ARGV[9] == '1'
+local now, expires, force = tonumber(ARGV[8]), ARGV[9], ARGV[10] == '1'
 local outcomes = {}
-for i = 1, (#ARGV - 9) / 2 do
-  local id, job = ARGV[8 + 2 * i], ARGV[9 + 2 * i]
+for i = 1, (#ARGV - 10) / 3 do
+  local id, job, priority = ARGV[8 + 3 * i], ARGV[9 + 3 * i], ARGV[10 + 3 * i]
   local job_key = ARGV[1] .. id
   if live(id) then
     outcomes[i] = 0
   else
-    redis.call('del', ARGV[4] .. id, ARGV[5] .. id)
+    redis.call('del', ARGV[4] .. id, ARGV[5] .. id, ARGV[7] .. id)
     if force then redis.call('del', ARGV[6] .. id) end
     if redis.call('exists', job_key) == 1 then
       outcomes[i] = 0
     else
       redis.call('psetex', job_key, expires, job)
-      redis.call('zadd', queue, score, id)
+      redis.call('zadd', queue, shifted(now, tonumber(priority)), id)
+      if priority ~= '0' then redis.call('psetex', ARGV[7] .. id, expires, priority) end
       outcomes[i] = 1
     end
   end
@@ -161,6 +166,7 @@ class JobQueue:
             result_key_prefix,
             keys.attempts(""),
             keys.verdict(""),
+            keys.priority(""),
         )
         assert len(prefixes) == _PREFIXES
         self._prefixes: list[str | bytes | int] = list(prefixes)
@@ -178,19 +184,23 @@ class JobQueue:
             live.update(prompt_id for prompt_id, flag in zip(batch, found, strict=True) if flag)
         return live
 
-    async def put(self, prompt_ids: Sequence[str], *, force: bool = False) -> list[bool]:
+    async def put(
+        self, prompt_ids: Sequence[str], *, force: bool = False, priorities: Mapping[str, int] | None = None
+    ) -> list[bool]:
         """Queue a new run of each prompt without a live job; says per prompt whether it was queued.
 
-        Idle workers are told at once (one message per batch that queued anything)."""
+        `priorities` gives a prompt's priority (checked already, see `priority`; absent: 0). A prompt with a
+        live job keeps the priority it was queued with. Idle workers are told at once (one message per batch
+        that queued anything)."""
         queued: list[bool] = []
         for start in range(0, len(prompt_ids), BATCH):
-            batch = await self._put_batch(prompt_ids[start : start + BATCH], force)
+            batch = await self._put_batch(prompt_ids[start : start + BATCH], force, priorities or {})
             if any(batch):
                 await announce(self._redis, self._keys)
             queued += batch
         return queued
 
-    async def _put_batch(self, prompt_ids: Sequence[str], force: bool) -> list[bool]:
+    async def _put_batch(self, prompt_ids: Sequence[str], force: bool, priorities: Mapping[str, int]) -> list[bool]:
         if not prompt_ids:
             return []
         enqueue_time_ms = timestamp_ms()
@@ -198,6 +208,6 @@ class JobQueue:
         serializer = self._redis.job_serializer
         for prompt_id in prompt_ids:
             job = serialize_job(JOB_NAME, (prompt_id, force), {}, None, enqueue_time_ms, serializer=serializer)
-            args += (prompt_id, job)
+            args += (prompt_id, job, priorities.get(prompt_id, 0))
         outcomes = await self._enqueue(keys=[self._queue_name], args=args)
         return [bool(outcome) for outcome in outcomes]

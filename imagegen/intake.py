@@ -12,11 +12,16 @@ arq also re-reads the head of its queue on every poll and checks the jobs there 
 head is mostly jobs already running (they stay in the queue until they finish); with a hundred running jobs
 that is hundreds of round trips per job started. Here one script returns just the due jobs nobody runs, as
 many as the worker has room for, and arq's own start (with its check against a double start) takes them.
+
+The queue's order is the jobs' priorities (`priority`): the same script first moves retries that came due
+(arq scores them by plain time) back into the band of their priority, so every worker takes the highest
+priority first, and first in first out within one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
@@ -27,13 +32,27 @@ from redis.asyncio import Redis
 
 from .keys import RedisKeys
 from .periodic import Periodic
+from .priority import LUA_SHIFTED, ShiftedDelayFilter
 
-# How far into the due part of the queue one pick looks for jobs nobody runs.
+# How far into the due part of the queue one pick looks for jobs nobody runs (and for retries come due).
 SCAN_LIMIT = 5000
 
-# KEYS: queue; ARGV: now ms, how many wanted, scan limit, in-progress key prefix.
-_PICK = """
-local ids = redis.call('zrangebyscore', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+# KEYS: queue; ARGV: now ms, how many wanted, scan limit, in-progress key prefix, priority key prefix.
+# Scores from 0 to now are arq's plain times come due (a retry after its backoff): each goes to the band of
+# its priority, due since that time, unless it runs (arq keeps a running job's score and does its own sums).
+_PICK = (
+    LUA_SHIFTED
+    + """
+local now, limit = tonumber(ARGV[1]), tonumber(ARGV[3])
+local plain = redis.call('zrangebyscore', KEYS[1], 0, now, 'WITHSCORES', 'LIMIT', 0, limit)
+for i = 1, #plain, 2 do
+  local id = plain[i]
+  if redis.call('exists', ARGV[4] .. id) == 0 then
+    local priority = tonumber(redis.call('get', ARGV[5] .. id) or '0') or 0
+    redis.call('zadd', KEYS[1], 'XX', shifted(tonumber(plain[i + 1]), priority), id)
+  end
+end
+local ids = redis.call('zrangebyscore', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local wanted = tonumber(ARGV[2])
 local found = {}
 for _, id in ipairs(ids) do
@@ -44,6 +63,8 @@ for _, id in ipairs(ids) do
 end
 return found
 """
+)
+_START_LINE = ShiftedDelayFilter()
 
 
 async def announce(redis: Redis, keys: RedisKeys) -> None:
@@ -62,6 +83,7 @@ class Intake(Periodic):
         self._redis = redis
         self._channel = keys.wake
         self._queue = queue_name
+        self._priority_prefix = keys.priority("")
         self._event = asyncio.Event()
         self._pick = redis.register_script(_PICK)
 
@@ -80,6 +102,12 @@ class Intake(Periodic):
         finally:
             with suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def pick(self, room: int, now_ms: int | None = None) -> list[bytes]:
+        """Up to `room` due jobs nobody runs, highest priority first (retries come due re-scored first)."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        args: list[str | int] = [now_ms, room, SCAN_LIMIT, in_progress_key_prefix, self._priority_prefix]
+        return list(await self._pick(keys=[self._queue], args=args))
 
     async def _wait(self) -> None:
         with suppress(TimeoutError):
@@ -101,10 +129,9 @@ class Intake(Periodic):
             room = worker.max_jobs - worker.job_counter
             if not head or room <= 0:  # nothing due, or no room
                 return
-            now_ms = int(time.time() * 1000)
-            free = await self._pick(keys=[self._queue], args=[now_ms, room, SCAN_LIMIT, in_progress_key_prefix])
+            free = await self.pick(room)
             if free:
-                await start_jobs(list(free))
+                await start_jobs(free)
 
         def ended() -> None:
             job_ended()
@@ -112,6 +139,7 @@ class Intake(Periodic):
 
         # arq reads these attributes on every use, so replacing them on the instance changes its loop; it
         # reads the poll delay once, right after on_startup, where this runs.
+        logging.getLogger("arq.worker").addFilter(_START_LINE)
         worker.poll_delay_s = 0
         worker.queue_read_limit = 1  # arq's own read only tells whether anything is due
         setattr(worker, "_poll_iteration", iteration)  # noqa: B010

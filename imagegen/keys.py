@@ -43,6 +43,11 @@ class RedisKeys:
         """How many real attempts (not waits while paused) a prompt's current run has made."""
         return f"{self.prefix}attempts:{prompt_id}"
 
+    def priority(self, prompt_id: str) -> str:
+        """The priority of a prompt's queued job (absent: 0), kept as long as arq keeps the job; a retry that
+        comes due goes back to the band of this priority (see `priority`)."""
+        return f"{self.prefix}priority:{prompt_id}"
+
     def lease(self, prompt_id: str) -> str:
         """The owner token of the run working on a prompt; expires unless its owner renews it."""
         return f"{self.prefix}lease:{prompt_id}"

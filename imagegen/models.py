@@ -70,6 +70,10 @@ class PromptRecord:
     model: str = ""
     ratio: str = ""
     resolution: str = ""
+    # The record's priority (checked; higher runs first); a value that is no priority reads as 0 and
+    # `priority_problem` says why, for the warning of whoever queues the record.
+    priority: int = 0
+    priority_problem: str = ""
 
     def choices_given(self) -> dict[str, str]:
         """The record's model, ratio and resolution, keyed as `Choices` names them."""

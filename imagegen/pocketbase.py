@@ -18,6 +18,7 @@ import aiohttp
 
 from .errors import FailureKind, PocketBaseError, RecordNotFound, excerpt
 from .models import PromptRecord, RecordStatus, validate_prompt_id
+from .priority import check_priority
 from .settings import Settings
 
 PAGE_SIZE = 500
@@ -67,6 +68,7 @@ class PocketBaseClient:
         self.f_model = settings.pocketbase_field_model
         self.f_ratio = settings.pocketbase_field_ratio
         self.f_resolution = settings.pocketbase_field_resolution
+        self.f_priority = settings.pocketbase_field_priority
 
     async def login(self) -> None:
         """Log in as the configured superuser; a refusal is an account-level failure."""
@@ -153,8 +155,17 @@ class PocketBaseClient:
         """A record as PocketBase sends it (a list item, or the `record` of a realtime event)."""
         return self._record(item)
 
+    def _priority(self, item: Mapping[str, Any]) -> tuple[int, str]:
+        """The record's priority and, for a value that is none (read as 0), why."""
+        raw = item.get(self.f_priority) if self.f_priority else None
+        try:
+            return check_priority(raw), ""
+        except ValueError as exc:
+            return 0, f"record {item['id']} has {self.f_priority}={raw!r}, which {exc}; queued at priority 0"
+
     def _record(self, item: Mapping[str, Any]) -> PromptRecord:
         images = item.get(self.f_images) if self.f_images else None
+        priority, priority_problem = self._priority(item)
         return PromptRecord(
             id=str(item["id"]),
             prompt=str(item.get(self.f_prompt) or ""),
@@ -166,6 +177,8 @@ class PocketBaseClient:
             model=str(item.get(self.f_model) or "") if self.f_model else "",
             ratio=str(item.get(self.f_ratio) or "") if self.f_ratio else "",
             resolution=str(item.get(self.f_resolution) or "") if self.f_resolution else "",
+            priority=priority,
+            priority_problem=priority_problem,
         )
 
     async def get_record(self, prompt_id: str) -> PromptRecord:

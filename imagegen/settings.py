@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     pocketbase_field_model: str = "model"
     pocketbase_field_ratio: str = "ratio"
     pocketbase_field_resolution: str = "resolution"
+    # Optional number field: a record's priority (higher runs first; see `priority`).
+    pocketbase_field_priority: str = "priority"
     pocketbase_watch: bool = Field(False, description="queue records as they are created (realtime subscription)")
 
     # queue and worker
@@ -191,6 +193,7 @@ class Settings(BaseSettings):
         "pocketbase_field_model",
         "pocketbase_field_ratio",
         "pocketbase_field_resolution",
+        "pocketbase_field_priority",
     )
     @classmethod
     def _optional_identifier(cls, value: str) -> str:

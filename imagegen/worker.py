@@ -44,6 +44,7 @@ from .outages import POCKETBASE, STORAGE, Outages
 from .permits import CallPermits
 from .pipeline import Pipeline, Services
 from .pocketbase import PocketBaseClient
+from .priority import due_ms
 from .reconcile import Reconciler
 from .runs import Runs
 from .settings import Settings, load_settings, require
@@ -213,9 +214,11 @@ async def generate_images(ctx: dict[str, Any], prompt_id: str, force: bool = Fal
     A failed prompt is raised to arq as PromptFailed, so arq's counters and result say it failed."""
     runner: JobRunner = ctx["runner"]
     # A first run has waited since the job was queued; a later one since it became due (after its backoff).
+    # The score carries the job's priority; `due_ms` reads the time out of it.
     enqueued: datetime | None = ctx.get("enqueue_time")
     score: int | None = ctx.get("score")
-    marks = [mark for mark in (enqueued.timestamp() if enqueued else None, score / 1000 if score else None) if mark]
+    due = due_ms(score) / 1000 if score else None
+    marks = [mark for mark in (enqueued.timestamp() if enqueued else None, due) if mark]
     outcome = await runner.run(
         str(ctx["job_id"]),
         prompt_id,

@@ -17,6 +17,7 @@ from arq.jobs import Job, deserialize_job_raw, serialize_job
 from imagegen.control import open_control
 from imagegen.keys import RedisKeys
 from imagegen.models import JOB_NAME, PromptRecord, RecordStatus
+from imagegen.priority import queue_score
 
 from .conftest import BIN, RecordFactory, Stack, run_cli, wait_for_records
 from .test_pipeline import run_queue
@@ -109,7 +110,8 @@ async def test_jobs_queued_in_bulk_are_what_arq_writes_and_a_worker_runs_them(
         assert stored == serialize_job(JOB_NAME, (record.id, False), {}, None, enqueued_ms)
         assert (function, args, kwargs) == (JOB_NAME, (record.id, False), {})
         assert job_try is None  # as arq writes a new job (its type says int)
-        assert (await queue_entries(redis_client, settings))[record.id] == enqueued_ms
+        # Scored by enqueue time, shifted into the band of priority 0 (see imagegen.priority).
+        assert (await queue_entries(redis_client, settings))[record.id] == queue_score(enqueued_ms, 0)
         assert abs(enqueued_ms - arq_job[4]) < 60_000
         assert abs(await redis_client.pttl(job_key_prefix + record.id) - arq_ttl) < 60_000
     await redis_client.zrem(settings.queue_name, witness)

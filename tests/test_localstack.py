@@ -183,7 +183,11 @@ async def test_pocketbase_superuser_and_prompts_collection(tmp_path: Path) -> No
     data_dir = tmp_path / "pocketbase"
     spec = pocketbase_spec(data_dir, free_port(), admin_email=PB_EMAIL, admin_password=PB_PASSWORD)
     migrations = sorted((data_dir / "pb_migrations").glob("*.js"))
-    assert [m.name for m in migrations] == ["1735689600_imagegen_setup.js", "1735689601_imagegen_choices.js"]
+    assert [m.name for m in migrations] == [
+        "1735689600_imagegen_setup.js",
+        "1735689601_imagegen_choices.js",
+        "1735689602_imagegen_priority.js",
+    ]
     assert all(PB_PASSWORD not in m.read_text() for m in migrations)
     assert PB_PASSWORD not in " ".join(spec.argv)
     records = f"{spec.url}/api/collections/prompts/records"
@@ -200,6 +204,9 @@ async def test_pocketbase_superuser_and_prompts_collection(tmp_path: Path) -> No
             assert created["status"] == "" and created["images"] is None and created["created"]
             # the optional per-record choices: free text, checked by the worker
             assert (created["ratio"], created["model"], created["resolution"]) == ("16:9", "", "")
+            assert created["priority"] == 0  # the optional priority: a whole number, empty reads as 0
+            async with http.patch(f"{records}/{created['id']}", json={"priority": 2.5}, headers=auth) as response:
+                assert response.status == 400
             images = ["http://127.0.0.1:1/bucket/a.png", "http://127.0.0.1:1/bucket/b.png"]
             patch = {"status": "done", "images": images, "imageUrl": images[0]}
             async with http.patch(f"{records}/{created['id']}", json=patch, headers=auth) as response:
@@ -215,6 +222,7 @@ async def test_pocketbase_superuser_and_prompts_collection(tmp_path: Path) -> No
     # Restarting on the same data dir keeps the records; a second copy of the migrations changes nothing.
     shutil.copy(migrations[0], migrations[0].with_name("1900000000_again.js"))
     shutil.copy(migrations[1], migrations[1].with_name("1900000001_again.js"))
+    shutil.copy(migrations[2], migrations[2].with_name("1900000002_again.js"))
     with RunningService(spec) as service:
         async with aiohttp.ClientSession() as http:
             auth = {"Authorization": await _login(http, spec.url)}

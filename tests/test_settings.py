@@ -79,6 +79,7 @@ def test_explicit_public_base_wins_and_prefix_is_normalised(clean_env):
         ("TOS_ADDRESSING_STYLE", "sideways", "TOS_ADDRESSING_STYLE"),
         ("POCKETBASE_FIELD_STATUS", 'status" || 1', "POCKETBASE_FIELD_STATUS"),
         ("POCKETBASE_FIELD_RATIO", "aspect ratio", "POCKETBASE_FIELD_RATIO"),
+        ("POCKETBASE_FIELD_PRIORITY", "1st", "POCKETBASE_FIELD_PRIORITY"),
     ],
 )
 def test_invalid_values_fail_with_one_line_naming_the_variable(clean_env, name, value, words):

@@ -19,6 +19,7 @@ ENV_COLLECTION = "IMAGEGEN_PB_COLLECTION"
 MIGRATIONS = {
     "1735689600_imagegen_setup.js": "pocketbase_setup.js",
     "1735689601_imagegen_choices.js": "pocketbase_choices.js",
+    "1735689602_imagegen_priority.js": "pocketbase_priority.js",
 }
 
 

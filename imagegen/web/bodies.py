@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidRequest
 from ..listing import MAX_PER_PAGE, TaskState
+from ..priority import PRIORITY_MAX, PRIORITY_MIN
 
 MAX_IDS = 500
 DEFAULT_PAUSE_REASON = "paused from the web API"
@@ -15,12 +16,20 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class CreateTasks(BaseModel):
-    """POST /api/tasks: queue these prompt ids; `force` runs done or failed records again."""
+    """POST /api/tasks: queue these prompt ids; `force` runs done or failed records again; `priority`
+    overrides each record's own."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     ids: list[str] = Field(min_length=1, max_length=MAX_IDS)
     force: bool = False
+    priority: int | None = Field(
+        default=None,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        description="Higher runs first; default: each record's priority field, else 0. "
+        "A prompt already queued keeps its priority.",
+    )
 
 
 class PauseQueue(BaseModel):

@@ -45,6 +45,10 @@ SCHEMAS: dict[str, Any] = {
                 "id": STRING,
                 "state": {"enum": [s.value for s in JobState]},
                 "tries": INT,
+                "priority": {
+                    "type": ["integer", "null"],
+                    "description": "the priority of its job while in the queue (higher runs first), else null",
+                },
                 "enqueued_at": NULLABLE_TIME,
                 "started_at": NULLABLE_TIME,
                 "finished_at": NULLABLE_TIME,

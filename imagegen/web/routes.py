@@ -120,7 +120,7 @@ async def create_tasks(request: web.Request) -> web.Response:
     """Queue each id, as `imagegen add` does: one outcome per id and the counts."""
     body = parse(CreateTasks, await json_body(request))
     control = await control_of(request)
-    reports = [await control.enqueue(prompt_id, force=body.force) for prompt_id in body.ids]
+    reports = [await control.enqueue(prompt_id, force=body.force, priority=body.priority) for prompt_id in body.ids]
     tally = EnqueueTally()
     tally.add(reports)
     return reply(tally.to_json(reports))
