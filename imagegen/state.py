@@ -92,7 +92,9 @@ class QueueState:
     async def pause(self, reason: str, source: str = "manual", service: str = "", until: float = 0.0) -> PauseInfo:
         """Pause the queue; an existing pause keeps its original reason and time."""
         info = PauseInfo(reason, time.time(), source, service, until)
-        await self._redis.set(self.keys.pause, json.dumps(asdict(info)), nx=True)
+        # `until` only where it means something: a pause without it still reads in a worker that predates it.
+        stored = {name: value for name, value in asdict(info).items() if name != "until" or until}
+        await self._redis.set(self.keys.pause, json.dumps(stored), nx=True)
         return await self.paused() or info
 
     async def resume(self) -> PauseInfo | None:
