@@ -1,7 +1,8 @@
 """The `imagegen` command: a thin shell over `control`, `checks` and `oneoff`.
 
 Exit codes: 0 success; 1 some ids were not found, invalid or failed; 2 bad settings or usage;
-3 a service could not be reached or refused us. Expected failures print one line, never a traceback.
+3 a service could not be reached or refused us; 4 today's JIMENG_DAILY_LIMIT is used up (`generate`).
+Expected failures print one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import click
 
 from .checks import check_services
 from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
-from .errors import ConfigError, ImagegenError
+from .errors import ConfigError, DailyLimitReached, ImagegenError
 from .logs import setup_logging
 from .oneoff import OneOffRequest, generate_once
 from .priority import PRIORITY_RULE, check_priority
 from .progress import Progress
 from .settings import Settings, load_settings, require
+from .spend import DaySpend, total
 from .web import serve as serve_web
 
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE = 0, 1, 2, 3
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE, EXIT_LIMIT = 0, 1, 2, 3, 4
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -53,6 +55,8 @@ def run(ctx: click.Context, work: Callable[[Settings], Coroutine[Any, Any, int]]
         code = asyncio.run(work(settings))
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+    except DailyLimitReached as exc:
+        fail(f"{exc}; no call made", EXIT_LIMIT)
     except ImagegenError as exc:
         fail(str(exc), EXIT_SERVICE)
     sys.exit(code)
@@ -298,6 +302,13 @@ def _format_status(report: StatusReport) -> str:
             f"({outage['workers']} worker(s) waiting): {outage['error']}"
         )
     lines.append(f"failures:  {report.consecutive_failures} in a row (pause at {report.max_failed})")
+    spend = data["spend"]
+    limit = f"of {spend['limit']} a day (JIMENG_DAILY_LIMIT)" if spend["limit"] else "(no daily limit)"
+    reserved = f", {spend['reserved']} in flight or unsettled" if spend["reserved"] else ""
+    lines.append(
+        f"spend:     {spend['calls']} jimeng calls today ({spend['day']} {spend['timezone']}) {limit}: "
+        f"{spend['images']} images, {spend['moderated']} moderated, {spend['failed']} failed{reserved}"
+    )
     lines.append(f"workers:   {len(report.workers)} live")
     for worker in report.workers:
         stopping = ", stopping" if worker.get("stopping") else ""
@@ -329,6 +340,44 @@ def status(ctx: click.Context, as_json: bool) -> None:
         if report.records_error:
             click.echo(f"imagegen: record counts unavailable: {report.records_error}", err=True)
         return code
+
+    with_control(ctx, action, needs_pocketbase=False)
+
+
+def _format_spend(days: list[DaySpend], sums: dict[str, int], limit: int, zone: str) -> str:
+    header = f"{'day':<12}{'calls':>7}{'images':>8}{'moderated':>11}{'failed':>8}{'reserved':>10}"
+
+    def row(label: str, counts: dict[str, Any]) -> str:
+        return (
+            f"{label:<12}{counts['calls']:>7}{counts['images']:>8}{counts['moderated']:>11}"
+            f"{counts['failed']:>8}{counts['reserved']:>10}"
+        )
+
+    lines = [header, *(row(day.day.isoformat(), day.to_json()) for day in days), row("total", sums)]
+    lines.append(
+        f"days in {zone}; "
+        + (f"JIMENG_DAILY_LIMIT {limit} calls a day" if limit else "no daily limit (JIMENG_DAILY_LIMIT=0)")
+    )
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.option("--days", default=7, show_default=True, type=click.IntRange(1, 400), help="How many days back.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def spend(ctx: click.Context, days: int, as_json: bool) -> None:
+    """Paid jimeng calls per day by outcome (images, moderated, failed), today first, and their total."""
+
+    async def action(control: Control) -> int:
+        found = await control.spend(days)
+        sums = total(found)
+        limit, zone = control.settings.jimeng_daily_limit, control.settings.jimeng_daily_limit_tz
+        if as_json:
+            document = {"timezone": zone, "limit": limit or None, "days": [d.to_json() for d in found], "total": sums}
+            click.echo(json.dumps(document, ensure_ascii=False))
+        else:
+            click.echo(_format_spend(found, sums, limit, zone))
+        return EXIT_OK
 
     with_control(ctx, action, needs_pocketbase=False)
 

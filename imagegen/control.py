@@ -37,6 +37,7 @@ from .models import (
 from .pocketbase import PocketBaseClient
 from .priority import check_priority, priority_of
 from .settings import Settings
+from .spend import DaySpend, Spend, limit_json
 from .stages import FINAL, Stage, StageLog, StageView, combine, parse_live
 from .state import PauseInfo, QueueState
 from .throughput import OutcomeCounter, Throughput
@@ -129,6 +130,7 @@ class StatusReport:
     consecutive_failures: int
     max_failed: int
     workers: list[dict[str, Any]]
+    spend: dict[str, Any] = field(default_factory=dict)  # today's jimeng calls against JIMENG_DAILY_LIMIT
     records: dict[str, int] | None = None
     records_error: str = ""
 
@@ -157,6 +159,7 @@ class StatusReport:
             "outages": self.outages(),
             "consecutive_failures": self.consecutive_failures,
             "max_failed": self.max_failed,
+            "spend": self.spend,
             "workers": self.workers,
         }
 
@@ -173,6 +176,7 @@ class Control:
         self.jobs = JobQueue(redis, settings.queue_name, self.keys)
         self.outcomes = OutcomeCounter(redis, self.keys)
         self.stages = StageLog(redis, self.keys, settings.queue_keep_result)
+        self.spending = Spend(redis, self.keys, settings.jimeng_daily_limit, settings.daily_limit_zone)
 
     async def pause(self, reason: str) -> PauseInfo:
         with redis_errors(self.settings):
@@ -186,6 +190,11 @@ class Control:
         """Jobs done and failed in each minute of the last hour."""
         with redis_errors(self.settings):
             return await self.outcomes.last()
+
+    async def spend(self, days: int) -> list[DaySpend]:
+        """Paid jimeng calls by outcome for the last `days` days, today first."""
+        with redis_errors(self.settings):
+            return await self.spending.days(days)
 
     async def status(self, *, records: bool = True) -> StatusReport:
         """Jobs by state, records by status, the pause, outages, the failure streak and the live workers.
@@ -210,6 +219,7 @@ class Control:
                 consecutive_failures=await self.state.consecutive_failures(),
                 max_failed=self.settings.queue_max_failed,
                 workers=workers,
+                spend=limit_json(self.spending, await self.spending.today()),
             )
         if not records:
             return report

@@ -6,6 +6,7 @@
     ├── InvalidRequest                 a web API request that can't be served as sent (bad JSON, bad paging)
     ├── PromptRejected                 the prompt can't be sent: empty, too long, a bad model/ratio/resolution
     ├── QueuePaused                    the queue was paused before this job could generate (wait, no attempt used)
+    │   └── DailyLimitReached          today's JIMENG_DAILY_LIMIT is used up: no call made (the queue pauses)
     ├── JobInterrupted                 the worker is stopping before this job's paid call (back to the queue)
     ├── LeaseLost                      another run of the same prompt holds its lease: stop, pay nothing
     ├── ServiceDown                    a shared service stayed down past this job's budget (no attempt used)
@@ -89,6 +90,15 @@ class QueuePaused(ImagegenError):
     kind = FailureKind.TRANSIENT
 
 
+class DailyLimitReached(QueuePaused):
+    """Today's JIMENG_DAILY_LIMIT of paid calls is used up; nothing was called. `until` (epoch seconds) is the
+    start of the next day in JIMENG_DAILY_LIMIT_TZ, when calls may start again."""
+
+    def __init__(self, message: str, *, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+
 class JobInterrupted(ImagegenError):
     """The worker is stopping and this job has not reached its paid call: it goes back to the queue."""
 
@@ -162,9 +172,15 @@ class JimengError(ServiceError):
         code: int | None = None,
         detail: str = "",
         retry_after: float | None = None,
+        moderated: bool = False,
+        reached: bool = True,
     ) -> None:
         super().__init__(message, kind=kind, status=status, detail=detail, retry_after=retry_after)
         self.code = code
+        # Refused by content moderation (-2006, or -2007 with 2038): a call made, and counted, all the same.
+        self.moderated = moderated
+        # False only when the request can't have left this host (the connection was never made): no call.
+        self.reached = reached
 
 
 class DownloadError(ServiceError):

@@ -3,8 +3,8 @@
 Every WORKER_LEASE / 4 seconds it renews each run's prompt lease (which also keeps arq's in-progress key of
 the job alive: a killed worker's jobs are picked up elsewhere within about one lease period) and the call
 permit of each run inside its paid call (JIMENG_MAX_INFLIGHT), writes the
-worker's heartbeat (what each run is doing, the outages it sees) for `imagegen status`, and lifts an outage
-pause whose service answers again.
+worker's heartbeat (what each run is doing, the outages it sees) for `imagegen status`, lifts an outage
+pause whose service answers again, and lifts the daily-limit pause once its day is over (`spend`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .outages import Outages
 from .periodic import Periodic
 from .permits import CallPermits
 from .runs import Phase, Runs
+from .spend import Clock
 from .state import QueueState
 
 
@@ -30,9 +31,17 @@ class Heartbeat(Periodic):
     name = "heartbeat"
 
     def __init__(
-        self, state: QueueState, runs: Runs, outages: Outages, permits: CallPermits, queue_name: str, lease: float
+        self,
+        state: QueueState,
+        runs: Runs,
+        outages: Outages,
+        permits: CallPermits,
+        queue_name: str,
+        lease: float,
+        clock: Clock = time.time,
     ) -> None:
         super().__init__(lease / 4)
+        self._clock = clock
         self._state = state
         self._permits = permits
         self._runs = runs
@@ -63,6 +72,8 @@ class Heartbeat(Periodic):
         }
         await self._state.heartbeat(self.worker_id, info, ttl=self._interval * 3)
         await self._outages.lift_recovered_pause()
+        if await self._state.lift_limit_pause(self._clock()):
+            logger.info("queue resumed: a new day of JIMENG_DAILY_LIMIT has begun")
 
     async def stop(self) -> None:
         await super().stop()

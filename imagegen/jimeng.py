@@ -127,6 +127,7 @@ def parse_generation(status: int, body: str, retry_after: float | None = None) -
             status=status,
             code=code,
             detail=excerpt(message),
+            moderated=code == -2006 or (code == -2007 and _moderated(message)),
         )
     try:
         parsed = _Generation.model_validate(payload)
@@ -180,6 +181,13 @@ class JimengClient:
         except TimeoutError:
             raise JimengError(
                 f"no answer within JIMENG_TIMEOUT ({self._timeout.total:.0f} s)", kind=TRANSIENT
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            # The connection was never made (refused, DNS, TLS handshake): the request did not leave.
+            raise JimengError(
+                f"could not connect to {self._url} ({type(exc).__name__}: {excerpt(str(exc), 120)})",
+                kind=TRANSIENT,
+                reached=False,
             ) from None
         except aiohttp.ClientError as exc:
             raise JimengError(

@@ -64,6 +64,14 @@ class RedisKeys:
         """Counts of jobs that ended done or failed in one minute (minutes since the epoch), for throughput."""
         return f"{self.prefix}outcomes:{minute}"
 
+    def spend(self, day: str) -> str:
+        """The paid jimeng calls of one day (YYYY-MM-DD in JIMENG_DAILY_LIMIT_TZ), by outcome (a hash; `spend`)."""
+        return f"{self.prefix}spend:{day}"
+
+    def spend_reserved(self, day: str) -> str:
+        """The tokens of calls reserved under one day's JIMENG_DAILY_LIMIT and not yet counted (a set)."""
+        return f"{self.prefix}spend:{day}:reserved"
+
     def worker(self, worker_id: str) -> str:
         """A live worker's heartbeat, expiring when it stops beating."""
         return f"{self.prefix}worker:{worker_id}"

@@ -156,7 +156,7 @@ class _QueueCollector(Collector):
         )
         source = GaugeMetricFamily(
             "imagegen_queue_pause_source",
-            "1 for the source of the current pause (manual, auto, outage).",
+            "1 for the source of the current pause (manual, auto, outage, limit).",
             labels=["source"],
         )
         if f.paused:

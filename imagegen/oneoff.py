@@ -3,10 +3,15 @@
 Everything that can be checked is checked before paying: the prompt and the choices (`OneOffRequest.build`),
 the settings the call needs and, when the images are to be hosted, that the bucket answers. The images are
 stored with the pipeline's own transfer (`transfer.store_image`) under `<TOS_KEY_PREFIX>generate/`.
+
+The call counts in the day's spend like a worker's (`spend`), and takes its place under JIMENG_DAILY_LIMIT the
+same way: when the day's limit is used up the command refuses (DailyLimitReached) before calling. Without a
+daily limit Redis is optional: when it can't be reached the call goes ahead, uncounted, and says so.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import secrets
 import time
@@ -18,10 +23,14 @@ from typing import Any
 import aiohttp
 
 from .choices import Choices
-from .errors import ImagegenError, PromptRejected
+from .control import connect_queue
+from .errors import ImagegenError, JimengError, PromptRejected, QueueError
 from .jimeng import JimengClient
+from .keys import RedisKeys
 from .models import StoredImage, iso_time
+from .permits import CallPermits
 from .settings import Settings, require
+from .spend import CallOutcome, Clock, Spend, call_outcome
 from .storage import Storage, open_s3_client
 from .transfer import store_image
 
@@ -97,9 +106,27 @@ def one_off_run_id(now: float | None = None) -> str:
     return f"{stamp}-{secrets.token_hex(4)}"
 
 
-async def generate_once(settings: Settings, request: OneOffRequest, announce: Callable[[str], None]) -> OneOffResult:
+async def _open_counter(settings: Settings, resources: AsyncExitStack, clock: Clock) -> CallPermits | None:
+    """The spend counter, with no cap or rate of its own; None when Redis can't be reached and no daily limit
+    depends on it (a QueueError when one does)."""
+    try:
+        redis = await connect_queue(settings)
+    except QueueError as exc:
+        if settings.jimeng_daily_limit:
+            raise QueueError(f"{exc.message}; JIMENG_DAILY_LIMIT can't be checked, so no call was made") from None
+        return None
+    resources.push_async_callback(redis.aclose)
+    keys = RedisKeys(settings.queue_name)
+    spend = Spend(redis, keys, settings.jimeng_daily_limit, settings.daily_limit_zone, clock)
+    return CallPermits(redis, keys, 0, 0, settings.worker_lease, spend)
+
+
+async def generate_once(
+    settings: Settings, request: OneOffRequest, announce: Callable[[str], None], *, clock: Clock = time.time
+) -> OneOffResult:
     """Call the API exactly once and, with `request.upload`, host the images; `announce` is told, just before
-    the paid call, what it is about to spend. Raises ImagegenError (ConfigError for a missing setting)."""
+    the paid call, what it is about to spend. Raises ImagegenError (ConfigError for a missing setting,
+    DailyLimitReached when today's JIMENG_DAILY_LIMIT is used up: no call made)."""
     require(settings, *JIMENG_REQUIRED, *(UPLOAD_REQUIRED if request.upload else ()))
     async with AsyncExitStack() as resources:
         http = await resources.enter_async_context(aiohttp.ClientSession())
@@ -107,12 +134,25 @@ async def generate_once(settings: Settings, request: OneOffRequest, announce: Ca
         if request.upload:
             storage = Storage(await resources.enter_async_context(open_s3_client(settings)), settings)
             await storage.check()  # an unreachable bucket costs nothing yet
+        counter = await _open_counter(settings, resources, clock)
+        reservation = await counter.take(secrets.token_hex(12), 0.0) if counter is not None else None
+        uncounted = "" if counter is not None else f" (not counted: {settings.redis_location()} unreachable)"
         announce(
-            f"calling jimeng at {settings.jimeng_api_url} ({request.choices.describe()}): this spends a jimeng credit"
+            f"calling jimeng at {settings.jimeng_api_url} ({request.choices.describe()}): this spends a jimeng "
+            f"credit{uncounted}"
         )
-        generation = await JimengClient(http, settings).generate(
-            request.prompt, request.negative_prompt, request.choices
-        )
+        outcome: CallOutcome | None = CallOutcome.FAILED
+        try:
+            generation = await JimengClient(http, settings).generate(
+                request.prompt, request.negative_prompt, request.choices
+            )
+            outcome = CallOutcome.IMAGES
+        except JimengError as exc:
+            outcome = call_outcome(exc)
+            raise
+        finally:
+            if counter is not None and reservation is not None:
+                await asyncio.shield(counter.finish(reservation, outcome))
         result = OneOffResult(request, generation.created, generation.urls)
         if storage is None:
             return result

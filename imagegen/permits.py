@@ -6,24 +6,41 @@
   worker killed mid-call leaks nothing: its permits expire within WORKER_LEASE and the cap is whole again.
 - JIMENG_RATE_LIMIT (0: none) is how many calls may start in any 60 seconds: a sliding window of call start
   times, checked and written in the same script as the permit, so no two workers can both take the last call.
+- JIMENG_DAILY_LIMIT (0: none) is how many calls a day may make: the same script reserves a place under the
+  day's limit (`spend`), so a call that may start holds its permit, its rate slot and its place at once, in
+  one round trip; `finish` gives the permit back and counts (or releases) the reservation in one more.
 """
 
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 
 from loguru import logger
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from .errors import DailyLimitReached
 from .keys import RedisKeys
+from .spend import SPEND_TTL, CallOutcome, Reservation, Spend
 
-# KEYS: permits, call window; ARGV: token, ttl ms, cap, rate, window ms.
-# Returns 0 when the call may start (permit taken, start recorded), -1 when the cap is full, or else the
-# milliseconds until the rate window has room.
+# KEYS: permits, call window, the day's spend counts, the day's reservations;
+# ARGV: token, ttl ms, cap, rate, window ms, daily limit, spend ttl s, then the outcome fields of the counts.
+# Returns 0 when the call may start (permit taken, start recorded, place reserved), -2 when the day's limit is
+# used up, -1 when the cap is full, or else the milliseconds until the rate window has room.
 _TAKE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local cap, rate, window = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local cap, rate, window, limit = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if limit > 0 then
+  local used = redis.call('scard', KEYS[4])
+  for i = 8, #ARGV do
+    used = used + (tonumber(redis.call('hget', KEYS[3], ARGV[i])) or 0)
+  end
+  if used >= limit then
+    return -2
+  end
+end
 if cap > 0 then
   redis.call('zremrangebyscore', KEYS[1], '-inf', now)
   if not redis.call('zscore', KEYS[1], ARGV[1]) and redis.call('zcard', KEYS[1]) >= cap then
@@ -42,6 +59,10 @@ end
 if cap > 0 then
   redis.call('zadd', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 end
+if limit > 0 then
+  redis.call('sadd', KEYS[4], ARGV[1])
+  redis.call('expire', KEYS[4], ARGV[7])
+end
 return 0
 """
 
@@ -57,10 +78,12 @@ RATE_WINDOW = 60.0
 
 
 class CallPermits:
-    """The shared limits of one deployment; 0 for `cap` or `rate` means none (every call goes at once)."""
+    """The shared limits of one deployment; 0 for `cap` or `rate` means none (every call goes at once), and
+    `spend` holds the daily limit and counts every call."""
 
-    def __init__(self, redis: Redis, keys: RedisKeys, cap: int, rate: int, ttl: float) -> None:
+    def __init__(self, redis: Redis, keys: RedisKeys, cap: int, rate: int, ttl: float, spend: Spend) -> None:
         self._redis = redis
+        self._spend = spend
         self._key = keys.inflight_calls
         self._window_key = keys.call_window
         self.cap = cap
@@ -69,41 +92,64 @@ class CallPermits:
         self._take = redis.register_script(_TAKE)
         self._renew = redis.register_script(_RENEW)
 
-    async def try_take(self, token: str) -> float:
-        """0 when the call may start now, else seconds to wait before trying again."""
-        if not self.cap and not self.rate:
+    async def try_take(self, reservation: Reservation) -> float:
+        """0 when the call may start now (its place under the daily limit reserved), else seconds to wait
+        before trying again; raises DailyLimitReached when the day's limit is used up."""
+        if not self.cap and not self.rate and not reservation.limited:
             return 0.0
         window_ms = int(RATE_WINDOW * 1000)
+        limit = self._spend.limit if reservation.limited else 0
+        fields = [outcome.value for outcome in CallOutcome]
         answer = int(
             await self._take(
-                keys=[self._key, self._window_key], args=[token, self._ttl_ms, self.cap, self.rate, window_ms]
+                keys=[self._key, self._window_key, *self._spend.day_keys(reservation.day)],
+                args=[reservation.token, self._ttl_ms, self.cap, self.rate, window_ms, limit, SPEND_TTL, *fields],
             )
         )
+        if answer == -2:
+            raise self._spend.limit_reached(reservation.day)
         return 0.0 if answer == 0 else WAIT_STEP if answer < 0 else answer / 1000
 
-    async def take(self, token: str, can_wait: float, prompt_id: str = "-") -> bool:
-        """Wait up to `can_wait` seconds until a call may start; False when none could in time."""
+    async def take(self, token: str, can_wait: float, prompt_id: str = "-") -> Reservation | None:
+        """Wait up to `can_wait` seconds until a call may start; None when none could in time. The reservation
+        returned must go to `finish` whatever happens next. Raises DailyLimitReached (nothing held)."""
+        reservation = self._spend.reservation(token)
         loop = asyncio.get_running_loop()
         end = loop.time() + can_wait
         told = False
-        while wait := await self.try_take(token):
-            if loop.time() + wait > end:
-                return False
-            if wait >= 1 and not told:
-                logger.bind(prompt_id=prompt_id).info(
-                    "waiting {:.0f}s: JIMENG_RATE_LIMIT={} calls a minute reached", wait, self.rate
-                )
-                told = True
-            await asyncio.sleep(wait)
-        return True
+        try:
+            while wait := await self.try_take(reservation):
+                if loop.time() + wait > end:
+                    return None
+                if wait >= 1 and not told:
+                    logger.bind(prompt_id=prompt_id).info(
+                        "waiting {:.0f}s: JIMENG_RATE_LIMIT={} calls a minute reached", wait, self.rate
+                    )
+                    told = True
+                await asyncio.sleep(wait)
+                reservation = self._spend.reservation(token)  # a wait may cross midnight
+        except DailyLimitReached:
+            raise
+        except BaseException:
+            # Cancelled or cut off mid-round-trip: the script may have run, so give back what it may have taken.
+            with suppress(RedisError, OSError):
+                await asyncio.shield(self.finish(reservation, None))
+            raise
+        return reservation
+
+    async def finish(self, reservation: Reservation, outcome: CallOutcome | None) -> None:
+        """The call is over: give the permit back and count the call under `outcome` in its day, or release
+        the reservation when no call was made (`outcome` None). One round trip."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if self.cap:
+                pipe.zrem(self._key, reservation.token)
+            self._spend.add_settle(pipe, reservation, outcome)
+            if len(pipe):
+                await pipe.execute()
 
     async def renew(self, token: str) -> None:
         if self.cap:
             await self._renew(keys=[self._key], args=[token, self._ttl_ms])
-
-    async def give_back(self, token: str) -> None:
-        if self.cap:
-            await self._redis.zrem(self._key, token)
 
     async def in_use(self) -> int:
         """Permits held now (expired ones not counted)."""

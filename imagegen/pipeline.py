@@ -21,6 +21,7 @@ from loguru import logger
 
 from .choices import Choices
 from .errors import (
+    DailyLimitReached,
     DownloadError,
     JimengError,
     JobInterrupted,
@@ -39,6 +40,7 @@ from .pocketbase import PocketBaseClient
 from .runs import JobRun, Phase
 from .settings import Settings
 from .slots import Slots
+from .spend import CallOutcome, call_outcome
 from .stages import Stage, StageClock
 from .state import PauseGate
 from .storage import Storage
@@ -197,9 +199,11 @@ class Pipeline:
     async def _call(self, run: JobRun, prompt: str, negative: str, choices: Choices) -> tuple[GenerationRecord, float]:
         """The last checks and the paid call, inside a generation slot, and the seconds it took.
 
-        No Redis round trip here as a rule (the pause is cached, the lease renewed recently): the slot was
-        just freed by a call that returned, and the next call should start at once. The remembered generation
-        was read after the lease was taken; while the lease stays ours, no other run can have paid since."""
+        Few Redis round trips here (the pause is cached, the lease renewed recently): the slot was just freed
+        by a call that returned, and the next call should start at once. One script takes the call's permit
+        and its place under the daily limit when either is set, and one round trip after the call gives the
+        permit back and counts the call (`spend`). The remembered generation was read after the lease was
+        taken; while the lease stays ours, no other run can have paid since."""
         s, prompt_id = self._s, run.prompt_id
         # The last look before paying: a pause set since the job started stops it here.
         paused = await s.gate.current()
@@ -212,25 +216,35 @@ class Pipeline:
                 f"images ({needed:.0f} s); queued again"
             )
         await run.lease.ensure()
-        if not await s.permits.take(run.lease.token, run.remaining() - needed, prompt_id):
+        try:
+            reservation = await s.permits.take(run.lease.token, run.remaining() - needed, prompt_id)
+        except DailyLimitReached as exc:
+            info = await s.gate.close(exc.message, source="limit", until=exc.until)
+            raise QueuePaused(f"waiting: queue paused ({info.reason})") from None
+        if reservation is None:
             raise JobInterrupted(
                 f"no jimeng call could start in time (JIMENG_MAX_INFLIGHT={s.permits.cap}, "
                 f"JIMENG_RATE_LIMIT={s.permits.rate}); queued again"
             )
+        outcome: CallOutcome | None = None  # no call made (yet): the reservation is released
         try:
             run.check_stop()
             # No await between the stop check and the call: a stop either sends this run back or waits for it.
             run.enter(Phase.GENERATING)
             t0 = time.monotonic()
+            # From here the request may reach the API: even a cancelled call counts, as failed (see `spend`).
+            outcome = CallOutcome.FAILED
             try:
                 generation = await s.jimeng.generate(prompt, negative, choices)
             except JimengError as exc:
+                outcome = call_outcome(exc)
                 s.metrics.call_ended(exc)
                 raise
+            outcome = CallOutcome.IMAGES
             s.metrics.call_ended(None)
             elapsed = time.monotonic() - t0
         finally:
-            await asyncio.shield(s.permits.give_back(run.lease.token))
+            await asyncio.shield(s.permits.finish(reservation, outcome))
         return GenerationRecord(created=generation.created, urls=generation.urls), elapsed
 
     async def _store_all(self, run: JobRun, generation: GenerationRecord, result: PipelineResult) -> None:

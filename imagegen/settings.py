@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,8 @@ class Settings(BaseSettings):
     jimeng_link_lifetime: int = Field(7200, ge=1, description="seconds the API's image links stay valid")
     jimeng_max_inflight: int = Field(0, ge=0, description="concurrent calls across every worker; 0 no cap")
     jimeng_rate_limit: int = Field(0, ge=0, description="calls started per minute across every worker; 0 none")
+    jimeng_daily_limit: int = Field(0, ge=0, description="calls per day across every worker and `generate`; 0 none")
+    jimeng_daily_limit_tz: str = Field("UTC", description="IANA time zone whose midnight starts a day of the limit")
 
     # object storage (Volcengine TOS or any S3-compatible store)
     tos_bucket: str = ""
@@ -157,6 +160,15 @@ class Settings(BaseSettings):
     _known_model = field_validator("jimeng_model")(check_model)
     _known_ratio = field_validator("jimeng_ratio")(check_ratio)
     _known_resolution = field_validator("jimeng_resolution")(check_resolution)
+
+    @field_validator("jimeng_daily_limit_tz")
+    @classmethod
+    def _time_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value.strip())
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone name, e.g. UTC or Asia/Shanghai") from None
+        return value.strip()
 
     @field_validator("jimeng_api_url", "pocketbase_url", "tos_public_base_url")
     @classmethod
@@ -263,6 +275,11 @@ class Settings(BaseSettings):
     def default_choices(self) -> Choices:
         """The model, ratio and resolution asked for unless a record or a command option says otherwise."""
         return Choices(self.jimeng_model, self.jimeng_ratio, self.jimeng_resolution)
+
+    @property
+    def daily_limit_zone(self) -> ZoneInfo:
+        """The time zone whose midnight starts a new day of JIMENG_DAILY_LIMIT (and of the spend counts)."""
+        return ZoneInfo(self.jimeng_daily_limit_tz)
 
     @property
     def jimeng_timeout_seconds(self) -> float:

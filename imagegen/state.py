@@ -2,7 +2,9 @@
 
 - pause: one JSON value with the reason, since when and who paused; while it exists no generation starts.
   `source` is "manual" (an operator), "auto" (account trouble or a failure streak: a human resumes) or
-  "outage" (a shared service down too long: lifted by the workers themselves once it answers again).
+  "outage" (a shared service down too long: lifted by the workers themselves once it answers again) or
+  "limit" (the day's JIMENG_DAILY_LIMIT used up: lifted by the workers themselves once `until` has passed,
+  the next midnight in JIMENG_DAILY_LIMIT_TZ).
 - consecutive failures: jobs that exhausted their attempts in a row; QUEUE_MAX_FAILED of them pause.
 - attempts: real attempts per prompt run; waiting while paused never counts, and a give-back stops at zero.
 - verdicts: a final outcome decided while the record store was down, written by the job's next run.
@@ -44,12 +46,26 @@ return 0
 """
 
 
+# Delete the pause only if it is still a limit pause whose time (ARGV[1], epoch seconds) has come.
+_LIFT_LIMIT = """
+local raw = redis.call('get', KEYS[1])
+if not raw then return 0 end
+local pause = cjson.decode(raw)
+if pause['source'] == 'limit' and tonumber(pause['until'] or 0) <= tonumber(ARGV[1]) then
+  redis.call('del', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
 @dataclass(frozen=True)
 class PauseInfo:
     reason: str
     since: float
-    source: str  # "manual", "auto" or "outage"
+    source: str  # "manual", "auto", "outage" or "limit"
     service: str = ""  # for an outage pause: the service that is down
+    until: float = 0.0  # for a limit pause: when it lifts by itself (epoch seconds)
 
 
 @dataclass(frozen=True)
@@ -71,11 +87,14 @@ class QueueState:
         self._max_failed = max_failed
         self._give_back = redis.register_script(_GIVE_BACK)
         self._lift_outage = redis.register_script(_LIFT_OUTAGE)
+        self._lift_limit = redis.register_script(_LIFT_LIMIT)
 
-    async def pause(self, reason: str, source: str = "manual", service: str = "") -> PauseInfo:
+    async def pause(self, reason: str, source: str = "manual", service: str = "", until: float = 0.0) -> PauseInfo:
         """Pause the queue; an existing pause keeps its original reason and time."""
-        info = PauseInfo(reason, time.time(), source, service)
-        await self._redis.set(self.keys.pause, json.dumps(asdict(info)), nx=True)
+        info = PauseInfo(reason, time.time(), source, service, until)
+        # `until` only where it means something: a pause without it still reads in a worker that predates it.
+        stored = {name: value for name, value in asdict(info).items() if name != "until" or until}
+        await self._redis.set(self.keys.pause, json.dumps(stored), nx=True)
         return await self.paused() or info
 
     async def resume(self) -> PauseInfo | None:
@@ -90,6 +109,10 @@ class QueueState:
     async def lift_outage_pause(self, service: str) -> bool:
         """Lift the pause if it is the outage pause of `service` (a manual or account pause stays)."""
         return bool(await self._lift_outage(keys=[self.keys.pause], args=[service]))
+
+    async def lift_limit_pause(self, now: float) -> bool:
+        """Lift the pause if it is a daily-limit pause whose day is over at `now` (any other pause stays)."""
+        return bool(await self._lift_limit(keys=[self.keys.pause], args=[now]))
 
     async def paused(self) -> PauseInfo | None:
         raw = await self._redis.get(self.keys.pause)
@@ -169,9 +192,9 @@ class PauseGate:
         """Forget the cached view (after this process changed the pause itself)."""
         self._checked = float("-inf")
 
-    async def close(self, reason: str, source: str) -> PauseInfo:
+    async def close(self, reason: str, source: str, until: float = 0.0) -> PauseInfo:
         """Pause the queue from this process (an existing pause stays as it is) and see it at once."""
-        info = await self._state.pause(reason, source=source)
+        info = await self._state.pause(reason, source=source, until=until)
         self.invalidate()
         return info
 

@@ -49,6 +49,7 @@ from .reconcile import Reconciler
 from .runs import Runs
 from .settings import Settings, load_settings, require
 from .slots import Slots
+from .spend import Clock, Spend
 from .state import PauseGate, QueueState
 from .storage import Storage, open_s3_client
 from .watch import Watcher
@@ -119,8 +120,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     outages = Outages(
         state, gate, settings.outage_pause_after, probes={POCKETBASE: pocketbase.check, STORAGE: storage.check}
     )
+    clock: Clock = ctx.get("clock") or time.time
+    spend = Spend(ctx["redis"], keys, settings.jimeng_daily_limit, settings.daily_limit_zone, clock)
     permits = CallPermits(
-        ctx["redis"], keys, settings.jimeng_max_inflight, settings.jimeng_rate_limit, settings.worker_lease
+        ctx["redis"], keys, settings.jimeng_max_inflight, settings.jimeng_rate_limit, settings.worker_lease, spend
     )
     slots = Slots(settings.queue_concurrency, settings.store_concurrency, settings.store_backlog)
     intake = Intake(ctx["redis"], keys, settings.queue_name, settings.queue_poll_interval)
@@ -140,7 +143,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     )
     runs = Runs()
     metrics.watch(lambda: [run.clock.stage for run in runs])
-    heartbeat = Heartbeat(state, runs, outages, permits, settings.queue_name, settings.worker_lease)
+    heartbeat = Heartbeat(state, runs, outages, permits, settings.queue_name, settings.worker_lease, clock)
     heartbeat.start()
     stack.push_async_callback(heartbeat.stop)
     port = metrics_port(settings)
@@ -186,11 +189,12 @@ async def startup(ctx: dict[str, Any]) -> None:
         since = datetime.fromtimestamp(paused.since).astimezone().isoformat(timespec="seconds")
         logger.warning("the queue is paused since {}: {}; `imagegen resume` continues", since, paused.reason)
     logger.info(
-        "worker ready: queue {}, concurrency {} (jimeng calls across workers: {}), jimeng {} ({} {}), bucket {}, "
-        "pocketbase {}/{}{}",
+        "worker ready: queue {}, concurrency {} (jimeng calls across workers: {}, a day: {}), jimeng {} ({} {}), "
+        "bucket {}, pocketbase {}/{}{}",
         settings.queue_name,
         settings.queue_concurrency,
         settings.jimeng_max_inflight or "no cap",
+        settings.jimeng_daily_limit or "no limit",
         settings.jimeng_api_url,
         settings.jimeng_ratio,
         settings.jimeng_resolution,
@@ -231,8 +235,9 @@ async def generate_images(ctx: dict[str, Any], prompt_id: str, force: bool = Fal
     return outcome
 
 
-def worker_options(settings: Settings) -> dict[str, Any]:
-    """The keyword arguments of arq's Worker for these settings."""
+def worker_options(settings: Settings, clock: Clock | None = None) -> dict[str, Any]:
+    """The keyword arguments of arq's Worker for these settings; `clock` (epoch seconds, default the real
+    time) decides the day of JIMENG_DAILY_LIMIT and when its pause lifts."""
     return {
         # Attempts are counted by the job itself (waiting while paused must not use them), so arq's own
         # limit only guards against a job bouncing forever.
@@ -244,7 +249,7 @@ def worker_options(settings: Settings) -> dict[str, Any]:
         "max_jobs": Slots.arq_jobs(settings.queue_concurrency),
         "job_timeout": settings.queue_job_timeout,
         "keep_result": settings.queue_keep_result,
-        "ctx": {"settings": settings},
+        "ctx": {"settings": settings, "clock": clock},
         "health_check_interval": 30,
         "job_completion_wait": settings.worker_shutdown_grace,
     }

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -37,9 +37,10 @@ async def run_queue(settings: Settings) -> Worker:
 
 
 @asynccontextmanager
-async def worker_running(settings: Settings) -> AsyncIterator[Worker]:
-    """An in-process worker that keeps running (through pauses) until the block ends."""
-    worker = Worker(**worker_options(settings), handle_signals=False, poll_delay=0.05)
+async def worker_running(settings: Settings, clock: Callable[[], float] | None = None) -> AsyncIterator[Worker]:
+    """An in-process worker that keeps running (through pauses) until the block ends; `clock` stands in for the
+    time of day (JIMENG_DAILY_LIMIT)."""
+    worker = Worker(**worker_options(settings, clock=clock), handle_signals=False, poll_delay=0.05)
     task = asyncio.create_task(worker.async_run())
     try:
         yield worker

@@ -3,6 +3,7 @@ a real worker and the real services: what an operator sees and what the buttons 
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import AsyncIterator
 
@@ -71,6 +72,7 @@ async def test_dashboard_counts_thumbnails_pause_resume_and_retry(
     await count(page, "pending", 1)
     await expect(page.locator("#workers")).to_have_text("1")
     await expect(page.locator("#hour-figures")).to_contain_text("2 done, 0 failed")
+    await expect(page.locator("#spend-today")).to_have_text("2")  # jimeng calls today, no daily limit
 
     # A done job's view: its prompt and four thumbnails that really load from the S3 server.
     await page.click("#tabs button[data-state=done]")
@@ -123,6 +125,11 @@ async def test_dashboard_counts_thumbnails_pause_resume_and_retry(
     await expect(page.locator("#task-images img")).to_have_count(4)
     assert await wait_until(lambda: _done(pocketbase, refused.id), deadline=10)
     await expect(page.locator("#hour-figures")).to_contain_text("4 done, 1 failed")
+    # Five calls in all today: four delivered images, one refused by moderation.
+    await expect(page.locator("#spend-today")).to_have_text("5")
+    await expect(page.locator("#spend-today")).to_have_attribute(
+        "title", re.compile(r"4 images, 1 moderated, 0 failed$")
+    )
 
 
 async def _done(pocketbase, prompt_id: str) -> bool:

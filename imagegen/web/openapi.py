@@ -35,7 +35,13 @@ SCHEMAS: dict[str, Any] = {
     "Health": obj(
         {"ok": {"type": "boolean"}, "redis": {"enum": ["ok", "unreachable"]}, "error": STRING}, "ok", "redis"
     ),
-    "Pause": obj({"reason": STRING, "since": {"type": "string", "format": "date-time"}, "source": STRING}),
+    "Pause": obj(
+        {
+            "reason": STRING,
+            "since": {"type": "string", "format": "date-time"},
+            "source": {"enum": ["manual", "auto", "outage", "limit"]},
+        }
+    ),
     "EnqueueResult": obj({"id": STRING, "outcome": {"enum": [o.value for o in EnqueueOutcome]}, "detail": STRING}),
     "EnqueueResults": obj({"results": {"type": "array", "items": ref("EnqueueResult")}, "counts": COUNTS}),
     "EnqueueCounts": obj({"counts": COUNTS}),
@@ -123,6 +129,22 @@ SCHEMAS: dict[str, Any] = {
             "minutes": {"type": "array", "items": ref("MinuteCount")},
         }
     ),
+    "Spend": {
+        **obj(
+            {
+                "day": {"type": "string", "format": "date"},
+                "timezone": STRING,
+                "limit": {"type": ["integer", "null"]},
+                "calls": INT,
+                "images": INT,
+                "moderated": INT,
+                "failed": INT,
+                "reserved": INT,
+            }
+        ),
+        "description": "Today's paid jimeng calls (in JIMENG_DAILY_LIMIT_TZ) by outcome, against JIMENG_DAILY_LIMIT "
+        "(null: none); `reserved` are calls in flight or of a worker that died during its call.",
+    },
     "Queue": {
         **obj(
             {
@@ -133,6 +155,7 @@ SCHEMAS: dict[str, Any] = {
                 "outages": {"type": "array", "items": {"type": "object"}},
                 "consecutive_failures": INT,
                 "max_failed": INT,
+                "spend": ref("Spend"),
                 "workers": {"type": "array", "items": {"type": "object"}},
                 "throughput": ref("Throughput"),
             }

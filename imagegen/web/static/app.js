@@ -73,6 +73,9 @@ function renderQueue(queue) {
   for (const [name, value] of Object.entries(queue.jobs)) setNumber(`jobs-${name}`, value);
   setNumber("workers", queue.workers.length);
   $("streak").textContent = `${queue.consecutive_failures} / ${queue.max_failed}`;
+  const spend = queue.spend;
+  $("spend-today").textContent = spend.limit === null ? String(spend.calls) : `${spend.calls} / ${spend.limit}`;
+  $("spend-today").title = `${spend.day} (${spend.timezone}): ${spend.images} images, ${spend.moderated} moderated, ${spend.failed} failed`;
 
   const paused = queue.paused;
   $("paused-banner").hidden = !paused;
