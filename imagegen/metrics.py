@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .errors import JimengError
+from .spend import CallOutcome, call_outcome
 from .stages import TIMED, Stage
 
 # Stages last from milliseconds (a record write) to minutes (a paid call, a slow bucket).
@@ -83,13 +84,14 @@ class WorkerMetrics:
         )
         self.calls = Counter(
             "imagegen_jimeng_calls",
-            "Paid jimeng calls made, by result: images, or error.",
+            "Paid jimeng calls made, by result as `imagegen spend` counts them: images, moderated, failed.",
             ["result"],
             registry=self.registry,
         )
         self.call_errors = Counter(
             "imagegen_jimeng_errors",
-            "Failed jimeng calls by code: the proxy's error code, http_<status>, timeout, network or bad_reply.",
+            "Failed jimeng calls by code: the proxy's error code, http_<status>, timeout, network, bad_reply, or "
+            "unreached (no connection: no call made).",
             ["code"],
             registry=self.registry,
         )
@@ -97,19 +99,19 @@ class WorkerMetrics:
         self.bytes = Counter("imagegen_uploaded_bytes", "Bytes of images stored in the bucket.", registry=self.registry)
         for outcome in ("done", "failed", "skipped", "superseded"):
             self.jobs.labels(outcome)
-        for result in ("images", "error"):
-            self.calls.labels(result)
+        for result in CallOutcome:
+            self.calls.labels(result.value)
 
     def watch(self, stages: Callable[[], Iterable[Stage]]) -> None:
         """Report the jobs in progress by stage, from `stages()` at each scrape."""
         self.registry.register(_LiveJobs(stages))
 
     def call_ended(self, error: JimengError | None) -> None:
-        if error is None:
-            self.calls.labels("images").inc()
-        else:
-            self.calls.labels("error").inc()
-            self.call_errors.labels(jimeng_error_code(error)).inc()
+        outcome = call_outcome(error)
+        if outcome is not None:
+            self.calls.labels(outcome.value).inc()
+        if error is not None:
+            self.call_errors.labels(jimeng_error_code(error) if error.reached else "unreached").inc()
 
     def stored(self, size: int) -> None:
         self.images.inc()

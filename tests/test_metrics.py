@@ -97,11 +97,12 @@ async def test_metrics_of_a_worker_and_of_the_queue_count_what_happened(
     assert value(samples, "imagegen_jobs_total", outcome="done") == 3
     assert value(samples, "imagegen_jobs_total", outcome="failed") == 1
     assert value(samples, "imagegen_job_retries_total", reason="failed_attempt") == 1
-    # Five paid calls: three gave images, the moderated one and the flaky one's first failed with their codes.
+    # Five paid calls: three gave images, one was moderated and the flaky one's first failed, with their codes.
     calls = stack.jimeng.sandbox.stats()["total_calls"]
     assert calls == 5
     assert value(samples, "imagegen_jimeng_calls_total", result="images") == 3
-    assert value(samples, "imagegen_jimeng_calls_total", result="error") == 2
+    assert value(samples, "imagegen_jimeng_calls_total", result="moderated") == 1
+    assert value(samples, "imagegen_jimeng_calls_total", result="failed") == 1
     assert value(samples, "imagegen_jimeng_errors_total", code="-2006") == 1
     assert value(samples, "imagegen_jimeng_errors_total", code="http_503") == 1
     # Every run that made a call was timed in `generating`; images and bytes are those in the bucket.
