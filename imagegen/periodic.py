@@ -11,6 +11,14 @@ from .errors import ImagegenError
 from .outages import outage_service
 
 
+async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    """Cancel a background task and wait until it has ended (its cancellation swallowed)."""
+    if task is not None:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
 class Periodic:
     """Runs `step()` every `interval` seconds in a task of its own.
 
@@ -56,8 +64,5 @@ class Periodic:
         self._task = asyncio.create_task(self._loop(), name=f"imagegen-{self.name}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)

@@ -47,6 +47,7 @@ from .enqueue import EnqueueOutcome, EnqueueTally
 from .errors import ImagegenError, RealtimeError
 from .lease import RELEASE
 from .models import PromptRecord, RecordStatus
+from .periodic import cancel_and_wait
 from .sse import ServerEvent, SSEParser
 
 FIRST_DELAY = 0.5
@@ -118,11 +119,8 @@ class Watcher:
 
     async def stop(self) -> None:
         """Stop watching and give the subscription up, so another worker takes it over at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         if self._held:
             self._held = False
             with suppress(RedisError, OSError):

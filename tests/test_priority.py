@@ -233,9 +233,7 @@ def call_order(stack: Stack, created: list[PromptRecord]) -> list[str]:
 async def test_priorities_order_a_backlog_on_one_slot(
     stack: Stack, records: RecordFactory, pocketbase, redis_client, settings, start_worker, sandbox_config
 ):
-    sandbox_config.latency = 0.3
-    worker = start_worker(QUEUE_CONCURRENCY="1")
-    assert await wait_until(lambda: _ready(worker), deadline=30)
+    worker = await one_slot_worker(start_worker, sandbox_config)
     async with open_control(settings) as control:
         fillers = await fill_the_worker(stack, records, control, redis_client)
         # (name, the record's field, the priority `add` asks for): queued in this order, one after another.
@@ -272,9 +270,7 @@ async def test_priorities_order_a_backlog_on_one_slot(
 async def test_a_retried_high_priority_job_runs_again_before_lower_priorities(
     stack: Stack, records: RecordFactory, pocketbase, redis_client, settings, start_worker, sandbox_config
 ):
-    sandbox_config.latency = 0.3
-    worker = start_worker(QUEUE_CONCURRENCY="1")
-    assert await wait_until(lambda: _ready(worker), deadline=30)
+    worker = await one_slot_worker(start_worker, sandbox_config)
     async with open_control(settings) as control:
         fillers = await fill_the_worker(stack, records, control, redis_client)
         urgent = await create(records, "an urgent lighthouse that fails once", 50)
@@ -312,6 +308,14 @@ async def test_high_priority_goes_first_across_two_workers(
     # Each worker holds two jobs at a time: whichever looks first takes the two important ones.
     assert {r.id for r in highs} <= set(order[:4])
     assert all("job done" in w.output() for w in workers)
+
+
+async def one_slot_worker(start_worker, sandbox_config):
+    """A worker process with one generation slot, ready, and calls of 0.3 s."""
+    sandbox_config.latency = 0.3
+    worker = start_worker(QUEUE_CONCURRENCY="1")
+    assert await wait_until(lambda: _ready(worker), deadline=30)
+    return worker
 
 
 async def _ready(worker) -> bool:
