@@ -40,7 +40,7 @@ from .pocketbase import PocketBaseClient
 from .runs import JobRun, Phase
 from .settings import Settings
 from .slots import Slots
-from .spend import CallOutcome, call_outcome
+from .spend import CallOutcome, Reservation, call_outcome
 from .stages import Stage, StageClock
 from .state import PauseGate
 from .storage import Storage
@@ -184,10 +184,12 @@ class Pipeline:
         run.enter(Phase.READY)
         await s.slots.take_call_slot(run)
         # A failure keeps the slot until the job's outcome is decided (see `slots`).
-        generation, elapsed = await self._call(run, prompt, negative, choices)
+        generation, elapsed, reservation = await self._call(run, prompt, negative, choices)
         s.slots.free_call_slot(run)
-        # The slot is free the moment the call returned: the next prompt's call starts while this one stores.
+        # The slot is free the moment the call returned: the next prompt's call starts while this one stores,
+        # and the call is counted meanwhile (its place under the limit stays reserved until then).
         s.slots.hand_back(run)
+        await asyncio.shield(s.permits.finish(reservation, CallOutcome.IMAGES))
         run.set_phase(Phase.STORING)
         result.generated = True
         result.timings["generate"] = result.timings.get("generate", 0.0) + elapsed
@@ -196,8 +198,11 @@ class Pipeline:
         run.generation_saved = True
         return generation
 
-    async def _call(self, run: JobRun, prompt: str, negative: str, choices: Choices) -> tuple[GenerationRecord, float]:
-        """The last checks and the paid call, inside a generation slot, and the seconds it took.
+    async def _call(
+        self, run: JobRun, prompt: str, negative: str, choices: Choices
+    ) -> tuple[GenerationRecord, float, Reservation]:
+        """The last checks and the paid call, inside a generation slot: its images, the seconds it took and its
+        reservation, which the caller settles (a failed call's is settled here).
 
         Few Redis round trips here (the pause is cached, the lease renewed recently): the slot was just freed
         by a call that returned, and the next call should start at once. One script takes the call's permit
@@ -227,6 +232,7 @@ class Pipeline:
                 f"JIMENG_RATE_LIMIT={s.permits.rate}); queued again"
             )
         outcome: CallOutcome | None = None  # no call made (yet): the reservation is released
+        succeeded = False
         try:
             run.check_stop()
             # No await between the stop check and the call: a stop either sends this run back or waits for it.
@@ -240,12 +246,14 @@ class Pipeline:
                 outcome = call_outcome(exc)
                 s.metrics.call_ended(exc)
                 raise
-            outcome = CallOutcome.IMAGES
             s.metrics.call_ended(None)
             elapsed = time.monotonic() - t0
+            succeeded = True
         finally:
-            await asyncio.shield(s.permits.finish(reservation, outcome))
-        return GenerationRecord(created=generation.created, urls=generation.urls), elapsed
+            # A call with images is counted by the caller once its generation slot is free.
+            if not succeeded:
+                await asyncio.shield(s.permits.finish(reservation, outcome))
+        return GenerationRecord(created=generation.created, urls=generation.urls), elapsed, reservation
 
     async def _store_all(self, run: JobRun, generation: GenerationRecord, result: PipelineResult) -> None:
         s, prompt_id = self._s, run.prompt_id

@@ -39,6 +39,20 @@ TIMED = (Stage.QUEUED, Stage.GENERATING, Stage.DOWNLOADING, Stage.UPLOADING, Sta
 FINAL = (Stage.DONE, Stage.FAILED)
 
 
+# KEYS: the prompt's stage hash. ARGV: fresh ("1": a new job, forget earlier ones), stage, since, attempt,
+# ttl, then (stage, seconds in this run, epoch first entered) for each timed stage of the run.
+_RECORD = """
+if ARGV[1] == '1' then redis.call('del', KEYS[1]) end
+redis.call('hset', KEYS[1], 'stage', ARGV[2], 'since', ARGV[3], 'attempt', ARGV[4])
+for i = 6, #ARGV, 3 do
+  redis.call('hincrbyfloat', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('hsetnx', KEYS[1], ARGV[i] .. ':at', ARGV[i + 2])
+end
+redis.call('expire', KEYS[1], tonumber(ARGV[5]))
+return 1
+"""
+
+
 @dataclass
 class StageTiming:
     """Seconds spent in one stage (over all runs of a job) and when the job first entered it."""
@@ -129,16 +143,12 @@ class StageLog:
     ) -> None:
         """Queue the write of one run's end on `pipe`, executed by the caller with its other writes (one run
         of a prompt at a time writes: the one holding its lease). `fresh`: the first run of a new job, which
-        forgets the timings of the prompt's earlier jobs."""
-        key = self._keys.stages(prompt_id)
-        if fresh:
-            pipe.delete(key)
-        pipe.hset(key, mapping={"stage": clock.stage.value, "since": clock.since, "attempt": attempt})
+        forgets the timings of the prompt's earlier jobs. One command (a script), whatever the stages."""
         first = {timing.stage: timing.started for timing in clock.timings()}
+        args = ["1" if fresh else "0", clock.stage.value, str(clock.since), str(attempt), str(self._ttl)]
         for stage, spent in seconds.items():
-            pipe.hincrbyfloat(key, stage.value, round(spent, 6))
-            pipe.hsetnx(key, f"{stage.value}:at", str(first.get(stage, clock.since)))
-        pipe.expire(key, self._ttl)
+            args.extend((stage.value, str(round(spent, 6)), str(first.get(stage, clock.since))))
+        pipe.eval(_RECORD, 1, self._keys.stages(prompt_id), *args)
 
     async def read(self, prompt_id: str) -> StageView | None:
         raw: dict[bytes, bytes] = await self._redis.hgetall(self._keys.stages(prompt_id))  # type: ignore[misc]
