@@ -29,15 +29,7 @@ from arq.jobs import JobResult
 from imagegen.enqueue import JobQueue
 from imagegen.jimeng_sandbox import SandboxConfig, SandboxThread
 from imagegen.keys import RedisKeys
-from imagegen.localstack import (
-    RunningService,
-    ensure_bucket,
-    free_port,
-    pocketbase_spec,
-    redis_spec,
-    seaweed_spec,
-    stack_env,
-)
+from imagegen.localstack import Credentials, RunningService, local_services
 from imagegen.settings import Settings
 
 BIN = Path(sys.executable).parent
@@ -48,6 +40,7 @@ S3_ACCESS = "bench-access"
 S3_SECRET = "bench-secret-key-9a7e"
 JIMENG_KEY = "bench-jimeng-key"
 BUCKET = "imagegen-bench"
+CREDENTIALS = Credentials(PB_EMAIL, PB_PASSWORD, S3_ACCESS, S3_SECRET, BUCKET, JIMENG_KEY)
 BATCH_SIZE = 1000  # records per PocketBase batch request (its maxRequests, set at start)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Settings that must not leak from the user's environment into a worker or CLI of the bench.
@@ -362,41 +355,13 @@ async def clean(stack: Stack) -> None:
 @contextlib.contextmanager
 def running_stack(root: Path) -> Iterator[Stack]:
     """Start Redis, PocketBase (batch API on), SeaweedFS with a bucket, and the fake; stop them all at the end."""
-    services: list[RunningService] = []
-    try:
-        redis_port, pb_port = free_port(), free_port()
-        s3_port = free_port(also_free_offset=10000, below=55535)
-        for spec in (
-            redis_spec(root / "redis", redis_port),
-            pocketbase_spec(root / "pocketbase", pb_port, admin_email=PB_EMAIL, admin_password=PB_PASSWORD),
-            seaweed_spec(root / "seaweed", s3_port, access_key=S3_ACCESS, secret_key=S3_SECRET),
-        ):
-            service = RunningService(spec)
-            service.start()
-            services.append(service)
-        s3_url = f"http://127.0.0.1:{s3_port}"
-        asyncio.run(ensure_bucket(s3_url, S3_ACCESS, S3_SECRET, BUCKET))
-        (root / "work").mkdir(exist_ok=True)
-        config = SandboxConfig(api_key=JIMENG_KEY, retry_after=0)
-        with SandboxThread(config) as jimeng:
-            env = stack_env(
-                redis_port=redis_port,
-                jimeng_url=jimeng.base_url,
-                jimeng_key=JIMENG_KEY,
-                s3_url=s3_url,
-                bucket=BUCKET,
-                s3_access_key=S3_ACCESS,
-                s3_secret_key=S3_SECRET,
-                pocketbase_url=f"http://127.0.0.1:{pb_port}",
-                pocketbase_email=PB_EMAIL,
-                pocketbase_password=PB_PASSWORD,
-            ) | {"POCKETBASE_COLLECTION": "prompts", "QUEUE_NAME": "imagegen:queue"}
-            stack = Stack(root, services, jimeng, env, dataclasses.replace(config), redis_port)
-            asyncio.run(_enable_batch(stack))
-            yield stack
-    finally:
-        for service in reversed(services):
-            service.stop()
+    (root / "work").mkdir(exist_ok=True)
+    config = SandboxConfig(api_key=JIMENG_KEY, retry_after=0)
+    with local_services(root, CREDENTIALS) as local, SandboxThread(config) as jimeng:
+        env = local.env(jimeng.base_url) | {"POCKETBASE_COLLECTION": "prompts", "QUEUE_NAME": "imagegen:queue"}
+        stack = Stack(root, local.all, jimeng, env, dataclasses.replace(config), local.redis_port)
+        asyncio.run(_enable_batch(stack))
+        yield stack
 
 
 async def _enable_batch(stack: Stack) -> None:

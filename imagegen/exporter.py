@@ -38,14 +38,11 @@ def metrics_port(settings: Settings) -> int | None:
 class Exporter:
     """Serves one worker's metrics and health until stopped; `stop` is safe to call twice."""
 
-    def __init__(
-        self, settings: Settings, metrics: WorkerMetrics, heartbeat: Heartbeat, runs: Runs, interval: float
-    ) -> None:
+    def __init__(self, settings: Settings, metrics: WorkerMetrics, heartbeat: Heartbeat, runs: Runs) -> None:
         self._settings = settings
         self._metrics = metrics
         self._heartbeat = heartbeat
         self._runs = runs
-        self._interval = interval
         self._runner: web.AppRunner | None = None
 
     def _app(self) -> web.Application:
@@ -69,7 +66,7 @@ class Exporter:
     async def _healthz(self, request: web.Request) -> web.Response:
         last = self._heartbeat.last_success
         age = None if last is None else asyncio.get_running_loop().time() - last
-        ok = age is not None and age <= HEALTHY_BEATS * self._interval
+        ok = age is not None and age <= HEALTHY_BEATS * self._heartbeat.interval
         body = {
             "ok": ok,
             "worker": self._heartbeat.worker_id,

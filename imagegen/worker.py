@@ -148,7 +148,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     stack.push_async_callback(heartbeat.stop)
     port = metrics_port(settings)
     if port is not None:
-        exporter = Exporter(settings, metrics, heartbeat, runs, heartbeat.interval)
+        exporter = Exporter(settings, metrics, heartbeat, runs)
         try:
             await exporter.start(port)
         except ConfigError as exc:

@@ -22,15 +22,7 @@ import redis.asyncio as aioredis
 
 from imagegen.jimeng_sandbox import SandboxConfig, SandboxThread
 from imagegen.keys import RedisKeys
-from imagegen.localstack import (
-    RunningService,
-    ensure_bucket,
-    free_port,
-    pocketbase_spec,
-    redis_spec,
-    seaweed_spec,
-    stack_env,
-)
+from imagegen.localstack import Credentials, RunningService, free_port, local_services
 from imagegen.models import PromptRecord
 from imagegen.pocketbase import PocketBaseClient
 from imagegen.settings import Settings
@@ -46,6 +38,7 @@ S3_SECRET = "test-secret-key-8d2e"
 JIMENG_KEY = "test-jimeng-key-77c1"
 BUCKET = "imagegen-test"
 SECRETS = (REDIS_PASSWORD, PB_PASSWORD, S3_SECRET, JIMENG_KEY)
+CREDENTIALS = Credentials(PB_EMAIL, PB_PASSWORD, S3_ACCESS, S3_SECRET, BUCKET, JIMENG_KEY, REDIS_PASSWORD)
 
 
 @dataclass
@@ -92,49 +85,32 @@ SETTING_PREFIXES = (
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
-    services: list[RunningService] = []
-    try:
-        redis_port, pb_port, s3_port = free_port(), free_port(), free_port(also_free_offset=10000, below=55535)
-        redis = RunningService(redis_spec(root / "redis", redis_port, password=REDIS_PASSWORD))
-        pocketbase = RunningService(
-            pocketbase_spec(root / "pocketbase", pb_port, admin_email=PB_EMAIL, admin_password=PB_PASSWORD)
+    # Retry-After: 0 keeps retried 429s fast; honouring the header is covered by test_retry_policy.
+    with (
+        local_services(root, CREDENTIALS) as local,
+        SandboxThread(SandboxConfig(api_key=JIMENG_KEY, retry_after=0)) as jimeng,
+    ):
+        workdir = root / "work"
+        workdir.mkdir()
+        env = local.env(jimeng.base_url) | {
+            "REDIS_DB": "0",
+            "JIMENG_TIMEOUT": "20000",
+            "QUEUE_BACKOFF": "0.2",
+            "QUEUE_CONCURRENCY": "5",
+            "DOWNLOAD_TIMEOUT": "20",
+            "WORKER_SHUTDOWN_GRACE": "20",
+            # `imagegen serve` (and supervisord.conf's imagegen-web) never on a fixed port in tests
+            "WEB_PORT": str(free_port()),
+        }
+        yield Stack(
+            local.redis,
+            local.pocketbase,
+            local.seaweed,
+            jimeng,
+            workdir,
+            env,
+            dataclasses.replace(jimeng.sandbox.config),
         )
-        seaweed = RunningService(seaweed_spec(root / "seaweed", s3_port, access_key=S3_ACCESS, secret_key=S3_SECRET))
-        for service in (redis, pocketbase, seaweed):
-            service.start()
-            services.append(service)
-        s3_url = f"http://127.0.0.1:{s3_port}"
-        asyncio.run(ensure_bucket(s3_url, S3_ACCESS, S3_SECRET, BUCKET))
-        # Retry-After: 0 keeps retried 429s fast; honouring the header is covered by test_retry_policy.
-        with SandboxThread(SandboxConfig(api_key=JIMENG_KEY, retry_after=0)) as jimeng:
-            workdir = root / "work"
-            workdir.mkdir()
-            env = stack_env(
-                redis_port=redis_port,
-                jimeng_url=jimeng.base_url,
-                jimeng_key=JIMENG_KEY,
-                s3_url=s3_url,
-                bucket=BUCKET,
-                s3_access_key=S3_ACCESS,
-                s3_secret_key=S3_SECRET,
-                pocketbase_url=f"http://127.0.0.1:{pb_port}",
-                pocketbase_email=PB_EMAIL,
-                pocketbase_password=PB_PASSWORD,
-            ) | {
-                "REDIS_PASSWORD": REDIS_PASSWORD,
-                "REDIS_DB": "0",
-                "JIMENG_TIMEOUT": "20000",
-                "QUEUE_BACKOFF": "0.2",
-                "QUEUE_CONCURRENCY": "5",
-                "DOWNLOAD_TIMEOUT": "20",
-                "WORKER_SHUTDOWN_GRACE": "20",
-                # `imagegen serve` (and supervisord.conf's imagegen-web) never on a fixed port in tests
-                "WEB_PORT": str(free_port()),
-            }
-            yield Stack(redis, pocketbase, seaweed, jimeng, workdir, env, dataclasses.replace(jimeng.sandbox.config))
-    finally:
-        for service in reversed(services):
-            service.stop()
 
 
 def queue_state(settings: Settings, redis: aioredis.Redis) -> QueueState:

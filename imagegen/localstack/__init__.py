@@ -4,13 +4,15 @@ Each `*_spec` function prepares a data dir and returns a `ServiceSpec`; `Running
 the demo stack hands the same specs to supervisord.
 """
 
-from .env import stack_env
 from .pocketbase import pocketbase_spec
 from .process import LocalStackError, RunningService, ServiceSpec, child_env, find_binary, free_port
 from .redis import redis_spec
 from .seaweed import ensure_bucket, seaweed_spec
+from .services import Credentials, LocalServices, local_services
 
 __all__ = [
+    "Credentials",
+    "LocalServices",
     "LocalStackError",
     "RunningService",
     "ServiceSpec",
@@ -18,8 +20,8 @@ __all__ = [
     "ensure_bucket",
     "find_binary",
     "free_port",
+    "local_services",
     "pocketbase_spec",
     "redis_spec",
     "seaweed_spec",
-    "stack_env",
 ]
