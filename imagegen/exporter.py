@@ -26,13 +26,20 @@ from .runs import Runs
 from .settings import Settings
 
 HEALTHY_BEATS = 3
+MAX_PORT = 65535
 
 
 def metrics_port(settings: Settings) -> int | None:
-    """This process's port, or None when the endpoint is off."""
+    """This process's port, or None when the endpoint is off; ConfigError when the sum is no port."""
     if not settings.worker_metrics_port:
         return None
-    return settings.worker_metrics_port + settings.worker_index
+    port = settings.worker_metrics_port + settings.worker_index
+    if port > MAX_PORT:
+        raise ConfigError(
+            f"WORKER_METRICS_PORT={settings.worker_metrics_port} + WORKER_INDEX={settings.worker_index} is port "
+            f"{port}, past {MAX_PORT}; choose a lower WORKER_METRICS_PORT"
+        )
+    return port
 
 
 class Exporter:

@@ -189,13 +189,14 @@ class Pipeline:
         # The slot is free the moment the call returned: the next prompt's call starts while this one stores,
         # and the call is counted meanwhile (its place under the limit stays reserved until then).
         s.slots.hand_back(run)
-        await asyncio.shield(s.permits.finish(reservation, CallOutcome.IMAGES))
         run.set_phase(Phase.STORING)
         result.generated = True
         result.timings["generate"] = result.timings.get("generate", 0.0) + elapsed
         logger.bind(prompt_id=prompt_id).info("generated {} images in {:.1f}s", len(generation.urls), elapsed)
+        # Remembered first: should Redis fail the count, the job's next run still reuses what was paid for.
         await s.ledger.save(prompt_id, generation)
         run.generation_saved = True
+        await asyncio.shield(s.permits.finish(reservation, CallOutcome.IMAGES))
         return generation
 
     async def _call(

@@ -196,6 +196,11 @@ def test_a_worker_metrics_port_it_cannot_use_stops_it_with_one_line(stack: Stack
     assert "refusing to listen on '0.0.0.0' without API_TOKEN" in exposed.stderr
     assert "WORKER_METRICS_HOST" in exposed.stderr and "Traceback" not in exposed.stderr + exposed.stdout
 
+    past = worker(WORKER_METRICS_PORT="65535", WORKER_INDEX="1")
+    assert past.returncode == 2
+    assert "WORKER_METRICS_PORT=65535 + WORKER_INDEX=1 is port 65536" in past.stderr
+    assert "Traceback" not in past.stderr + past.stdout
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
