@@ -1,7 +1,9 @@
 """Who may reach imagegen's HTTP endpoints (the API of `imagegen serve`, a worker's metrics).
 
 One rule for both: with API_TOKEN set, callers send `Authorization: Bearer <API_TOKEN>` (compared in constant
-time); without it, an endpoint listens on loopback only, since anyone who reaches it could use it.
+time); without it, an endpoint listens on loopback only, since anyone who reaches it could use it. A token that
+no client can send (blank, or with spaces around it) is refused anywhere, and beyond loopback one shorter than
+MIN_TOKEN_CHARS, which a stranger could guess.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import ipaddress
 
 from .errors import ConfigError
 from .settings import Settings
+
+MIN_TOKEN_CHARS = 16
+MAKE_A_TOKEN = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))' makes one"
 
 
 def is_loopback(host: str) -> bool:
@@ -25,7 +30,16 @@ def is_loopback(host: str) -> bool:
 
 def check_bind(settings: Settings, host: str, setting: str = "--host or WEB_HOST") -> None:
     """Without API_TOKEN only a loopback address is allowed; `setting` names where the address comes from."""
-    if not settings.api_token.get_secret_value() and not is_loopback(host):
+    token = settings.api_token.get_secret_value()
+    if token and token != token.strip():
+        what = "is blank" if not token.strip() else "has spaces around it"
+        raise ConfigError(f"API_TOKEN {what}, so no client could send it: set a real token ({MAKE_A_TOKEN})")
+    if token and len(token) < MIN_TOKEN_CHARS and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host!r} with an API_TOKEN of {len(token)} characters: beyond loopback it needs "
+            f"at least {MIN_TOKEN_CHARS} ({MAKE_A_TOKEN})"
+        )
+    if not token and not is_loopback(host):
         raise ConfigError(
             f"refusing to listen on {host!r} without API_TOKEN: set API_TOKEN, or listen on 127.0.0.1 "
             f"(loopback only) with {setting}"

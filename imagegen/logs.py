@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from loguru import logger
 
@@ -55,6 +55,24 @@ class _Scrubber:
         return text
 
 
+class _ScrubbedStream:
+    """A sink that writes each formatted line, traceback included, with every secret replaced by ***
+    (the patcher above sees only the message; a traceback's lines name the values of its exceptions)."""
+
+    def __init__(self, stream: TextIO, scrubber: _Scrubber) -> None:
+        self._stream = stream
+        self._scrubber = scrubber
+
+    def write(self, text: str) -> None:
+        self._stream.write(self._scrubber.scrub(text))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+
 def scrub(text: str, secrets: Iterable[str]) -> str:
     """`text` with every configured secret replaced by ***, for anything that leaves the process."""
     return _Scrubber(secrets).scrub(text)
@@ -68,7 +86,7 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = (), *, colorize:
     threshold = logger.level(level).no
     warning = logger.level("WARNING").no
     logger.add(
-        sys.stdout,
+        _ScrubbedStream(sys.stdout, scrubber),
         level=level,
         format=FORMAT,
         filter=lambda record: record["level"].no < warning,
@@ -76,7 +94,13 @@ def setup_logging(level: str = "INFO", secrets: Iterable[str] = (), *, colorize:
         backtrace=False,
         diagnose=False,
     )
-    logger.add(sys.stderr, level=max(threshold, warning), format=FORMAT, colorize=colorize, diagnose=False)
+    logger.add(
+        _ScrubbedStream(sys.stderr, scrubber),
+        level=max(threshold, warning),
+        format=FORMAT,
+        colorize=colorize,
+        diagnose=False,
+    )
     handler = _InterceptHandler()
     logging.basicConfig(handlers=[handler], level=logging.INFO, force=True)
     for name, std_level in (

@@ -10,7 +10,8 @@ from typing import Any
 
 from .errors import InvalidPromptId, PromptFailed
 
-_PROMPT_ID = re.compile(r"[a-z0-9]{15}")
+PROMPT_ID_PATTERN = "^[a-z0-9]{15}$"
+_PROMPT_ID = re.compile(PROMPT_ID_PATTERN)
 
 
 class RecordStatus(StrEnum):

@@ -31,6 +31,11 @@ def filter_literal(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def like_escaped(value: str) -> str:
+    """`value` for PocketBase's `~` (SQL LIKE with backslash as escape): its wildcards match only themselves."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _ignore_outcome(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -278,8 +283,8 @@ class PocketBaseClient:
         return self.status_filter(status)
 
     def search_filter(self, text: str) -> str:
-        """Records whose id or prompt contains `text`."""
-        literal = filter_literal(text)
+        """Records whose id or prompt contains `text`, taken literally (`%` and `_` are no wildcards)."""
+        literal = filter_literal(like_escaped(text))
         return f"(id ~ {literal} || {self.f_prompt} ~ {literal})"
 
     async def list_page(self, record_filter: str, *, page: int, per_page: int, search: str = "") -> RecordPage:

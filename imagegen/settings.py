@@ -21,6 +21,8 @@ from .choices import Choices, check_model, check_ratio, check_resolution
 from .errors import ConfigError
 
 MIB = 1024 * 1024
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?:{_LABEL}\.)*{_LABEL}$|^[0-9a-f:.]+$")
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_FIELDS = (
     "redis_password",
@@ -135,6 +137,9 @@ class Settings(BaseSettings):
     api_token: SecretStr = SecretStr("")
     web_host: str = "127.0.0.1"
     web_port: int = Field(8300, ge=1, le=65535)
+    # Host names the server answers to besides its bind address and localhost (comma-separated): the names a
+    # reverse proxy or the operator's browser use for it.
+    web_allowed_hosts: str = ""
 
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
 
@@ -212,6 +217,22 @@ class Settings(BaseSettings):
         if value and not _FIELD_NAME.match(value):
             raise ValueError("must be a PocketBase field name, or empty when the collection has no such field")
         return value
+
+    @field_validator("web_allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        names = [name.strip().lower() for name in value.split(",") if name.strip()]
+        for name in names:
+            if not _HOST_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not a host name: list bare names or addresses, comma-separated "
+                    "(images.example.com,10.0.0.5), without scheme, port or path"
+                )
+        return ",".join(names)
+
+    def allowed_web_hosts(self) -> list[str]:
+        """WEB_ALLOWED_HOSTS as a list of lowercased names."""
+        return [name for name in self.web_allowed_hosts.split(",") if name]
 
     @field_validator("tos_key_prefix")
     @classmethod

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidRequest
 from ..listing import MAX_PER_PAGE, TaskState
@@ -15,6 +15,16 @@ DEFAULT_PAUSE_REASON = "paused from the web API"
 M = TypeVar("M", bound=BaseModel)
 
 
+def _whole_number(value: Any) -> Any:
+    """1000.0 is the integer 1000 by JSON Schema (and many JSON writers send it so); 1000.5 stays refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+
+
 class CreateTasks(BaseModel):
     """POST /api/tasks: queue these prompt ids; `force` runs done or failed records again; `priority`
     overrides each record's own."""
@@ -23,7 +33,7 @@ class CreateTasks(BaseModel):
 
     ids: list[str] = Field(min_length=1, max_length=MAX_IDS)
     force: bool = False
-    priority: int | None = Field(
+    priority: WholeNumber | None = Field(
         default=None,
         ge=PRIORITY_MIN,
         le=PRIORITY_MAX,
@@ -40,6 +50,14 @@ class PauseQueue(BaseModel):
     reason: str | None = Field(default=None, max_length=1000)
 
 
+class NoOptions(BaseModel):
+    """The body of a write that takes no options (resume, enqueue-pending, retry-failed, retry): `{}`.
+
+    Writes are JSON so that no other site's page can send them (see `security`); this one has nothing to say."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class TaskQuery(BaseModel):
     """GET /api/tasks: which state, which page, what to search for."""
 
@@ -48,7 +66,12 @@ class TaskQuery(BaseModel):
     state: TaskState = TaskState.QUEUED
     page: int = Field(default=1, ge=1, le=100_000)
     per_page: int = Field(default=20, ge=1, le=MAX_PER_PAGE)
-    q: str = Field(default="", max_length=200)
+    q: str = Field(
+        default="",
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description="text the id or prompt contains (literally: % and _ are no wildcards); no control characters",
+    )
 
 
 def describe(exc: ValidationError) -> str:

@@ -11,6 +11,7 @@ from aiohttp import web
 from ..control import Control, connect_queue
 from ..pocketbase import PocketBaseClient
 from ..settings import Settings
+from .security import HostRule
 
 
 class Backends:
@@ -40,8 +41,10 @@ class Backends:
 
 
 STATIC_DIR = Path(__file__).with_name("static")
+DASHBOARD_PAGE = Path(__file__).with_name("index.html")
 BACKENDS = web.AppKey("backends", Backends)
 SETTINGS = web.AppKey("settings", Settings)
+HOST_RULE = web.AppKey("host_rule", HostRule)
 
 
 async def control_of(request: web.Request) -> Control:

@@ -1,7 +1,9 @@
-"""The API's two middlewares: the bearer token check, and errors as JSON `{"error": ...}` with the right status.
+"""The API's middlewares, outermost first: errors as JSON `{"error": ...}` with the right status, the Host and
+cross-site rules of `security`, and the bearer token check.
 
-Status by error: 400 a bad request or id, 401 a missing or wrong token, 404 no such route or record, 405 a
-method the route doesn't take, 503 Redis or PocketBase down (or misconfigured), 500 anything unexpected,
+Status by error: 400 a bad request or id, 401 a missing or wrong token, 403 a write refused as cross-site or
+not JSON, 404 no such route or record, 405 a method the route doesn't take, 413 a body over the size limit, 421
+a Host the server doesn't answer to, 503 Redis or PocketBase down (or misconfigured), 500 anything unexpected,
 logged once with its traceback and answered without it. Every message is scrubbed of configured secrets.
 """
 
@@ -9,14 +11,16 @@ from __future__ import annotations
 
 import json
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Handler
 from loguru import logger
 
 from ..access import token_refusal
 from ..errors import ConfigError, ImagegenError, InvalidPromptId, InvalidRequest, RecordNotFound, ServiceError
 from ..logs import scrub
-from .context import SETTINGS
+from .context import HOST_RULE, SETTINGS
+from .protocol import fault_message
+from .security import WRONG_HOST, write_refusal
 
 # Under /api/, only the document describing the API is public; outside it, /healthz and the dashboard's files
 # are public, /metrics is not.
@@ -36,6 +40,25 @@ def needs_token(request: web.Request) -> bool:
     if request.path == "/metrics":
         return True
     return request.path.startswith("/api/") and request.path not in PUBLIC_API_PATHS
+
+
+@web.middleware
+async def host_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """421 for a Host this server doesn't answer to (a DNS-rebinding page reads and writes nothing)."""
+    if not request.app[HOST_RULE].allows(request.headers.get("Host")):
+        logger.debug("refused a request for another host name: {} {}", request.method, request.path)
+        return json_error(request, 421, WRONG_HOST)
+    return await handler(request)
+
+
+@web.middleware
+async def cross_site_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """403 for a write that isn't JSON or comes from another site's page, before anything is read or changed."""
+    if request.match_info.http_exception is None:  # no such route or method: that answer comes first
+        refusal = write_refusal(request, request.app[HOST_RULE])
+        if refusal is not None:
+            return json_error(request, 403, refusal)
+    return await handler(request)
 
 
 @web.middleware
@@ -61,6 +84,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return json_error(request, exc.status, _http_message(request, exc), **_kept_headers(exc))
+    except (http_exceptions.HttpProcessingError, web.RequestPayloadError) as exc:
+        # A body aiohttp could not decode as its headers say (a gzip Content-Encoding on plain bytes).
+        return json_error(request, 400, fault_message(exc.__cause__ or exc))
     except (InvalidRequest, InvalidPromptId) as exc:
         return json_error(request, 400, str(exc))
     except RecordNotFound as exc:
@@ -78,10 +104,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def _http_message(request: web.Request, exc: web.HTTPException) -> str:
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
-        return f"{request.method} is not allowed on {request.path}; use {allowed}"
+        return f"{request.method} is not allowed on {_shown_path(request.path)}; use {allowed}"
     if isinstance(exc, web.HTTPNotFound):
-        return f"nothing at {request.path}"
+        return f"nothing at {_shown_path(request.path)}" + (
+            " (a task id is 15 characters of a-z and 0-9)" if request.path.startswith("/api/tasks/") else ""
+        )
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return f"the body is larger than this server accepts ({request.client_max_size} bytes)"
     return exc.reason
+
+
+def _shown_path(path: str) -> str:
+    """A path as an error shows it: printable and short, since it is the client's own text."""
+    printable = "".join(c if c.isprintable() else "?" for c in path)
+    return printable if len(printable) <= 80 else printable[:80] + "…"
 
 
 def _kept_headers(exc: web.HTTPException) -> dict[str, str]:

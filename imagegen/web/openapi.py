@@ -11,9 +11,9 @@ from typing import Any
 
 from ..control import EnqueueOutcome
 from ..listing import TaskState
-from ..models import JobState
+from ..models import PROMPT_ID_PATTERN, JobState
 from ..stages import TIMED, Stage
-from .bodies import CreateTasks, PauseQueue, TaskQuery
+from .bodies import CreateTasks, NoOptions, PauseQueue, TaskQuery
 
 STRING = {"type": "string"}
 INT = {"type": "integer"}
@@ -22,8 +22,17 @@ NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 COUNTS = {"type": "object", "additionalProperties": INT}
 
 
+REF_TEMPLATE = "#/components/schemas/{model}"
+BodyModel = type[CreateTasks | PauseQueue | NoOptions | TaskQuery]
+
+
 def ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+    return {"$ref": REF_TEMPLATE.format(model=name)}
+
+
+def model_schema(model: BodyModel) -> dict[str, Any]:
+    """A model's JSON Schema with the types it refers to (enums) under components, where its $refs point."""
+    return model.model_json_schema(ref_template=REF_TEMPLATE)
 
 
 def obj(properties: dict[str, Any], *required: str) -> dict[str, Any]:
@@ -32,9 +41,19 @@ def obj(properties: dict[str, Any], *required: str) -> dict[str, Any]:
 
 SCHEMAS: dict[str, Any] = {
     "Error": obj({"error": STRING}),
-    "Health": obj(
-        {"ok": {"type": "boolean"}, "redis": {"enum": ["ok", "unreachable"]}, "error": STRING}, "ok", "redis"
-    ),
+    "Health": {
+        **obj(
+            {
+                "ok": {"type": "boolean"},
+                "status": {"enum": ["ok", "unavailable"]},
+                "redis": {"enum": ["ok", "unreachable"]},
+                "error": STRING,
+            },
+            "ok",
+            "status",
+        ),
+        "description": "`redis` and `error` only for a caller with the token (or when none is configured).",
+    },
     "Pause": obj(
         {
             "reason": STRING,
@@ -169,22 +188,36 @@ def response(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": ref(schema)}}}
 
 
+MEANING = {
+    400: "bad input: invalid JSON, field, id, state or paging",
+    401: "missing or wrong bearer token",
+    403: "a write refused: not `Content-Type: application/json`, or sent by another site's page",
+    404: "no such record",
+    413: "the body is larger than the server accepts",
+    421: "the request names a host this server does not answer to (WEB_ALLOWED_HOSTS)",
+    503: "Redis or PocketBase is unreachable",
+}
+WRITE_ERRORS = (400, 403, 413)
+
+
 def errors(*statuses: int) -> dict[str, Any]:
-    meaning = {
-        400: "bad input: invalid JSON, field, id, state or paging",
-        401: "missing or wrong bearer token",
-        404: "no such record",
-        503: "Redis or PocketBase is unreachable",
-    }
-    return {str(status): response(meaning[status], "Error") for status in (401, 503, *statuses)}
+    return {str(status): response(MEANING[status], "Error") for status in sorted({401, 421, 503, *statuses})}
 
 
-def json_body(model: type[CreateTasks | PauseQueue], required: bool = True) -> dict[str, Any]:
-    return {"required": required, "content": {"application/json": {"schema": model.model_json_schema()}}}
+def json_body(model: BodyModel) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": model_schema(model)}}}
+
+
+def defined_types() -> dict[str, Any]:
+    """The types the request models refer to, as components/schemas holds them."""
+    found: dict[str, Any] = {}
+    for model in (CreateTasks, PauseQueue, NoOptions, TaskQuery):
+        found.update(model_schema(model).get("$defs", {}))
+    return found
 
 
 def query_parameters() -> list[dict[str, Any]]:
-    schema = TaskQuery.model_json_schema()
+    schema = model_schema(TaskQuery)
     return [
         {"name": name, "in": "query", "required": False, "schema": prop} for name, prop in schema["properties"].items()
     ]
@@ -196,7 +229,7 @@ def task_id_parameter() -> dict[str, Any]:
         "in": "path",
         "required": True,
         "description": "a PocketBase record id: 15 characters of a-z and 0-9",
-        "schema": STRING,
+        "schema": {"type": "string", "pattern": PROMPT_ID_PATTERN},
     }
 
 
@@ -212,7 +245,11 @@ def paths() -> dict[str, dict[str, Any]]:
             "get": {
                 "summary": "Whether Redis answers (no token needed)",
                 "security": [],
-                "responses": {"200": response("Redis answers", "Health"), "503": response("Redis is down", "Health")},
+                "responses": {
+                    "200": response("Redis answers", "Health"),
+                    "421": response(MEANING[421], "Error"),
+                    "503": response("Redis is down", "Health"),
+                },
             }
         },
         "/metrics": {
@@ -220,7 +257,8 @@ def paths() -> dict[str, dict[str, Any]]:
                 "summary": "The queue's Prometheus metrics (text format; token needed when API_TOKEN is set)",
                 "responses": {
                     "200": {"description": "metrics in Prometheus' text format", "content": {"text/plain": {}}},
-                    "401": response("missing or wrong bearer token", "Error"),
+                    "401": response(MEANING[401], "Error"),
+                    "421": response(MEANING[421], "Error"),
                     "503": response("Redis is unreachable", "Error"),
                 },
             }
@@ -229,7 +267,10 @@ def paths() -> dict[str, dict[str, Any]]:
             "get": {
                 "summary": "This document (no token needed)",
                 "security": [],
-                "responses": {"200": {"description": "the OpenAPI document", "content": {"application/json": {}}}},
+                "responses": {
+                    "200": {"description": "the OpenAPI document", "content": {"application/json": {}}},
+                    "421": response(MEANING[421], "Error"),
+                },
             }
         },
         "/api/queue": {"get": operation("Queue summary", response("the summary", "Queue"), errors())},
@@ -240,8 +281,8 @@ def paths() -> dict[str, dict[str, Any]]:
                     "description": "the pause in force (an existing pause keeps its reason)",
                     "content": {"application/json": {"schema": obj({"paused": ref("Pause")})}},
                 },
-                errors(400),
-                requestBody=json_body(PauseQueue, required=False),
+                errors(*WRITE_ERRORS),
+                requestBody=json_body(PauseQueue),
             )
         },
         "/api/queue/resume": {
@@ -260,7 +301,8 @@ def paths() -> dict[str, dict[str, Any]]:
                         }
                     },
                 },
-                errors(),
+                errors(*WRITE_ERRORS),
+                requestBody=json_body(NoOptions),
             )
         },
         "/api/tasks": {
@@ -273,7 +315,7 @@ def paths() -> dict[str, dict[str, Any]]:
             "post": operation(
                 "Queue prompts by id, as `imagegen add`",
                 response("one outcome per id and the counts", "EnqueueResults"),
-                errors(400),
+                errors(*WRITE_ERRORS),
                 requestBody=json_body(CreateTasks),
             ),
         },
@@ -281,14 +323,16 @@ def paths() -> dict[str, dict[str, Any]]:
             "post": operation(
                 "Queue every pending record, as `imagegen add-pending`",
                 response("how many records had each outcome", "EnqueueCounts"),
-                errors(),
+                errors(*WRITE_ERRORS),
+                requestBody=json_body(NoOptions),
             )
         },
         "/api/tasks/retry-failed": {
             "post": operation(
                 "Queue every failed record again, as `imagegen retry-failed`",
                 response("how many records had each outcome", "EnqueueCounts"),
-                errors(),
+                errors(*WRITE_ERRORS),
+                requestBody=json_body(NoOptions),
             )
         },
         "/api/tasks/{id}": {
@@ -303,8 +347,9 @@ def paths() -> dict[str, dict[str, Any]]:
             "post": operation(
                 "Queue one record again with all its attempts (a done record stays done)",
                 response("the outcome", "EnqueueResult"),
-                errors(400, 404),
+                errors(*WRITE_ERRORS, 404),
                 parameters=task_id,
+                requestBody=json_body(NoOptions),
             )
         },
     }
@@ -319,11 +364,13 @@ def document() -> dict[str, Any]:
             "title": "imagegen",
             "version": "1",
             "description": "Queue, inspect and steer image generation. Every /api/ route but this document needs "
-            '\'Authorization: Bearer <API_TOKEN>\' when API_TOKEN is set. Errors are {"error": "..."}.',
+            "'Authorization: Bearer <API_TOKEN>' when API_TOKEN is set. Every POST sends "
+            "'Content-Type: application/json' and a JSON object ({} when it has no options); a browser page of "
+            'another site is refused. Errors are {"error": "..."}.',
         },
         "paths": paths(),
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **defined_types()},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],

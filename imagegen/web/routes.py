@@ -12,24 +12,21 @@ from typing import Any
 
 from aiohttp import web
 
+from ..access import token_refusal
 from ..control import EnqueueOutcome, EnqueueTally, pause_json, redis_errors
 from ..errors import ImagegenError, InvalidRequest, RecordNotFound
 from ..listing import list_tasks
 from ..metrics import CONTENT_TYPE, queue_metrics
 from ..models import JobState, validate_prompt_id
-from .bodies import DEFAULT_PAUSE_REASON, CreateTasks, PauseQueue, TaskQuery, parse
-from .context import SETTINGS, STATIC_DIR, control_of
+from .bodies import DEFAULT_PAUSE_REASON, CreateTasks, NoOptions, PauseQueue, TaskQuery, parse
+from .context import DASHBOARD_PAGE, SETTINGS, STATIC_DIR, control_of
 from .openapi import document
 
 HEALTH_TIMEOUT = 3.0
-# The dashboard: its own files only, images from the bucket's public URLs, no inline script or style.
-DASHBOARD_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' http: https: data:; object-src 'none'; "
-    "base-uri 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
+# The dashboard's files, by name: nothing else under /static/ is served.
+STATIC_FILES = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
+# A task id in a path, as the router matches it: `/api/tasks/enqueue-pending` is never taken for an id.
+TASK_ID = "{id:[a-z0-9]{15}}"
 
 routes = web.RouteTableDef()
 
@@ -39,34 +36,50 @@ def reply(data: Any, status: int = 200) -> web.Response:
 
 
 async def json_body(request: web.Request, *, optional: bool = False) -> Any:
-    """The request's JSON body; None for an empty body when `optional`."""
+    """The request's JSON body; `{}` for an empty body when `optional`."""
     raw = await request.read()
     if not raw.strip():
         if optional:
-            return None
+            return {}
         raise InvalidRequest("this route needs a JSON body")
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise InvalidRequest("the body is nested too deeply to be a request") from None
     except ValueError:
-        raise InvalidRequest("the body is not valid JSON") from None
+        raise InvalidRequest("the body is not valid JSON (UTF-8)") from None
 
 
 @routes.get("/")
 async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "index.html", headers=DASHBOARD_HEADERS)
+    return web.FileResponse(DASHBOARD_PAGE, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+@routes.get("/static/{name}")
+async def static_file(request: web.Request) -> web.FileResponse:
+    """The dashboard's script and style sheet; a JSON 404 for any other name."""
+    name = request.match_info["name"]
+    content_type = STATIC_FILES.get(name)
+    if content_type is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC_DIR / name, headers={"Content-Type": content_type})
 
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    """200 when Redis answers, 503 otherwise; no token needed."""
+    """200 when Redis answers, 503 otherwise; no token needed. Only a caller that could use the API (the token,
+    or none configured) learns why Redis is unreachable: the answer names its address."""
+    settings = request.app[SETTINGS]
+    detailed = token_refusal(settings, request.headers.get("Authorization", "")) is None
     try:
         control = await control_of(request)
-        with redis_errors(request.app[SETTINGS]):
+        with redis_errors(settings):
             async with asyncio.timeout(HEALTH_TIMEOUT):
                 await control.redis.ping()
     except (ImagegenError, TimeoutError) as exc:
-        return reply({"ok": False, "redis": "unreachable", "error": str(exc) or "no answer in time"}, 503)
-    return reply({"ok": True, "redis": "ok"})
+        details = {"redis": "unreachable", "error": str(exc) or "no answer in time"} if detailed else {}
+        return reply({"ok": False, "status": "unavailable", **details}, 503)
+    return reply({"ok": True, "status": "ok", **({"redis": "ok"} if detailed else {})})
 
 
 @routes.get("/metrics")
@@ -94,7 +107,7 @@ async def queue_summary(request: web.Request) -> web.Response:
 
 @routes.post("/api/queue/pause")
 async def pause(request: web.Request) -> web.Response:
-    body = parse(PauseQueue, await json_body(request, optional=True) or {})
+    body = parse(PauseQueue, await json_body(request, optional=True))
     control = await control_of(request)
     info = await control.pause(body.reason or DEFAULT_PAUSE_REASON)
     return reply({"paused": pause_json(info)})
@@ -102,6 +115,7 @@ async def pause(request: web.Request) -> web.Response:
 
 @routes.post("/api/queue/resume")
 async def resume(request: web.Request) -> web.Response:
+    parse(NoOptions, await json_body(request, optional=True))
     control = await control_of(request)
     lifted = await control.resume()
     return reply({"resumed": lifted is not None, "was_paused": None if lifted is None else pause_json(lifted)})
@@ -128,17 +142,19 @@ async def create_tasks(request: web.Request) -> web.Response:
 
 @routes.post("/api/tasks/enqueue-pending")
 async def enqueue_pending(request: web.Request) -> web.Response:
+    parse(NoOptions, await json_body(request, optional=True))
     control = await control_of(request)
     return reply((await EnqueueTally().add_pages(control.enqueue_pending())).to_json())
 
 
 @routes.post("/api/tasks/retry-failed")
 async def retry_failed(request: web.Request) -> web.Response:
+    parse(NoOptions, await json_body(request, optional=True))
     control = await control_of(request)
     return reply((await EnqueueTally().add_pages(control.retry_failed())).to_json())
 
 
-@routes.get("/api/tasks/{id}")
+@routes.get(f"/api/tasks/{TASK_ID}")
 async def task(request: web.Request) -> web.Response:
     """What `imagegen inspect --json` prints; 404 when neither a job nor a record has the id."""
     prompt_id = validate_prompt_id(request.match_info["id"])
@@ -153,10 +169,11 @@ async def task(request: web.Request) -> web.Response:
     return reply(report.to_json())
 
 
-@routes.post("/api/tasks/{id}/retry")
+@routes.post(f"/api/tasks/{TASK_ID}/retry")
 async def retry(request: web.Request) -> web.Response:
     """Queue the record again as `imagegen add` does: a new run with all its attempts (a done one stays done)."""
     prompt_id = validate_prompt_id(request.match_info["id"])
+    parse(NoOptions, await json_body(request, optional=True))
     control = await control_of(request)
     report = await control.enqueue(prompt_id)
     if report.outcome is EnqueueOutcome.NOT_FOUND:

@@ -12,6 +12,7 @@ from ..access import check_bind
 from ..errors import ConfigError
 from ..settings import Settings
 from .app import create_app
+from .protocol import ApiRunner, check_aiohttp
 
 SHUTDOWN_TIMEOUT = 5.0
 
@@ -19,7 +20,8 @@ SHUTDOWN_TIMEOUT = 5.0
 async def serve(settings: Settings, host: str, port: int) -> None:
     """Serve the API and dashboard on host:port until the process is told to stop."""
     check_bind(settings, host)
-    runner = web.AppRunner(create_app(settings), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    check_aiohttp()
+    runner = ApiRunner(create_app(settings, host), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -21,11 +21,23 @@ function el(tag, text, className) {
   return node;
 }
 
+// Record data is the content site's: only http(s) links become links or images (never javascript: or data:).
+function isWebUrl(value) {
+  try {
+    const url = new URL(value);
+    return url.protocol === "http:" || url.protocol === "https:";
+  } catch (_) {
+    return false;
+  }
+}
+
 // --- the API ---------------------------------------------------------------------------------------------
 
 class AuthNeeded extends Error {}
 
 async function api(method, path, body) {
+  // Every write is JSON, {} when there is nothing to say: the server refuses any other (see README, web API).
+  if (method !== "GET" && body === undefined) body = {};
   const headers = { Accept: "application/json" };
   const token = localStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = `Bearer ${token}`;
@@ -250,7 +262,8 @@ function renderTask(task) {
   const error = task.error || (record && record.error) || "";
   $("task-error").hidden = !error;
   $("task-error").textContent = error;
-  const urls = record ? (record.images.length ? record.images : record.imageUrl ? [record.imageUrl] : []) : [];
+  const stored = record ? (record.images.length ? record.images : record.imageUrl ? [record.imageUrl] : []) : [];
+  const urls = stored.filter(isWebUrl);
   const thumbs = $("task-images");
   const shown = Array.from(thumbs.querySelectorAll("img")).map((img) => img.getAttribute("src"));
   if (shown.join("\n") !== urls.join("\n")) {
