@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
+from .arqworker import check_worker, run_worker
 from .checks import check_services
 from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from .errors import ConfigError, DailyLimitReached, ImagegenError
@@ -453,6 +454,16 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
         return EXIT_OK
 
     run(ctx, work)
+
+
+@cli.command()
+@click.option("--check", is_flag=True, help="Exit 0 when a live worker of the queue reported lately, else 1.")
+@click.option("--burst", is_flag=True, help="Stop once the queue is empty.")
+@click.pass_context
+def worker(ctx: click.Context, check: bool, burst: bool) -> None:
+    """Run a worker process: take jobs off the queue until SIGTERM or SIGINT (supervisord runs several)."""
+    settings = _settings(ctx)
+    sys.exit(check_worker(settings) if check else run_worker(settings, burst=burst))
 
 
 def main() -> None:

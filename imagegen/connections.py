@@ -145,4 +145,5 @@ def sync_client(connection: RedisSettings) -> SyncRedis:
         ssl=connection.ssl,
         ssl_ca_certs=connection.ssl_ca_certs,
         socket_connect_timeout=connection.conn_timeout,
+        socket_timeout=connection.conn_timeout,
     )

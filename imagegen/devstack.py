@@ -226,7 +226,7 @@ def supervisord_conf(paths: StackPaths, specs: list[ServiceSpec], env: dict[str,
             f"stopasgroup=true\nkillasgroup=true\nredirect_stderr=true\nstdout_logfile={spec.log_path}\n"
         )
     sections.append(
-        f"[program:imagegen-worker]\ncommand={bin_dir}/arq imagegen.WorkerSettings\n"
+        f"[program:imagegen-worker]\ncommand={bin_dir}/imagegen worker\n"
         f"process_name=%(program_name)s-%(process_num)d\nnumprocs={workers}\ndirectory={paths.root}\n"
         f"environment={_quote_env(env)}\npriority=50\nautorestart=true\nstartsecs=3\nstartretries=20\n"
         "stopsignal=TERM\nstopwaitsecs=780\nstopasgroup=true\nkillasgroup=true\n"

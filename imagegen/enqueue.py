@@ -32,7 +32,6 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_pre
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
-from .intake import announce
 from .keys import RedisKeys
 from .models import JOB_NAME
 from .priority import LUA_SHIFTED
@@ -93,6 +92,11 @@ end
 return outcomes
 """
 )
+
+
+async def announce(redis: ArqRedis, keys: RedisKeys) -> None:
+    """Tell idle workers of this queue that jobs were queued (`intake` listens)."""
+    await redis.publish(keys.wake, b"1")
 
 
 class EnqueueOutcome(StrEnum):

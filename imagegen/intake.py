@@ -13,6 +13,9 @@ head is mostly jobs already running (they stay in the queue until they finish); 
 that is hundreds of round trips per job started. Here one script returns just the due jobs nobody runs, as
 many as the worker has room for, and arq's own start (with its check against a double start) takes them.
 
+`arqworker.ImagegenWorker` is what calls these: it waits on `wait()` between polls and starts what `pick()`
+returns; this module holds no reference to arq's worker.
+
 The queue's order is the jobs' priorities (`priority`): the same script first moves retries that came due
 (arq scores them by plain time) back into the band of their priority, so every worker takes the highest
 priority first, and first in first out within one.
@@ -21,18 +24,15 @@ priority first, and first in first out within one.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 from arq.constants import in_progress_key_prefix
-from arq.worker import Worker
 from redis.asyncio import Redis
 
 from .keys import RedisKeys
 from .periodic import Periodic
-from .priority import LUA_SHIFTED, ShiftedDelayFilter
+from .priority import LUA_SHIFTED
 
 # How far into the due part of the queue one pick looks for jobs nobody runs (and for retries come due).
 SCAN_LIMIT = 5000
@@ -64,12 +64,6 @@ end
 return found
 """
 )
-_START_LINE = ShiftedDelayFilter()
-
-
-async def announce(redis: Redis, keys: RedisKeys) -> None:
-    """Tell idle workers of this queue that jobs were queued."""
-    await redis.publish(keys.wake, b"1")
 
 
 class Intake(Periodic):
@@ -109,39 +103,12 @@ class Intake(Periodic):
         args: list[str | int] = [now_ms, room, SCAN_LIMIT, in_progress_key_prefix, self._priority_prefix]
         return list(await self._pick(keys=[self._queue], args=args))
 
-    async def _wait(self) -> None:
+    def clear(self) -> None:
+        """A poll begins: what woke the worker until now is being handled by it."""
+        self._event.clear()
+
+    async def wait(self) -> None:
+        """Until woken, or the fallback poll interval."""
         with suppress(TimeoutError):
             async with asyncio.timeout(self._fallback_poll):
                 await self._event.wait()
-
-    def install(self, worker: Worker) -> None:
-        """Make `worker` poll when woken (or after the fallback interval) and pick only jobs nobody runs."""
-        poll_iteration: Callable[[], Awaitable[None]] = worker._poll_iteration
-        start_jobs: Callable[[list[bytes]], Awaitable[None]] = worker.start_jobs
-        job_ended: Callable[[], None] = worker._release_sem_dec_counter_on_complete
-
-        async def iteration() -> None:
-            self._event.clear()
-            await poll_iteration()
-            await self._wait()
-
-        async def start_free_jobs(head: list[bytes]) -> None:
-            room = worker.max_jobs - worker.job_counter
-            if not head or room <= 0:  # nothing due, or no room
-                return
-            free = await self.pick(room)
-            if free:
-                await start_jobs(free)
-
-        def ended() -> None:
-            job_ended()
-            self.wake()
-
-        # arq reads these attributes on every use, so replacing them on the instance changes its loop; it
-        # reads the poll delay once, right after on_startup, where this runs.
-        logging.getLogger("arq.worker").addFilter(_START_LINE)
-        worker.poll_delay_s = 0
-        worker.queue_read_limit = 1  # arq's own read only tells whether anything is due
-        setattr(worker, "_poll_iteration", iteration)  # noqa: B010
-        setattr(worker, "start_jobs", start_free_jobs)  # noqa: B010
-        setattr(worker, "_release_sem_dec_counter_on_complete", ended)  # noqa: B010

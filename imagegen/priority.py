@@ -24,9 +24,7 @@ waits behind the jobs of that priority that were due before it. Jobs queued by a
 
 from __future__ import annotations
 
-import logging
 import re
-from typing import Any
 
 PRIORITY_MIN = -1000
 PRIORITY_MAX = 1000
@@ -84,23 +82,3 @@ def priority_of(score: float) -> int | None:
     if not is_shifted(score):
         return None
     return int(-(score // BAND)) + PRIORITY_MIN - 1
-
-
-class ShiftedDelayFilter(logging.Filter):
-    """arq's job start line adds `delayed=<now - score>` when that is over 1.2 s; with shifted scores it is
-    the shift itself, so the line gets the real delay (since the job was due) or none."""
-
-    _START = "%6.2fs → %s(%s)%s"
-    _DELAYED = re.compile(r" delayed=(\d+(?:\.\d+)?)s")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args: Any = record.args
-        if record.msg != self._START or not isinstance(args, tuple) or len(args) != 4:
-            return True
-        extra = str(args[3])
-        found = self._DELAYED.search(extra)
-        if found:
-            seconds = float(found[1]) % (BAND / 1000)
-            shown = f" delayed={seconds:0.2f}s" if seconds > 1.2 else ""
-            record.args = (*args[:3], extra[: found.start()] + shown + extra[found.end() :])
-        return True

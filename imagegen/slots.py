@@ -14,22 +14,28 @@ The API's concurrency is what the account pays for and is limited by, so it neve
   STORE_BACKLOG such jobs per process; past that, a finished generation keeps its job slot and new calls wait
   for storing to catch up, so a slow bucket can't pile up links that expire.
 
-Handing back works on arq's public `max_jobs` (raised by one per job storing, lowered when it ends), so the
-worker's poll loop needs no other change; its semaphore is widened once so that `max_jobs` alone limits.
+Handing back goes through the worker's `JobRoom` (`arqworker.ImagegenWorker` raises arq's job limit by one per
+job storing and lowers it when that job ends); slots know nothing else of arq.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-
-from arq.worker import Worker
+from typing import Protocol
 
 from .runs import JobRun
 
-# arq acquires its semaphore once per job; with it this wide, `max_jobs` is the only limit.
-_UNBOUNDED = 1 << 30
+
+class JobRoom(Protocol):
+    """The worker's count of jobs it may hold at once, which a job storing its images lends back."""
+
+    def lend_job_slot(self) -> None:
+        """One more job may start now (and the worker looks for one at once)."""
+
+    def return_job_slot(self) -> None:
+        """A job that had lent its slot ended: the worker's limit goes back down by one."""
 
 
 class Slots:
@@ -39,8 +45,7 @@ class Slots:
         self._backlog = backlog
         self._calls = asyncio.Semaphore(generations)
         self._transfers = asyncio.Semaphore(transfers)
-        self._worker: Worker | None = None
-        self._wake: Callable[[], None] = lambda: None
+        self._room: JobRoom | None = None
         self.storing = 0  # jobs that handed back their arq slot and are storing
 
     @staticmethod
@@ -48,11 +53,9 @@ class Slots:
         """arq's `max_jobs` for a worker: the jobs in their call and as many ready to take a freed slot."""
         return 2 * generations
 
-    def attach(self, worker: Worker, wake: Callable[[], None]) -> None:
-        """Let finished generations hand back the arq job slots of this worker; `wake` makes it poll now."""
-        worker.sem = asyncio.BoundedSemaphore(_UNBOUNDED)
-        self._worker = worker
-        self._wake = wake
+    def attach(self, room: JobRoom) -> None:
+        """Let finished generations hand back their job slots to this worker."""
+        self._room = room
 
     async def take_call_slot(self, run: JobRun) -> None:
         """Wait for a generation slot; the run holds it until `free_call_slot` or the end of its job."""
@@ -72,18 +75,17 @@ class Slots:
 
     def hand_back(self, run: JobRun) -> None:
         """The run's paid call returned: let arq take another job now, unless storing is already at its limit."""
-        if self._worker is None or run.handed_back or self.storing >= self._backlog:
+        if self._room is None or run.handed_back or self.storing >= self._backlog:
             return
         run.handed_back = True
         self.storing += 1
-        self._worker.max_jobs += 1
-        self._wake()
+        self._room.lend_job_slot()
 
     def job_ended(self, run: JobRun) -> None:
         """The run's job is over, its outcome decided: free whatever it still holds."""
         self.free_call_slot(run)
-        if self._worker is None or not run.handed_back:
+        if self._room is None or not run.handed_back:
             return
         run.handed_back = False
         self.storing -= 1
-        self._worker.max_jobs -= 1
+        self._room.return_job_slot()

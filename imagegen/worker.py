@@ -1,28 +1,23 @@
-"""The arq worker: the job function, its retry policy and the process's long-lived clients.
+"""What a worker process runs: the job function, its retry policy and the process's long-lived clients.
 
-`arq imagegen.WorkerSettings` reads `WorkerSettings` as a mapping; its settings are built from the
-environment the first time arq reads it (at start, not at import), and a bad setting stops the worker
-with one line.
-
-On SIGTERM or SIGINT the worker stops taking jobs, sends the jobs that have not reached their paid call back
-to the queue at once, waits for paid calls in flight and lets jobs storing images finish, for at most
-WORKER_SHUTDOWN_GRACE seconds.
+`arqworker.ImagegenWorker` runs these under arq: `startup` builds the clients once and hands back the parts
+the worker itself drives (intake, slots, the runs to stop); a bad setting stops the process with one line
+(`startup_failure`) before anything starts.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import os
-import signal
 import sys
 import time
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
 import aiohttp
-from arq.worker import Worker, func
+from arq.constants import health_check_key_suffix
+from arq.worker import func
 from loguru import logger
 from redis.exceptions import RedisError
 
@@ -47,7 +42,7 @@ from .pocketbase import PocketBaseClient
 from .priority import due_ms
 from .reconcile import Reconciler
 from .runs import Runs
-from .settings import Settings, load_settings, require
+from .settings import Settings, require
 from .slots import Slots
 from .spend import Clock, Spend
 from .state import PauseGate, QueueState
@@ -55,6 +50,8 @@ from .storage import Storage, open_s3_client
 from .watch import Watcher
 
 ARQ_MAX_TRIES = 100_000
+# How often a worker writes arq's health-check key (it lives a second longer): `imagegen worker --check`.
+HEALTH_CHECK_INTERVAL = 30
 WORKER_REQUIRED = (
     "jimeng_api_key",
     "jimeng_api_url",
@@ -66,40 +63,16 @@ WORKER_REQUIRED = (
 )
 
 
-def _running_worker() -> Worker | None:
-    """The arq Worker whose on_startup is running: arq hands its hooks only `ctx`, but a stop must reach it."""
-    frame = inspect.currentframe()
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Worker):
-            return candidate
-        frame = frame.f_back
-    return None
+@dataclass(frozen=True)
+class Started:
+    """What `startup` built that the worker drives itself: when to poll, how many jobs, what a stop sends back."""
+
+    intake: Intake
+    slots: Slots
+    runs: Runs
 
 
-def install_stop_handlers(worker: Worker, runs: Runs, grace: int) -> None:
-    """Replace arq's signal handlers with ones that first send interruptible jobs back to the queue."""
-
-    def on_signal(signum: signal.Signals) -> None:
-        sent_back, running = runs.stop()
-        logger.info(
-            "stopping on {}: {} jobs back to the queue at once, {} finishing (paid call or storing, at most {} s)",
-            signum.name,
-            sent_back,
-            running,
-            grace,
-        )
-        if grace:
-            worker.handle_sig_wait_for_completion(signum)
-        else:
-            worker.handle_sig(signum)
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-
-
-async def startup(ctx: dict[str, Any]) -> None:
+async def startup(ctx: dict[str, Any]) -> Started:
     """Create the process's clients once: one HTTP session, one S3 client, one PocketBase login."""
     settings: Settings = ctx["settings"]
     stack = AsyncExitStack()
@@ -176,14 +149,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["exit_stack"] = stack
     ctx["services"] = services
     ctx["runner"] = JobRunner(services, Pipeline(services), state, runs, metrics)
-    worker = _running_worker()
-    if worker is not None:
-        intake.install(worker)
-        slots.attach(worker, intake.wake)
-        intake.start()
-        stack.push_async_callback(intake.stop)
-        if worker._handle_signals:  # arq keeps no public flag for it
-            install_stop_handlers(worker, runs, settings.worker_shutdown_grace)
+    intake.start()
+    stack.push_async_callback(intake.stop)
     paused = await state.paused()
     if paused is not None:
         since = datetime.fromtimestamp(paused.since).astimezone().isoformat(timespec="seconds")
@@ -203,6 +170,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         settings.pocketbase_collection,
         " (watching for new records)" if settings.pocketbase_watch else "",
     )
+    return Started(intake, slots, runs)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -236,21 +204,21 @@ async def generate_images(ctx: dict[str, Any], prompt_id: str, force: bool = Fal
 
 
 def worker_options(settings: Settings, clock: Clock | None = None) -> dict[str, Any]:
-    """The keyword arguments of arq's Worker for these settings; `clock` (epoch seconds, default the real
-    time) decides the day of JIMENG_DAILY_LIMIT and when its pause lifts."""
+    """arq's Worker arguments for these settings (`ImagegenWorker` adds its start-up hook and polling);
+    `clock` (epoch seconds, default the real time) decides the day of JIMENG_DAILY_LIMIT and when its pause
+    lifts."""
     return {
         # Attempts are counted by the job itself (waiting while paused must not use them), so arq's own
         # limit only guards against a job bouncing forever.
         "functions": [func(generate_images, name=JOB_NAME, max_tries=ARQ_MAX_TRIES)],
         "queue_name": settings.queue_name,
         "redis_settings": redis_settings(settings),
-        "on_startup": startup,
         "on_shutdown": shutdown,
         "max_jobs": Slots.arq_jobs(settings.queue_concurrency),
         "job_timeout": settings.queue_job_timeout,
         "keep_result": settings.queue_keep_result,
         "ctx": {"settings": settings, "clock": clock},
-        "health_check_interval": 30,
+        "health_check_interval": HEALTH_CHECK_INTERVAL,
         "job_completion_wait": settings.worker_shutdown_grace,
     }
 
@@ -287,10 +255,10 @@ def startup_failure(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def settings_for_worker() -> Settings:
-    """Settings for a worker process, with logging set up; a bad setting ends the process with one line."""
+def prepare_worker(settings: Settings) -> None:
+    """Everything a worker process checks before it starts, with logging set up: the settings it needs, its
+    metrics address, and Redis (waited for while it is down); a problem ends the process with one line."""
     try:
-        settings = load_settings()
         require(settings, *WORKER_REQUIRED)
     except ConfigError as exc:
         startup_failure(str(exc))
@@ -303,20 +271,23 @@ def settings_for_worker() -> Settings:
         wait_for_redis(settings)
     except ConfigError as exc:
         startup_failure(str(exc))
-    return settings
 
 
-class LazyWorkerSettings(dict[str, Any]):
-    """arq reads worker settings from a class or a mapping; as a mapping they can be built at start-up."""
-
-    def _load(self) -> None:
-        if not self:
-            self.update(worker_options(settings_for_worker()))
-
-    def items(self) -> Any:
-        self._load()
-        return super().items()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        self._load()
-        return super().get(key, default)
+def worker_health(settings: Settings) -> tuple[bool, str]:
+    """Whether a live worker of this queue wrote its health key in the last HEALTH_CHECK_INTERVAL seconds,
+    and a line saying so; only the Redis settings are read, and a Redis that is down answers within seconds."""
+    client = sync_client(redis_settings(settings, ride_out_outages=False))
+    key = settings.queue_name + health_check_key_suffix
+    where = f"{settings.redis_location()}, queue {settings.queue_name}"
+    try:
+        found = client.get(key)
+    except REDIS_AUTH_ERRORS as exc:
+        return False, redis_auth_message(settings, exc)
+    except (RedisError, OSError) as exc:
+        return False, f"cannot reach {settings.redis_location()} ({type(exc).__name__}); no worker health known"
+    finally:
+        client.close()
+    if not found:
+        return False, f"no live worker: no health report in the last {HEALTH_CHECK_INTERVAL + 1} s ({where})"
+    report = found.decode(errors="replace") if isinstance(found, bytes) else str(found)
+    return True, f"worker alive ({where}): {report}"

@@ -233,14 +233,19 @@ def run_cli(stack: Stack, *args: str, timeout: float = 60, **env: str) -> subpro
     )
 
 
-class WorkerProcess:
-    """`arq imagegen.WorkerSettings` as a real subprocess, its output in a log file."""
+# The two ways to run a worker: arq's command line with imagegen's settings, and imagegen's own command.
+ARQ_WORKER = ("arq", "imagegen.WorkerSettings")
+IMAGEGEN_WORKER = ("imagegen", "worker")
 
-    def __init__(self, stack: Stack, log_path: Path, **env: str) -> None:
+
+class WorkerProcess:
+    """A worker as a real subprocess (`arq imagegen.WorkerSettings` unless told), its output in a log file."""
+
+    def __init__(self, stack: Stack, log_path: Path, command: tuple[str, ...] = ARQ_WORKER, **env: str) -> None:
         self.log_path = log_path
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [str(BIN / "arq"), "imagegen.WorkerSettings"],
+            [str(BIN / command[0]), *command[1:]],
             cwd=stack.workdir,
             env=stack.process_env(**env),
             stdout=self._log,
@@ -272,8 +277,8 @@ class WorkerProcess:
 def start_worker(stack: Stack, tmp_path: Path) -> Iterator[object]:
     workers: list[WorkerProcess] = []
 
-    def start(**env: str) -> WorkerProcess:
-        worker = WorkerProcess(stack, tmp_path / f"worker-{len(workers)}.log", **env)
+    def start(command: tuple[str, ...] = ARQ_WORKER, **env: str) -> WorkerProcess:
+        worker = WorkerProcess(stack, tmp_path / f"worker-{len(workers)}.log", command, **env)
         workers.append(worker)
         return worker
 

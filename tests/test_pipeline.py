@@ -15,20 +15,19 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
-from arq.worker import Worker
 
+from imagegen.arqworker import ImagegenWorker
 from imagegen.control import open_control
 from imagegen.download import sniff_image_type
 from imagegen.settings import Settings
 from imagegen.storage import open_s3_client
-from imagegen.worker import worker_options
 
 from .conftest import RecordFactory, Stack, queue_state
 
 
-async def run_queue(settings: Settings) -> Worker:
+async def run_queue(settings: Settings) -> ImagegenWorker:
     """Run an in-process worker until the queue is empty (retries included)."""
-    worker = Worker(**worker_options(settings), burst=True, handle_signals=False, poll_delay=0.05)
+    worker = ImagegenWorker(settings, burst=True, handle_signals=False)
     try:
         await worker.main()
     finally:
@@ -37,10 +36,10 @@ async def run_queue(settings: Settings) -> Worker:
 
 
 @asynccontextmanager
-async def worker_running(settings: Settings, clock: Callable[[], float] | None = None) -> AsyncIterator[Worker]:
+async def worker_running(settings: Settings, clock: Callable[[], float] | None = None) -> AsyncIterator[ImagegenWorker]:
     """An in-process worker that keeps running (through pauses) until the block ends; `clock` stands in for the
     time of day (JIMENG_DAILY_LIMIT)."""
-    worker = Worker(**worker_options(settings, clock=clock), handle_signals=False, poll_delay=0.05)
+    worker = ImagegenWorker(settings, clock=clock, handle_signals=False)
     task = asyncio.create_task(worker.async_run())
     try:
         yield worker
@@ -59,7 +58,7 @@ async def worker_running(settings: Settings, clock: Callable[[], float] | None =
         await worker.close()
 
 
-async def _jobs_entered(worker: Worker) -> bool:
+async def _jobs_entered(worker: ImagegenWorker) -> bool:
     return all(task.done() or job_id in worker.job_tasks for job_id, task in worker.tasks.items())
 
 

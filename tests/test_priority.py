@@ -12,6 +12,7 @@ import time
 import pytest
 from arq.constants import in_progress_key_prefix
 
+from imagegen.arqworker import ShiftedDelayFilter
 from imagegen.control import Control, open_control
 from imagegen.intake import Intake
 from imagegen.keys import RedisKeys
@@ -21,7 +22,6 @@ from imagegen.priority import (
     BAND,
     PRIORITY_MAX,
     PRIORITY_MIN,
-    ShiftedDelayFilter,
     check_priority,
     due_ms,
     priority_of,
