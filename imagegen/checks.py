@@ -10,6 +10,7 @@ import aiohttp
 from arq import create_pool
 from redis.exceptions import RedisError
 
+from .accounts import accounts_of
 from .connections import redis_settings
 from .errors import ImagegenError, excerpt
 from .pocketbase import PocketBaseClient
@@ -57,11 +58,12 @@ async def check_storage(settings: Settings, http: aiohttp.ClientSession) -> str:
 
 
 async def check_jimeng(settings: Settings, http: aiohttp.ClientSession) -> str:
-    """Reachability and key acceptance through the model list: generating an image would cost credits."""
-    if not settings.jimeng_api_key.get_secret_value():
+    """Reachability and key acceptance through the model list (with the first key), then every key's session:
+    generating an image would cost credits."""
+    if not settings.jimeng_keys():
         raise ImagegenError("JIMENG_API_KEY is not set")
     url = f"{settings.jimeng_api_url}/models"
-    headers = {"Authorization": f"Bearer {settings.jimeng_api_key.get_secret_value()}"}
+    headers = {"Authorization": f"Bearer {settings.jimeng_keys()[0].get_secret_value()}"}
     try:
         async with http.get(url, headers=headers) as response:
             body = await response.text(errors="replace")
@@ -71,10 +73,41 @@ async def check_jimeng(settings: Settings, http: aiohttp.ClientSession) -> str:
         raise ImagegenError(f"{url} refused the key (HTTP {response.status}); check JIMENG_API_KEY")
     if response.status >= 500:
         raise ImagegenError(f"{url} answered HTTP {response.status} ({excerpt(body, 80)})")
+    verdict = await _check_keys(settings, http)
     return (
         f"{settings.jimeng_api_url} reachable "
-        f"(model {settings.jimeng_model}, {settings.jimeng_ratio}, {settings.jimeng_resolution})"
+        f"(model {settings.jimeng_model}, {settings.jimeng_ratio}, {settings.jimeng_resolution}); {verdict}"
     )
+
+
+def proxy_root(api_url: str) -> str:
+    """The proxy's own routes (`/token/...`) sit beside `/v1`, at its root."""
+    return api_url.rstrip("/").removesuffix("/v1")
+
+
+async def _check_keys(settings: Settings, http: aiohttp.ClientSession) -> str:
+    """Each account's session through the proxy's free `/token/check`; ImagegenError naming the dead ones."""
+    accounts = accounts_of(settings.jimeng_keys())
+    url = f"{proxy_root(settings.jimeng_api_url)}/token/check"
+    dead = []
+    for account in accounts:
+        try:
+            async with http.post(url, json={"token": account.key.get_secret_value()}) as response:
+                if response.status == 404:
+                    return f"{len(accounts)} keys not verified (the proxy has no /token/check)"
+                answer = await response.json(content_type=None) if response.status == 200 else None
+        except (aiohttp.ClientError, ValueError):
+            return f"{len(accounts)} keys not verified (/token/check did not answer)"
+        if not isinstance(answer, dict) or not isinstance(answer.get("live"), bool):
+            return f"{len(accounts)} keys not verified (/token/check answered HTTP {response.status})"
+        if not answer["live"]:
+            dead.append(account.label)
+    if dead:
+        raise ImagegenError(
+            f"{', '.join(dead)} {'is' if len(dead) == 1 else 'are'} dead: replace the expired session id in "
+            f"JIMENG_API_KEY ({len(accounts) - len(dead)} of {len(accounts)} keys live)"
+        )
+    return f"{len(accounts)} of {len(accounts)} keys live"
 
 
 CHECKS: dict[str, Callable[[Settings, aiohttp.ClientSession], Awaitable[str]]] = {

@@ -16,11 +16,13 @@ from typing import Any, NoReturn
 
 import click
 
+from .accounts import AccountHealth, AccountState
 from .arqworker import check_worker, run_worker
 from .checks import check_services
 from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from .errors import ConfigError, DailyLimitReached, ImagegenError
 from .logs import setup_logging
+from .models import iso_time
 from .oneoff import OneOffRequest, generate_once
 from .priority import PRIORITY_RULE, check_priority
 from .progress import Progress
@@ -310,6 +312,9 @@ def _format_status(report: StatusReport) -> str:
         f"spend:     {spend['calls']} jimeng calls today ({spend['day']} {spend['timezone']}) {limit}: "
         f"{spend['images']} images, {spend['moderated']} moderated, {spend['failed']} failed{reserved}"
     )
+    lines.append("accounts:  " + _accounts_summary(report.accounts))
+    if len(report.accounts) > 1 or any(health.state is not AccountState.HEALTHY for health in report.accounts):
+        lines += [f"  {line}" for line in _account_lines(report.accounts)]
     lines.append(f"workers:   {len(report.workers)} live")
     for worker in report.workers:
         stopping = ", stopping" if worker.get("stopping") else ""
@@ -360,6 +365,44 @@ def _format_spend(days: list[DaySpend], sums: dict[str, int], limit: int, zone: 
         + (f"JIMENG_DAILY_LIMIT {limit} calls a day" if limit else "no daily limit (JIMENG_DAILY_LIMIT=0)")
     )
     return "\n".join(lines)
+
+
+def _accounts_summary(accounts: list[AccountHealth]) -> str:
+    states = Counter(health.state.value for health in accounts)
+    return f"{len(accounts)} jimeng keys: " + ", ".join(f"{n} {state}" for state, n in states.items())
+
+
+def _account_lines(accounts: list[AccountHealth]) -> list[str]:
+    lines = []
+    for health in accounts:
+        when = ""
+        if health.until:
+            when = f" until {iso_time(health.until)}"
+        elif health.since:
+            when = f" since {iso_time(health.since)}"
+        reason = f": {health.reason}" if health.reason else ""
+        lines.append(
+            f"{health.account.label}  {health.state.value}{when}, {health.calls_today} calls today, "
+            f"{health.in_flight} in flight{reason}"
+        )
+    return lines
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def accounts(ctx: click.Context, as_json: bool) -> None:
+    """The jimeng accounts of JIMENG_API_KEY: each one's state, calls today and calls in flight."""
+
+    async def action(control: Control) -> int:
+        found = await control.accounts.health()
+        if as_json:
+            click.echo(json.dumps({"accounts": [health.to_json() for health in found]}, ensure_ascii=False))
+        else:
+            click.echo("\n".join([_accounts_summary(found), *_account_lines(found)]))
+        return EXIT_OK
+
+    with_control(ctx, action, needs_pocketbase=False)
 
 
 @cli.command()

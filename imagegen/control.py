@@ -20,6 +20,7 @@ from arq.jobs import Job, JobResult, JobStatus
 from loguru import logger
 from redis.exceptions import RedisError
 
+from .accounts import AccountHealth, account_pool
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
 from .enqueue import EnqueueOutcome, EnqueueReport, EnqueueTally, JobQueue
 from .errors import ConfigError, ImagegenError, InvalidPromptId, QueueError, RecordNotFound
@@ -133,6 +134,7 @@ class StatusReport:
     spend: dict[str, Any] = field(default_factory=dict)  # today's jimeng calls against JIMENG_DAILY_LIMIT
     records: dict[str, int] | None = None
     records_error: str = ""
+    accounts: list[AccountHealth] = field(default_factory=list)  # the jimeng accounts, in JIMENG_API_KEY's order
 
     def outages(self) -> list[dict[str, Any]]:
         """Each service some worker waits for, with since when and how many workers see it."""
@@ -160,6 +162,7 @@ class StatusReport:
             "consecutive_failures": self.consecutive_failures,
             "max_failed": self.max_failed,
             "spend": self.spend,
+            "accounts": [health.to_json() for health in self.accounts],
             "workers": self.workers,
         }
 
@@ -177,13 +180,17 @@ class Control:
         self.outcomes = OutcomeCounter(redis, self.keys)
         self.stages = StageLog(redis, self.keys, settings.queue_keep_result)
         self.spending = Spend(redis, self.keys, settings.jimeng_daily_limit, settings.daily_limit_zone)
+        self.accounts = account_pool(redis, self.keys, settings, self.spending)
 
     async def pause(self, reason: str) -> PauseInfo:
         with redis_errors(self.settings):
             return await self.state.pause(reason, source="manual")
 
     async def resume(self) -> PauseInfo | None:
+        """Lift the pause and give every set-aside jimeng account another chance (an operator who resumes
+        says so: credits were bought, a session renewed); the pause that was lifted, if any."""
         with redis_errors(self.settings):
+            await self.accounts.reinstate()
             return await self.state.resume()
 
     async def throughput(self) -> Throughput:
@@ -220,6 +227,7 @@ class Control:
                 max_failed=self.settings.queue_max_failed,
                 workers=workers,
                 spend=limit_json(self.spending, await self.spending.today()),
+                accounts=await self.accounts.health(),
             )
         if not records:
             return report

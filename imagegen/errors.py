@@ -99,6 +99,17 @@ class DailyLimitReached(QueuePaused):
         self.until = until
 
 
+class AccountsUnavailable(ImagegenError):
+    """No jimeng account can take a call: each is expired, out of credits, refused or cooling (`accounts`).
+    `until` is when the first one comes back (epoch seconds; 0: only a replaced key brings one back)."""
+
+    kind = FailureKind.ACCOUNT
+
+    def __init__(self, message: str, *, until: float) -> None:
+        super().__init__(message)
+        self.until = until
+
+
 class JobInterrupted(ImagegenError):
     """The worker is stopping and this job has not reached its paid call: it goes back to the queue."""
 

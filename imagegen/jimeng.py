@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from .choices import Choices
 from .errors import FailureKind, JimengError, excerpt
@@ -147,7 +147,8 @@ class JimengClient:
     def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
         self._session = session
         self._url = f"{settings.jimeng_api_url}/images/generations"
-        self._key = settings.jimeng_api_key
+        keys = settings.jimeng_keys()
+        self._key = keys[0] if keys else settings.jimeng_api_key
         self._defaults = settings.default_choices
         self._timeout = aiohttp.ClientTimeout(total=settings.jimeng_timeout_seconds)
 
@@ -164,10 +165,13 @@ class JimengClient:
             body["negative_prompt"] = negative_prompt
         return body
 
-    async def generate(self, prompt: str, negative_prompt: str = "", choices: Choices | None = None) -> Generation:
+    async def generate(
+        self, prompt: str, negative_prompt: str = "", choices: Choices | None = None, *, key: SecretStr | None = None
+    ) -> Generation:
         """One paid generation call (with the settings' model, ratio and resolution unless `choices` are
-        given); raises JimengError classified as transient, permanent or account."""
-        headers = {"Authorization": f"Bearer {self._key.get_secret_value()}"}
+        given) with one account's `key` (default: the first of JIMENG_API_KEY); raises JimengError classified
+        as transient, permanent or account."""
+        headers = {"Authorization": f"Bearer {(key or self._key).get_secret_value()}"}
         try:
             async with self._session.post(
                 self._url,

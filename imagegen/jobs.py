@@ -28,6 +28,7 @@ from arq import Retry
 from loguru import logger
 
 from .errors import (
+    AccountsUnavailable,
     FailureKind,
     ImagegenError,
     InternalError,
@@ -252,6 +253,10 @@ class JobRunner:
             raise Requeue("outage", defer=OUTAGE_RECHECK)
         if isinstance(exc, QueuePaused):
             await self._wait_for_resume(run, str(exc))
+        if isinstance(exc, AccountsUnavailable):
+            info = await self._s.gate.close(str(exc), source="accounts", until=exc.until)
+            log.error("queue paused: {}", info.reason)
+            await self._wait_for_resume(run, f"waiting: queue paused ({exc})")
         if exc.kind is FailureKind.ACCOUNT:
             info = await self._s.gate.close(str(exc), source="auto")
             log.error("queue paused: {}", info.reason)

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 import aiohttp
 from loguru import logger
 
+from .accounts import Account, AccountPool
 from .choices import Choices
 from .errors import (
     DailyLimitReached,
     DownloadError,
+    FailureKind,
     JimengError,
     JobInterrupted,
     LinkRefusedError,
@@ -66,6 +68,7 @@ class Services:
     http: aiohttp.ClientSession
     pocketbase: PocketBaseClient
     jimeng: JimengClient
+    accounts: AccountPool
     storage: Storage
     ledger: GenerationLedger
     gate: PauseGate
@@ -234,7 +237,13 @@ class Pipeline:
             )
         outcome: CallOutcome | None = None  # no call made (yet): the reservation is released
         succeeded = False
+        account: Account | None = None
         try:
+            account = await s.accounts.take(run.lease.token, run.remaining() - needed)
+            if account is None:
+                raise JobInterrupted(
+                    f"every jimeng account stayed at JIMENG_ACCOUNT_CONCURRENCY={s.accounts.concurrency}; queued again"
+                )
             run.check_stop()
             # No await between the stop check and the call: a stop either sends this run back or waits for it.
             run.enter(Phase.GENERATING)
@@ -242,19 +251,37 @@ class Pipeline:
             # From here the request may reach the API: even a cancelled call counts, as failed (see `spend`).
             outcome = CallOutcome.FAILED
             try:
-                generation = await s.jimeng.generate(prompt, negative, choices)
+                generation = await s.jimeng.generate(prompt, negative, choices, key=account.key)
             except JimengError as exc:
                 outcome = call_outcome(exc)
                 s.metrics.call_ended(exc)
+                await self._judge_account(account, exc)
                 raise
             s.metrics.call_ended(None)
             elapsed = time.monotonic() - t0
             succeeded = True
         finally:
+            if account is not None:
+                await asyncio.shield(s.accounts.release(account, run.lease.token, images=succeeded))
             # A call with images is counted by the caller once its generation slot is free.
             if not succeeded:
                 await asyncio.shield(s.permits.finish(reservation, outcome))
         return GenerationRecord(created=generation.created, urls=generation.urls), elapsed, reservation
+
+    async def _judge_account(self, account: Account, exc: JimengError) -> None:
+        """After a failed call: set its account aside when the failure is the account's. An account error with
+        another account still usable sends the prompt back at once, without an attempt, to be called there;
+        with none left the queue pauses until the first comes back (`AccountsUnavailable`)."""
+        pool = self._s.accounts
+        state = await pool.failed(account, exc)
+        if state is None:
+            return
+        logger.warning("jimeng {} set aside: {} ({})", account.label, state.value, exc.message)
+        if exc.kind is not FailureKind.ACCOUNT:
+            return  # cooling after transient failures: this prompt's attempt was a real one
+        if await pool.usable():
+            raise JobInterrupted(f"jimeng {account.label} is {state.value}; another account takes the prompt") from exc
+        raise await pool.unavailable() from exc
 
     async def _store_all(self, run: JobRun, generation: GenerationRecord, result: PipelineResult) -> None:
         s, prompt_id = self._s, run.prompt_id

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     jimeng_rate_limit: int = Field(0, ge=0, description="calls started per minute across every worker; 0 none")
     jimeng_daily_limit: int = Field(0, ge=0, description="calls per day across every worker and `generate`; 0 none")
     jimeng_daily_limit_tz: str = Field("UTC", description="IANA time zone whose midnight starts a day of the limit")
+    # The accounts of JIMENG_API_KEY (comma-separated keys): caps of each one, across every worker.
+    jimeng_account_concurrency: int = Field(0, ge=0, description="calls at once per account; 0 no cap")
+    jimeng_account_daily_limit: int = Field(0, ge=0, description="calls a day per account; 0 none")
 
     # object storage (Volcengine TOS or any S3-compatible store)
     tos_bucket: str = ""
@@ -302,6 +305,11 @@ class Settings(BaseSettings):
         """The time zone whose midnight starts a new day of JIMENG_DAILY_LIMIT (and of the spend counts)."""
         return ZoneInfo(self.jimeng_daily_limit_tz)
 
+    def jimeng_keys(self) -> list[SecretStr]:
+        """The keys of JIMENG_API_KEY, one per account: comma-separated, blanks and repeats dropped, in order."""
+        keys = [part.strip() for part in self.jimeng_api_key.get_secret_value().split(",")]
+        return [SecretStr(key) for key in dict.fromkeys(key for key in keys if key)]
+
     @property
     def jimeng_timeout_seconds(self) -> float:
         return self.jimeng_timeout / 1000
@@ -323,6 +331,8 @@ class Settings(BaseSettings):
         """The configured secret values, for scrubbing them out of any text that leaves the process."""
         values = [getattr(self, name) for name in SECRET_FIELDS]
         found = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        # Each account's key alone too: a message about one account must not show it either.
+        found += [key.get_secret_value() for key in self.jimeng_keys()]
         if self.redis_url is not None and urlsplit(self.redis_url.get_secret_value()).password:
             found.append(str(urlsplit(self.redis_url.get_secret_value()).password))
         return found

@@ -4,7 +4,8 @@
   `source` is "manual" (an operator), "auto" (account trouble or a failure streak: a human resumes) or
   "outage" (a shared service down too long: lifted by the workers themselves once it answers again) or
   "limit" (the day's JIMENG_DAILY_LIMIT used up: lifted by the workers themselves once `until` has passed,
-  the next midnight in JIMENG_DAILY_LIMIT_TZ).
+  the next midnight in JIMENG_DAILY_LIMIT_TZ) or "accounts" (no jimeng account can take a call: lifted once
+  `until`, the first account's return, has passed, or when a worker starts with a usable account).
 - consecutive failures: jobs that exhausted their attempts in a row; QUEUE_MAX_FAILED of them pause.
 - attempts: real attempts per prompt run; waiting while paused never counts, and a give-back stops at zero.
 - verdicts: a final outcome decided while the record store was down, written by the job's next run.
@@ -46,12 +47,15 @@ return 0
 """
 
 
-# Delete the pause only if it is still a limit pause whose time (ARGV[1], epoch seconds) has come.
+# Delete the pause only if it is still a limit or accounts pause whose time (ARGV[1], epoch seconds) has come
+# (an accounts pause without a time waits for a worker with a usable account: ARGV[2] = '1').
 _LIFT_LIMIT = """
 local raw = redis.call('get', KEYS[1])
 if not raw then return 0 end
 local pause = cjson.decode(raw)
-if pause['source'] == 'limit' and tonumber(pause['until'] or 0) <= tonumber(ARGV[1]) then
+local due = tonumber(pause['until'] or 0)
+if (pause['source'] == 'limit' and due <= tonumber(ARGV[1]))
+  or (pause['source'] == 'accounts' and ((due > 0 and due <= tonumber(ARGV[1])) or ARGV[2] == '1')) then
   redis.call('del', KEYS[1])
   return 1
 end
@@ -63,7 +67,7 @@ return 0
 class PauseInfo:
     reason: str
     since: float
-    source: str  # "manual", "auto", "outage" or "limit"
+    source: str  # "manual", "auto", "outage", "limit" or "accounts"
     service: str = ""  # for an outage pause: the service that is down
     until: float = 0.0  # for a limit pause: when it lifts by itself (epoch seconds)
 
@@ -110,9 +114,10 @@ class QueueState:
         """Lift the pause if it is the outage pause of `service` (a manual or account pause stays)."""
         return bool(await self._lift_outage(keys=[self.keys.pause], args=[service]))
 
-    async def lift_limit_pause(self, now: float) -> bool:
-        """Lift the pause if it is a daily-limit pause whose day is over at `now` (any other pause stays)."""
-        return bool(await self._lift_limit(keys=[self.keys.pause], args=[now]))
+    async def lift_limit_pause(self, now: float, *, accounts_usable: bool = False) -> bool:
+        """Lift the pause if it is a daily-limit pause whose day is over at `now`, or an accounts pause whose
+        first account is back at `now` (or at once with `accounts_usable`); any other pause stays."""
+        return bool(await self._lift_limit(keys=[self.keys.pause], args=[now, "1" if accounts_usable else "0"]))
 
     async def paused(self) -> PauseInfo | None:
         raw = await self._redis.get(self.keys.pause)

@@ -22,6 +22,7 @@ from loguru import logger
 from redis.exceptions import RedisError
 
 from .access import check_bind
+from .accounts import AccountState, account_pool
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings, sync_client
 from .control import Control
 from .errors import ConfigError, PromptFailed
@@ -98,6 +99,7 @@ async def startup(ctx: dict[str, Any]) -> Started:
     permits = CallPermits(
         ctx["redis"], keys, settings.jimeng_max_inflight, settings.jimeng_rate_limit, settings.worker_lease, spend
     )
+    accounts = account_pool(ctx["redis"], keys, settings, spend)
     slots = Slots(settings.queue_concurrency, settings.store_concurrency, settings.store_backlog)
     intake = Intake(ctx["redis"], keys, settings.queue_name, settings.queue_poll_interval)
     metrics = WorkerMetrics()
@@ -106,6 +108,7 @@ async def startup(ctx: dict[str, Any]) -> Started:
         http=http,
         pocketbase=pocketbase,
         jimeng=JimengClient(http, settings),
+        accounts=accounts,
         storage=storage,
         ledger=GenerationLedger(ctx["redis"], settings.queue_keep_result, keys),
         gate=gate,
@@ -151,6 +154,12 @@ async def startup(ctx: dict[str, Any]) -> Started:
     ctx["runner"] = JobRunner(services, Pipeline(services), state, runs, metrics)
     intake.start()
     stack.push_async_callback(intake.stop)
+    # A worker that starts with a usable account (a key replaced since the pause) lifts an accounts pause.
+    if await state.lift_limit_pause(clock(), accounts_usable=await accounts.usable()):
+        logger.info("queue resumed: a jimeng account can take calls again")
+    for health in await accounts.health():
+        if health.state is not AccountState.HEALTHY:
+            logger.warning("jimeng {}: {} {}", health.account.label, health.state.value, health.reason)
     paused = await state.paused()
     if paused is not None:
         since = datetime.fromtimestamp(paused.since).astimezone().isoformat(timespec="seconds")

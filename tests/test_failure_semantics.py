@@ -36,7 +36,8 @@ async def test_no_credits_pauses_at_once_and_resume_finishes_with_attempts_intac
         paused = await wait_until(state.paused)
         assert paused is not None
         assert "run out of credits" in paused.reason
-        assert paused.source == "auto"
+        assert "no jimeng account can take a call: key 1 of 1" in paused.reason
+        assert paused.source == "accounts"
         # The next job is parked before its paid call: the worker holds it, the API saw one call in all.
         parked = await wait_until(lambda: _parked(state))
         assert parked
@@ -48,7 +49,8 @@ async def test_no_credits_pauses_at_once_and_resume_finishes_with_attempts_intac
 
         resumed = run_cli(stack, "resume")
         assert resumed.returncode == 0
-        assert "was paused: jimeng: error -2009" in resumed.stdout
+        assert "was paused: no jimeng account can take a call" in resumed.stdout
+        assert "error -2009" in resumed.stdout
         finished = await wait_for_records(pocketbase, [r.id for r in created])
     assert [r.status for r in finished] == ["done"] * 4
     for record in created:

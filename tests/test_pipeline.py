@@ -338,7 +338,9 @@ async def test_account_level_answers_pause_the_queue_with_the_reason(
     assert paused is not None
     assert words in paused.reason
     assert waiting is not None
-    await state.resume()
+    # The operator's resume (`imagegen resume`): it also gives the set-aside account another call.
+    async with open_control(settings) as control:
+        await control.resume()
     await run_queue(settings)
     assert (await pocketbase.get_record(record.id)).status == "done"
     assert stack.jimeng.sandbox.calls(record.prompt) == 2

@@ -55,6 +55,20 @@ class SandboxConfig:
     public_base: str | None = None
     # False: every call serves the same images, drawn once (benchmarks: the fake then costs next to no CPU).
     distinct_images: bool = True
+    # More accounts besides `api_key`'s, each its own web session with its own credits and expiry.
+    extra_keys: tuple[str, ...] = ()
+    # Credits of each account a day (one per call with images); None: never runs out. `/token/receive`
+    # brings an account back to this many.
+    daily_credits: int | None = None
+
+
+@dataclass
+class SandboxAccount:
+    """One jimeng account the sandbox knows: its session may expire and its credits run out."""
+
+    credits: int | None
+    expired: bool = False
+    calls: int = 0
 
 
 @dataclass
@@ -93,11 +107,15 @@ class JimengSandbox:
         self._call_starts: dict[str, list[float]] = {}
         self._call_spans: list[tuple[float, float]] = []
         self.base_url = ""
+        self._accounts = self._new_accounts()
         self.app = web.Application()
         self.app.add_routes(
             [
                 web.post("/v1/images/generations", self._generate),
                 web.get("/v1/models", self._models),
+                web.post("/token/check", self._token_check),
+                web.post("/token/points", self._token_points),
+                web.post("/token/receive", self._token_receive),
                 web.get("/img/{token}", self._image),
                 web.get("/_sandbox/stats", self._stats),
                 web.post("/_sandbox/reset", self._reset),
@@ -115,8 +133,32 @@ class JimengSandbox:
         with self._lock:
             self._scripts.setdefault(prompt, deque()).extend(outcomes)
 
+    def _new_accounts(self) -> dict[str, SandboxAccount]:
+        keys = (self.config.api_key, *self.config.extra_keys)
+        return {key: SandboxAccount(self.config.daily_credits) for key in keys}
+
+    def expire_key(self, key: str) -> None:
+        """The account's session ends: every call with its key answers -2002 from now on."""
+        with self._lock:
+            self._accounts[key].expired = True
+
+    def add_account(self, key: str, credits: int | None = None) -> None:
+        """Another account, with `credits` left today (None: never runs out)."""
+        with self._lock:
+            self._accounts[key] = SandboxAccount(credits)
+
+    def set_credits(self, key: str, credits: int | None) -> None:
+        with self._lock:
+            self._accounts[key].credits = credits
+
+    def calls_by_key(self) -> dict[str, int]:
+        """Generation calls each account received (refused ones too)."""
+        with self._lock:
+            return {key: account.calls for key, account in self._accounts.items()}
+
     def reset(self) -> None:
         with self._lock:
+            self._accounts = self._new_accounts()
             self._calls.clear()
             self._generations.clear()
             self._downloads.clear()
@@ -207,12 +249,30 @@ class JimengSandbox:
     def _proxy_error(code: int, message: str) -> web.Response:
         return web.json_response({"code": code, "message": message, "data": None})
 
-    def _check_request(self, request: web.Request, payload: Any) -> web.Response | None:
+    def _keys_of(self, request: web.Request) -> list[str]:
         auth = request.headers.get("Authorization", "")
-        if not auth:
+        return [key.strip() for key in auth.removeprefix("Bearer ").split(",") if key.strip()]
+
+    def _account_of(self, request: web.Request) -> tuple[str, SandboxAccount | None]:
+        """The account a call uses: given several keys, the proxy picks one at random, with no health check."""
+        keys = self._keys_of(request)
+        with self._lock:
+            key = self._random.choice(keys) if keys else ""
+            return key, self._accounts.get(key)
+
+    def _check_request(self, request: web.Request, payload: Any) -> web.Response | SandboxAccount:
+        """The refusal of a request, or the account it uses."""
+        if not request.headers.get("Authorization", ""):
             return self._proxy_error(-2000, "缺少 Authorization 请求头 (missing Authorization)")
-        if auth != f"Bearer {self.config.api_key}":
+        _, account = self._account_of(request)
+        if account is not None:
+            with self._lock:
+                account.calls += 1
+        if account is None or account.expired:
             return self._proxy_error(-2002, "[登录失效]: login error (ret 1015), 请重新获取 sessionid")
+        if account.credits is not None and account.credits <= 0:
+            code, message = PROXY_ERRORS["-2009"]
+            return self._proxy_error(code, message)
         if not isinstance(payload, dict):
             return self._proxy_error(-2000, "请求体必须是 JSON 对象")
         rejected = [f for f in _REJECTED_FIELDS if f in payload]
@@ -220,7 +280,7 @@ class JimengSandbox:
             return self._proxy_error(-1000, f"不支持的参数: {', '.join(rejected)}, 请使用 ratio 和 resolution 参数")
         if not isinstance(payload.get("prompt"), str) or not payload["prompt"].strip():
             return self._proxy_error(-2000, "请求参数非法: prompt 不能为空")
-        return None
+        return account
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -229,9 +289,9 @@ class JimengSandbox:
             payload = None
         with self._lock:
             self._received.append(payload)
-        refused = self._check_request(request, payload)
-        if refused is not None:
-            return refused
+        account = self._check_request(request, payload)
+        if isinstance(account, web.Response):
+            return account
         prompt: str = payload["prompt"]
         while self.holding:  # noqa: ASYNC110 - set from the test's thread, where an asyncio.Event can't be
             await asyncio.sleep(0.01)
@@ -256,7 +316,11 @@ class JimengSandbox:
                 rendering = asyncio.ensure_future(asyncio.to_thread(self._render_set, prompt))
             if delay:
                 await asyncio.sleep(delay)
-            return await self._play(request, prompt, mode, rendering)
+            response = await self._play(request, prompt, mode, rendering)
+            if self._makes_images(mode) and account.credits is not None:
+                with self._lock:
+                    account.credits -= 1
+            return response
         finally:
             if rendering is not None and not rendering.done():
                 rendering.cancel()
@@ -336,6 +400,40 @@ class JimengSandbox:
             return web.json_response({"error": {"message": "invalid api key", "type": "invalid_api_key"}}, status=401)
         models = ["jimeng-4.5", "jimeng-4.0", "jimeng-3.1", "jimeng-3.0"]
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in models]})
+
+    async def _token_check(self, request: web.Request) -> web.Response:
+        """Free: whether a key's session is live (`{"token": key}` -> `{"live": bool}`)."""
+        try:
+            body = await request.json()
+            key = str(body["token"])
+        except (ValueError, KeyError, TypeError):
+            return self._proxy_error(-2000, "请求参数非法: token 不能为空")
+        with self._lock:
+            account = self._accounts.get(key)
+            return web.json_response({"live": account is not None and not account.expired})
+
+    async def _token_points(self, request: web.Request) -> web.Response:
+        """Free: each key's credits, one `{"token", "points"}` per key in Authorization."""
+        answer = []
+        with self._lock:
+            for key in self._keys_of(request):
+                account = self._accounts.get(key)
+                live = account is not None and not account.expired
+                points = (account.credits if account.credits is not None else 100) if live and account else 0
+                answer.append({"token": key, "points": {"totalCredit": points}})
+        return web.json_response(answer)
+
+    async def _token_receive(self, request: web.Request) -> web.Response:
+        """Claims the day's free credits for each key in Authorization."""
+        answer = []
+        with self._lock:
+            for key in self._keys_of(request):
+                account = self._accounts.get(key)
+                success = account is not None and not account.expired
+                if success and account is not None and account.credits is not None:
+                    account.credits = max(account.credits, self.config.daily_credits or 0)
+                answer.append({"token": key, "success": success})
+        return web.json_response(answer)
 
     async def _image(self, request: web.Request) -> web.StreamResponse:
         token = request.match_info["token"].split(".", 1)[0]

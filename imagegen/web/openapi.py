@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from ..accounts import AccountState
 from ..control import EnqueueOutcome
 from ..listing import TaskState
 from ..models import PROMPT_ID_PATTERN, JobState
@@ -58,7 +59,7 @@ SCHEMAS: dict[str, Any] = {
         {
             "reason": STRING,
             "since": {"type": "string", "format": "date-time"},
-            "source": {"enum": ["manual", "auto", "outage", "limit"]},
+            "source": {"enum": ["manual", "auto", "outage", "limit", "accounts"]},
         }
     ),
     "EnqueueResult": obj({"id": STRING, "outcome": {"enum": [o.value for o in EnqueueOutcome]}, "detail": STRING}),
@@ -164,6 +165,23 @@ SCHEMAS: dict[str, Any] = {
         "description": "Today's paid jimeng calls (in JIMENG_DAILY_LIMIT_TZ) by outcome, against JIMENG_DAILY_LIMIT "
         "(null: none); `reserved` are calls in flight or of a worker that died during its call.",
     },
+    "Account": {
+        **obj(
+            {
+                "account": STRING,
+                "fingerprint": STRING,
+                "state": {"enum": [state.value for state in AccountState]},
+                "until": {"type": ["number", "null"]},
+                "since": {"type": ["number", "null"]},
+                "reason": STRING,
+                "in_flight": INT,
+                "calls_today": INT,
+                "transient_streak": INT,
+            }
+        ),
+        "description": "One jimeng account of JIMENG_API_KEY, named by its position and last four characters "
+        "(never the key); `until`/`since` in epoch seconds while it is set aside.",
+    },
     "Queue": {
         **obj(
             {
@@ -175,6 +193,7 @@ SCHEMAS: dict[str, Any] = {
                 "consecutive_failures": INT,
                 "max_failed": INT,
                 "spend": ref("Spend"),
+                "accounts": {"type": "array", "items": ref("Account")},
                 "workers": {"type": "array", "items": {"type": "object"}},
                 "throughput": ref("Throughput"),
             }
