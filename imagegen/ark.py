@@ -31,6 +31,7 @@ TRANSIENT = FailureKind.TRANSIENT
 PERMANENT = FailureKind.PERMANENT
 ACCOUNT = FailureKind.ACCOUNT
 
+PROVIDER = "ark"
 # How long Ark's image links stay valid (counted from when the call was sent, so never overstated).
 LINK_LIFETIME = 24 * 3600
 
@@ -232,7 +233,7 @@ def parse_generation(
             failures.append(ImageFailure(index, "NoImage", "the item carries neither an image nor an error"))
     billed = answer.usage.generated_images if answer.usage else None
     if images:
-        return ProviderResult("ark", answer.model or model, tuple(images), tuple(failures), billed)
+        return ProviderResult(PROVIDER, answer.model or model, tuple(images), tuple(failures), billed)
     if failures and all(_MODERATION in failure.code for failure in failures):
         first = failures[0]
         raise ArkError(
@@ -251,7 +252,7 @@ def parse_generation(
 class ArkClient:
     """Asks Ark for images; one shared aiohttp session, the key only ever in the Authorization header."""
 
-    name = "ark"
+    name = PROVIDER
 
     def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
         if settings.ark_api_key is None:
