@@ -22,6 +22,9 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MODEL_RULE = (
     "must be a model name such as jimeng-4.0: 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit"
 )
+# Ark's ids: a model (doubao-seedream-4-0-250828; seedream-4-0-250828 on the international endpoint) or an
+# endpoint made in its console (ep-20250101123456-abcde).
+_ARK_MODEL_ID = re.compile(r"(?:doubao-)?seedream-[a-z0-9][a-z0-9.-]*|ep-[A-Za-z0-9][A-Za-z0-9-]*")
 
 
 def check_model(value: str) -> str:
@@ -29,6 +32,19 @@ def check_model(value: str) -> str:
     value = value.strip()
     if not _MODEL_NAME.fullmatch(value):
         raise ValueError(MODEL_RULE)
+    return value
+
+
+def is_ark_model(value: str) -> bool:
+    """Whether a model name is an Ark model or endpoint id (the other names are jimeng's)."""
+    return bool(_ARK_MODEL_ID.fullmatch(value.strip()))
+
+
+def check_ark_model(value: str) -> str:
+    """The Ark model or endpoint id, or ValueError saying what one looks like."""
+    value = check_model(value)
+    if not is_ark_model(value):
+        raise ValueError("must be an Ark model id such as doubao-seedream-4-0-250828, or an endpoint id ep-...")
     return value
 
 

@@ -13,7 +13,9 @@
     ├── JobTimeout                     the job used up its time budget (transient, uses an attempt)
     ├── InternalError                  anything unexpected, caught at the job boundary (transient)
     └── ServiceError                   a call to an outside service failed; keeps service/status/detail
-        ├── JimengError                the image API (with the proxy's `code` when it sent one)
+        ├── ProviderError              an image provider's call: `retry_after`, whether it reached it or was paid
+        │   ├── JimengError            the jimeng proxy (with the proxy's `code` when it sent one)
+        │   └── ArkError               the official Volcengine Ark API (with its `error.code` when it sent one)
         ├── DownloadError              fetching the generated image bytes
         │   └── LinkRefusedError       the image link answered 403/404/410 (expired only when old enough)
         ├── StorageError               the S3-compatible bucket
@@ -38,7 +40,7 @@ failed job (`j_failed`, `result_info().success`) while `imagegen inspect` still 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 
 class FailureKind(StrEnum):
@@ -171,8 +173,13 @@ class ServiceError(ImagegenError):
         return f"{self.service}: {self.message}"
 
 
-class JimengError(ServiceError):
-    service = "jimeng"
+class ProviderError(ServiceError):
+    """A call to an image provider failed (see `provider`).
+
+    `reached` is False only when the request can't have left this host (the connection was never made): no
+    call, nothing paid. `moderated`: content moderation refused it, a call made all the same. `paid` is False
+    when the provider's answer says nothing was billed, None when that can't be known (a timeout, a dropped
+    connection, a provider that does not say)."""
 
     def __init__(
         self,
@@ -180,18 +187,50 @@ class JimengError(ServiceError):
         *,
         kind: FailureKind | None = None,
         status: int | None = None,
-        code: int | None = None,
         detail: str = "",
         retry_after: float | None = None,
         moderated: bool = False,
         reached: bool = True,
+        paid: bool | None = None,
     ) -> None:
         super().__init__(message, kind=kind, status=status, detail=detail, retry_after=retry_after)
-        self.code = code
-        # Refused by content moderation (-2006, or -2007 with 2038): a call made, and counted, all the same.
         self.moderated = moderated
-        # False only when the request can't have left this host (the connection was never made): no call.
         self.reached = reached
+        self.paid = paid if reached else False
+
+
+class ProviderFields(TypedDict, total=False):
+    """ProviderError's keyword arguments, which its subclasses pass on."""
+
+    kind: FailureKind | None
+    status: int | None
+    detail: str
+    retry_after: float | None
+    moderated: bool
+    reached: bool
+    paid: bool | None
+
+
+class JimengError(ProviderError):
+    """The jimeng proxy's answer or the call to it failed; `code` is the proxy's (negative) code if it sent one.
+
+    Refused by content moderation (-2006, or -2007 with 2038) is `moderated`: a call made, and counted."""
+
+    service = "jimeng"
+
+    def __init__(self, message: str, *, code: int | None = None, **fields: Unpack[ProviderFields]) -> None:
+        super().__init__(message, **fields)
+        self.code = code
+
+
+class ArkError(ProviderError):
+    """The Ark API's answer or the call to it failed; `code` is its `error.code` (`ModelNotOpen`, ...) if any."""
+
+    service = "ark"
+
+    def __init__(self, message: str, *, code: str = "", **fields: Unpack[ProviderFields]) -> None:
+        super().__init__(message, **fields)
+        self.code = code
 
 
 class DownloadError(ServiceError):

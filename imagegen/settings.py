@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .choices import Choices, check_model, check_ratio, check_resolution
+from .choices import Choices, check_ark_model, check_model, check_ratio, check_resolution
 from .errors import ConfigError
 
 MIB = 1024 * 1024
@@ -28,6 +28,7 @@ SECRET_FIELDS = (
     "redis_password",
     "redis_url",
     "jimeng_api_key",
+    "ark_api_key",
     "tos_access_key_secret",
     "pocketbase_password",
     "api_token",
@@ -74,6 +75,15 @@ class Settings(BaseSettings):
     # The accounts of JIMENG_API_KEY (comma-separated keys): caps of each one, across every worker.
     jimeng_account_concurrency: int = Field(0, ge=0, description="calls at once per account; 0 no cap")
     jimeng_account_daily_limit: int = Field(0, ge=0, description="calls a day per account; 0 none")
+
+    # Volcengine Ark, the official Seedream API (see `ark`)
+    ark_api_key: SecretStr | None = None
+    ark_base_url: str = "https://ark.cn-beijing.volces.com/api/v3"
+    ark_model: str = "doubao-seedream-4-0-250828"
+    ark_watermark: bool = Field(False, description="ask Ark to mark the images 'AI生成' (it does unless told not to)")
+    ark_response_format: Literal["url", "b64_json"] = "url"
+    ark_max_images: int = Field(1, ge=1, le=15, description="1: one image a call; more: up to this many, as a group")
+    ark_timeout: int = Field(600, gt=0, description="seconds")
 
     # object storage (Volcengine TOS or any S3-compatible store)
     tos_bucket: str = ""
@@ -155,6 +165,11 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis:// or rediss:// (TLS)")
         return value
 
+    @field_validator("ark_api_key")
+    @classmethod
+    def _optional_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value().strip() else None
+
     @field_validator("redis_sentinels")
     @classmethod
     def _sentinels(cls, value: str) -> str:
@@ -168,6 +183,7 @@ class Settings(BaseSettings):
     _known_model = field_validator("jimeng_model")(check_model)
     _known_ratio = field_validator("jimeng_ratio")(check_ratio)
     _known_resolution = field_validator("jimeng_resolution")(check_resolution)
+    _ark_model = field_validator("ark_model")(check_ark_model)
 
     @field_validator("jimeng_daily_limit_tz")
     @classmethod
@@ -178,7 +194,7 @@ class Settings(BaseSettings):
             raise ValueError("must be an IANA time zone name, e.g. UTC or Asia/Shanghai") from None
         return value.strip()
 
-    @field_validator("jimeng_api_url", "pocketbase_url", "tos_public_base_url")
+    @field_validator("jimeng_api_url", "ark_base_url", "pocketbase_url", "tos_public_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         if value and urlsplit(value).scheme not in ("http", "https"):
@@ -287,6 +303,13 @@ class Settings(BaseSettings):
                 f"WORKER_SHUTDOWN_GRACE={self.worker_shutdown_grace} is shorter than JIMENG_TIMEOUT="
                 f"{self.jimeng_timeout} ({jimeng:g} s): a stop would cut paid calls short; raise "
                 f"WORKER_SHUTDOWN_GRACE to at least {jimeng:.0f}"
+            )
+        ark_needed = self.ark_timeout + self.download_timeout + FINISH_RESERVE
+        if self.ark_api_key is not None and self.queue_job_timeout < ark_needed:
+            raise ValueError(
+                f"QUEUE_JOB_TIMEOUT={self.queue_job_timeout} can't hold ARK_TIMEOUT={self.ark_timeout} plus "
+                f"DOWNLOAD_TIMEOUT={self.download_timeout} plus {FINISH_RESERVE:g} s to record the result: raise "
+                f"QUEUE_JOB_TIMEOUT to at least {ark_needed:.0f} or lower ARK_TIMEOUT"
             )
         return self
 

@@ -53,12 +53,20 @@ EXPIRED_BODY = (
 )
 
 
+def slow_delay(mode: str) -> float | None:
+    """The seconds a `slow:<seconds>` outcome waits first; None for any other outcome or a bad number."""
+    if not mode.startswith("slow:"):
+        return None
+    try:
+        seconds = float(mode[5:])
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
 def is_known(mode: str) -> bool:
     if mode.startswith("slow:"):
-        try:
-            return float(mode[5:]) >= 0
-        except ValueError:
-            return False
+        return slow_delay(mode) is not None
     return mode in PROXY_ERRORS or mode in HTTP_ERRORS or mode in IMAGE_MODES or mode in OTHER_MODES
 
 

@@ -31,8 +31,9 @@ from .modes import (
     marker_mode,
 )
 from .render import FORMAT_CYCLE, render_image
+from .scripts import ANY_PROMPT, OutcomeScripts
+from .site import serve_app
 
-ANY_PROMPT = "*"
 # Where the sandbox process reads the bearer key it requires (kept out of its command line).
 SANDBOX_KEY_ENV = "IMAGEGEN_SANDBOX_API_KEY"
 _REJECTED_FIELDS = ("size", "width", "height")
@@ -96,7 +97,7 @@ class JimengSandbox:
         # local stack's sandbox runs for days).
         self._received: deque[Any] = deque(maxlen=RECEIVED_KEPT)
         self._images: dict[str, HostedImage] = {}
-        self._scripts: dict[str, deque[str]] = {}
+        self._scripts = OutcomeScripts(is_known, "sandbox")
         self._shared: list[bytes] | None = None
         # Called with the prompt in the server's thread once a paid generation is decided, before its reply leaves.
         self.on_generation: Callable[[str], None] | None = None
@@ -127,11 +128,7 @@ class JimengSandbox:
     # --- Python API, for tests in the same process ---
     def script(self, prompt: str, outcomes: list[str]) -> None:
         """Queue outcomes (e.g. ["-2007", "ok"]) for the next calls with this prompt ("*": any prompt)."""
-        unknown = [o for o in outcomes if not is_known(o)]
-        if unknown:
-            raise ValueError(f"unknown sandbox outcomes: {unknown}")
-        with self._lock:
-            self._scripts.setdefault(prompt, deque()).extend(outcomes)
+        self._scripts.add(prompt, outcomes)
 
     def _new_accounts(self) -> dict[str, SandboxAccount]:
         keys = (self.config.api_key, *self.config.extra_keys)
@@ -233,11 +230,10 @@ class JimengSandbox:
 
     # --- the API ---
     def _choose(self, prompt: str) -> str:
+        scripted = self._scripts.take(prompt)
+        if scripted is not None:
+            return scripted
         with self._lock:
-            for key in (prompt, ANY_PROMPT):
-                queue = self._scripts.get(key)
-                if queue:
-                    return queue.popleft()
             marked = marker_mode(prompt)
             if marked is not None:
                 return marked
@@ -501,10 +497,6 @@ class JimengSandbox:
 
 async def start_site(sandbox: JimengSandbox, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve the sandbox; returns the runner (to clean up) and the bound port."""
-    runner = web.AppRunner(sandbox.app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = int(runner.addresses[0][1])
+    runner, bound = await serve_app(sandbox.app, host, port)
     sandbox.base_url = f"http://{host}:{bound}/v1"
     return runner, bound
