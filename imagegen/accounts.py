@@ -47,6 +47,7 @@ COOL_FIRST = 30.0
 COOL_MAX = 1800.0
 REFUSED_FOR = 3600.0
 ACCOUNT_CALLS_TTL = 3 * 86_400
+CLAIM_MARKER_TTL = 2 * 86_400
 EXPIRED_CODE = -2002
 NO_CREDITS_CODE = -2009
 
@@ -94,6 +95,7 @@ class AccountHealth:
     in_flight: int
     calls_today: int
     streak: int
+    credits: int | None = None  # from the proxy's /token/points, when asked (`imagegen accounts`)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -106,6 +108,7 @@ class AccountHealth:
             "in_flight": self.in_flight,
             "calls_today": self.calls_today,
             "transient_streak": self.streak,
+            "credits": self.credits,
         }
 
 
@@ -198,6 +201,10 @@ class AccountPool:
     def _now_ms(self) -> int:
         return int(self._spend.clock() * 1000)
 
+    def claim_marker(self, account: Account) -> str:
+        """Set once a day per account by the worker that claims its free credits (JIMENG_CLAIM_DAILY)."""
+        return f"{self._keys.prefix}account-claim:{self._spend.day().isoformat()}:{account.fingerprint}"
+
     def _calls(self) -> str:
         return f"{self._keys.prefix}account-calls:{self._spend.day().isoformat()}"
 
@@ -258,10 +265,11 @@ class AccountPool:
                 return AccountState.COOLING
         return None
 
-    async def reinstate(self) -> None:
-        """Every account usable again (`imagegen resume`): its next call tells whether it really is."""
+    async def reinstate(self, *accounts: Account) -> None:
+        """These accounts (default: every one) usable again (`imagegen resume`, credits seen back): the next
+        call tells whether they really are."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            for account in self.accounts:
+            for account in accounts or self.accounts:
                 pipe.hdel(self._info(account), "state", "until", "since", "reason", "streak")
             await pipe.execute()
 

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from .accounts import accounts_of
 from .connections import redis_settings
 from .errors import ImagegenError, excerpt
+from .jimeng import AccountRoutes
 from .pocketbase import PocketBaseClient
 from .settings import Settings
 from .storage import Storage, open_s3_client
@@ -80,27 +81,16 @@ async def check_jimeng(settings: Settings, http: aiohttp.ClientSession) -> str:
     )
 
 
-def proxy_root(api_url: str) -> str:
-    """The proxy's own routes (`/token/...`) sit beside `/v1`, at its root."""
-    return api_url.rstrip("/").removesuffix("/v1")
-
-
 async def _check_keys(settings: Settings, http: aiohttp.ClientSession) -> str:
     """Each account's session through the proxy's free `/token/check`; ImagegenError naming the dead ones."""
     accounts = accounts_of(settings.jimeng_keys())
-    url = f"{proxy_root(settings.jimeng_api_url)}/token/check"
+    routes = AccountRoutes(http, settings)
     dead = []
     for account in accounts:
-        try:
-            async with http.post(url, json={"token": account.key.get_secret_value()}) as response:
-                if response.status == 404:
-                    return f"{len(accounts)} keys not verified (the proxy has no /token/check)"
-                answer = await response.json(content_type=None) if response.status == 200 else None
-        except (aiohttp.ClientError, ValueError):
-            return f"{len(accounts)} keys not verified (/token/check did not answer)"
-        if not isinstance(answer, dict) or not isinstance(answer.get("live"), bool):
-            return f"{len(accounts)} keys not verified (/token/check answered HTTP {response.status})"
-        if not answer["live"]:
+        live = await routes.live(account.key)
+        if live is None:
+            return f"{len(accounts)} keys not verified (the proxy's /token/check did not answer)"
+        if not live:
             dead.append(account.label)
     if dead:
         raise ImagegenError(

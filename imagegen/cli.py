@@ -8,12 +8,14 @@ Expected failures print one line, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, NoReturn
 
+import aiohttp
 import click
 
 from .accounts import AccountHealth, AccountState
@@ -21,6 +23,7 @@ from .arqworker import check_worker, run_worker
 from .checks import check_services
 from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from .errors import ConfigError, DailyLimitReached, ImagegenError
+from .jimeng import AccountRoutes
 from .logs import setup_logging
 from .models import iso_time
 from .oneoff import OneOffRequest, generate_once
@@ -381,9 +384,10 @@ def _account_lines(accounts: list[AccountHealth]) -> list[str]:
         elif health.since:
             when = f" since {iso_time(health.since)}"
         reason = f": {health.reason}" if health.reason else ""
+        credits = f", {health.credits} credits" if health.credits is not None else ""
         lines.append(
             f"{health.account.label}  {health.state.value}{when}, {health.calls_today} calls today, "
-            f"{health.in_flight} in flight{reason}"
+            f"{health.in_flight} in flight{credits}{reason}"
         )
     return lines
 
@@ -392,10 +396,15 @@ def _account_lines(accounts: list[AccountHealth]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def accounts(ctx: click.Context, as_json: bool) -> None:
-    """The jimeng accounts of JIMENG_API_KEY: each one's state, calls today and calls in flight."""
+    """The jimeng accounts of JIMENG_API_KEY: each one's state, calls today, in flight, and its credits."""
 
     async def action(control: Control) -> int:
-        found = await control.accounts.health()
+        async with aiohttp.ClientSession() as http:
+            routes = AccountRoutes(http, control.settings)
+            found = [
+                dataclasses.replace(health, credits=await routes.points(health.account.key))
+                for health in await control.accounts.health()
+            ]
         if as_json:
             click.echo(json.dumps({"accounts": [health.to_json() for health in found]}, ensure_ascii=False))
         else:

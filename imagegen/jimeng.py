@@ -198,3 +198,69 @@ class JimengClient:
                 f"connection to {self._url} failed ({type(exc).__name__}: {excerpt(str(exc), 120)})",
                 kind=TRANSIENT,
             ) from None
+
+
+def proxy_root(api_url: str) -> str:
+    """The proxy's own routes (`/token/...`) sit beside `/v1`, at its root."""
+    return api_url.rstrip("/").removesuffix("/v1")
+
+
+def read_points(value: object) -> int | None:
+    """An account's credits from `/token/points`, whose shape is not settled: a number, or an object with a
+    total among its fields; None when no number can be read."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return int(value)
+    if isinstance(value, dict):
+        for name in ("totalCredit", "total_credit", "total", "credits", "points", "balance"):
+            if name in value and (found := read_points(value[name])) is not None:
+                return found
+    return None
+
+
+class AccountRoutes:
+    """The proxy's free account routes: is a session live, how many credits, claim the day's free ones.
+
+    None of them spends a credit. A proxy without them answers 404, which reads as "not known" (None)."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+        self._session = session
+        self._root = proxy_root(settings.jimeng_api_url)
+        self._timeout = aiohttp.ClientTimeout(total=30)
+
+    async def _post(self, route: str, key: SecretStr | None, body: dict[str, str] | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+        try:
+            async with self._session.post(
+                f"{self._root}{route}", json=body or {}, headers=headers, timeout=self._timeout
+            ) as response:
+                if response.status != 200:
+                    return None
+                return await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return None
+
+    async def live(self, key: SecretStr) -> bool | None:
+        """`/token/check`: whether the key's session is live; None when the proxy can't say."""
+        answer = await self._post("/token/check", None, {"token": key.get_secret_value()})
+        found = answer.get("live") if isinstance(answer, dict) else None
+        return found if isinstance(found, bool) else None
+
+    async def points(self, key: SecretStr) -> int | None:
+        """`/token/points` for one key: its credits, or None when the proxy can't say."""
+        answer = await self._post("/token/points", key)
+        entries = answer if isinstance(answer, list) else [answer]
+        for entry in entries:
+            if isinstance(entry, dict) and "points" in entry:
+                return read_points(entry["points"])
+        return None
+
+    async def receive(self, key: SecretStr) -> bool | None:
+        """`/token/receive` for one key: whether the day's free credits were claimed; None when not known."""
+        answer = await self._post("/token/receive", key)
+        entries = answer if isinstance(answer, list) else [answer]
+        for entry in entries:
+            if isinstance(entry, dict) and isinstance(entry.get("success"), bool):
+                return bool(entry["success"])
+        return None

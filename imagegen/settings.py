@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     # The accounts of JIMENG_API_KEY (comma-separated keys): caps of each one, across every worker.
     jimeng_account_concurrency: int = Field(0, ge=0, description="calls at once per account; 0 no cap")
     jimeng_account_daily_limit: int = Field(0, ge=0, description="calls a day per account; 0 none")
+    jimeng_claim_daily: bool = False  # claim each account's free credits once a day (/token/receive)
 
     # Volcengine Ark, the official Seedream API (see `ark`)
     ark_api_key: SecretStr | None = None

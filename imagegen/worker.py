@@ -25,11 +25,12 @@ from .access import check_bind
 from .accounts import AccountState, account_pool
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings, sync_client
 from .control import Control
+from .credits import CreditWatch
 from .errors import ConfigError, PromptFailed
 from .exporter import Exporter, metrics_port
 from .heartbeat import Heartbeat
 from .intake import Intake
-from .jimeng import JimengClient
+from .jimeng import AccountRoutes, JimengClient
 from .jobs import JobRunner
 from .keys import RedisKeys
 from .ledger import GenerationLedger
@@ -139,6 +140,11 @@ async def startup(ctx: dict[str, Any]) -> Started:
     )
     reconciler.start()
     stack.push_async_callback(reconciler.stop)
+    credit_watch = CreditWatch(
+        ctx["redis"], accounts, AccountRoutes(http, settings), state, clock, claim_daily=settings.jimeng_claim_daily
+    )
+    credit_watch.start()
+    stack.push_async_callback(credit_watch.stop)
     if settings.pocketbase_watch:
         watcher = Watcher(
             Control(settings, ctx["redis"], pocketbase),

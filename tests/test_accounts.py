@@ -12,7 +12,9 @@ import pytest
 from pydantic import SecretStr
 
 from imagegen.accounts import COOL_AFTER, AccountPool, AccountState, accounts_of
+from imagegen.credits import CreditWatch
 from imagegen.errors import FailureKind, JimengError
+from imagegen.jimeng import AccountRoutes
 from imagegen.keys import RedisKeys
 
 from .conftest import JIMENG_KEY, RecordFactory, Stack, queue_state, run_cli, wait_for_records
@@ -182,3 +184,48 @@ async def test_transient_failures_in_a_row_cool_an_account_and_a_success_ends_th
 def test_a_key_is_known_by_a_fingerprint_so_a_replaced_key_is_a_new_account():
     old, new = accounts_of([SecretStr("session-a-1234")]), accounts_of([SecretStr("session-b-1234")])
     assert old[0].fingerprint != new[0].fingerprint and old[0].label == new[0].label
+
+
+async def test_credits_seen_back_or_claimed_return_an_emptied_account_and_lift_the_pause(
+    stack: Stack, sandbox_config, redis_client, http
+):
+    sandbox = stack.jimeng.sandbox
+    settings = stack.settings(jimeng_api_key=f"{JIMENG_KEY},{SECOND_KEY}")
+    sandbox.add_account(SECOND_KEY, credits=0)
+    sandbox.set_credits(JIMENG_KEY, 0)
+    clock = FakeClock(datetime(2026, 11, 28, 12, 0, tzinfo=SHANGHAI))
+    pool = AccountPool(
+        redis_client,
+        RedisKeys(settings.queue_name),
+        accounts_of(settings.jimeng_keys()),
+        spend_of(settings, redis_client, clock),
+    )
+    state = queue_state(settings, redis_client)
+    empty = JimengError("error -2009: out of credits", kind=FailureKind.ACCOUNT, code=-2009)
+    for account in pool.accounts:
+        assert await pool.failed(account, empty) is AccountState.NO_CREDITS
+    unavailable = await pool.unavailable()
+    await state.pause(str(unavailable), source="accounts", until=unavailable.until)
+    routes = AccountRoutes(http, settings)
+    watch = CreditWatch(redis_client, pool, routes, state, clock, claim_daily=False)
+
+    await watch.step()  # nothing came back: the pause stays
+    assert (await state.paused()) is not None
+    sandbox.set_credits(SECOND_KEY, 3)  # bought: /token/points shows them
+    await watch.step()
+    states = [h.state for h in await pool.health()]
+    assert states == [AccountState.NO_CREDITS, AccountState.HEALTHY]
+    assert await state.paused() is None
+
+    # With JIMENG_CLAIM_DAILY the day's free credits are claimed, once a day for each account.
+    sandbox_config.daily_credits = 4
+    claiming = CreditWatch(redis_client, pool, routes, state, clock, claim_daily=True)
+    await claiming.step()
+    assert [sandbox.credits_of(JIMENG_KEY), sandbox.credits_of(SECOND_KEY)] == [4, 4]
+    assert [h.state for h in await pool.health()] == [AccountState.HEALTHY, AccountState.HEALTHY]
+    sandbox.set_credits(JIMENG_KEY, 0)
+    await claiming.step()
+    assert sandbox.credits_of(JIMENG_KEY) == 0  # claimed today already: not again
+
+    result = run_cli(stack, "accounts", "--json", JIMENG_API_KEY=f"{JIMENG_KEY},{SECOND_KEY}")
+    assert [a["credits"] for a in json.loads(result.stdout)["accounts"]] == [0, 4]

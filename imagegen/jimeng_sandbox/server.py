@@ -148,6 +148,10 @@ class JimengSandbox:
         with self._lock:
             self._accounts[key].credits = credits
 
+    def credits_of(self, key: str) -> int | None:
+        with self._lock:
+            return self._accounts[key].credits
+
     def calls_by_key(self) -> dict[str, int]:
         """Generation calls each account received (refused ones too)."""
         with self._lock:

@@ -177,10 +177,12 @@ SCHEMAS: dict[str, Any] = {
                 "in_flight": INT,
                 "calls_today": INT,
                 "transient_streak": INT,
+                "credits": {"type": ["integer", "null"]},
             }
         ),
         "description": "One jimeng account of JIMENG_API_KEY, named by its position and last four characters "
-        "(never the key); `until`/`since` in epoch seconds while it is set aside.",
+        "(never the key); `until`/`since` in epoch seconds while it is set aside; `credits` only where asked of "
+        "the proxy (`imagegen accounts`).",
     },
     "Queue": {
         **obj(
