@@ -11,6 +11,7 @@ from arq import create_pool
 from redis.exceptions import RedisError
 
 from .accounts import accounts_of
+from .ark import ArkClient
 from .connections import redis_settings
 from .errors import ImagegenError, excerpt
 from .jimeng import AccountRoutes
@@ -100,12 +101,23 @@ async def _check_keys(settings: Settings, http: aiohttp.ClientSession) -> str:
     return f"{len(accounts)} of {len(accounts)} keys live"
 
 
+async def check_ark(settings: Settings, http: aiohttp.ClientSession) -> str:
+    """The key and ARK_MODEL through a request that can't bill (see `ArkClient.check`)."""
+    return await ArkClient(http, settings).check()
+
+
 CHECKS: dict[str, Callable[[Settings, aiohttp.ClientSession], Awaitable[str]]] = {
     "redis": check_redis,
     "pocketbase": check_pocketbase,
     "storage": check_storage,
     "jimeng": check_jimeng,
+    "ark": check_ark,
 }
+
+
+def services_to_check(settings: Settings) -> list[str]:
+    """Every service the settings use: jimeng and Ark only when IMAGE_PROVIDERS names them."""
+    return [name for name in CHECKS if name not in ("jimeng", "ark") or name in settings.providers()]
 
 
 async def _run_one(name: str, settings: Settings, http: aiohttp.ClientSession) -> ServiceCheck:
@@ -121,4 +133,4 @@ async def _run_one(name: str, settings: Settings, http: aiohttp.ClientSession) -
 async def check_services(settings: Settings) -> list[ServiceCheck]:
     """Probe every service at once; each result says what is wrong in one line."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT)) as http:
-        return list(await asyncio.gather(*(_run_one(name, settings, http) for name in CHECKS)))
+        return list(await asyncio.gather(*(_run_one(name, settings, http) for name in services_to_check(settings))))

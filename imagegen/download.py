@@ -6,9 +6,12 @@ handed on chunk by chunk with a size cap, so memory stays bounded whatever the i
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -30,10 +33,32 @@ def sniff_image_type(head: bytes) -> ImageType | None:
     return None
 
 
+INLINE_PREFIX = "data:;base64,"
+
+
+def inline_source(b64: str) -> str:
+    """An image sent inline by the provider (base64), as the source a generation keeps in place of a link."""
+    return INLINE_PREFIX + b64
+
+
+def is_inline(source: str) -> bool:
+    return source.startswith(INLINE_PREFIX)
+
+
 def describe_link(url: str) -> str:
     """A link without its query string: signatures and expiry tokens stay out of logs."""
+    if is_inline(url):
+        return f"an inline image ({len(url) - len(INLINE_PREFIX)} base64 characters)"
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}{parts.path}"
+
+
+class ImageBody(Protocol):
+    """What an upload reads an image from: its sniffed type, then its bytes a part at a time."""
+
+    image_type: ImageType
+
+    async def read_into(self, part: io.BytesIO, size: int) -> int: ...
 
 
 READ_CHUNK = 256 * 1024
@@ -145,3 +170,44 @@ async def open_image(
         raise DownloadError(f"download of {link} took longer than {time_limit:.0f} s") from None
     except aiohttp.ClientError as exc:
         raise DownloadError(f"download of {link} failed: {type(exc).__name__}") from None
+
+
+class InlineImageBody:
+    """An image that came inside the provider's answer: decoded when its transfer starts, one at a time."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._offset = 0
+        found = sniff_image_type(bytes(self._data[:_HEAD_BYTES]))
+        if found is None:
+            raise DownloadError(
+                f"the inline image is not PNG, JPEG or WebP (first bytes {bytes(self._data[:8])!r})",
+                kind=FailureKind.PERMANENT,
+            )
+        self.image_type = found
+
+    async def read_into(self, part: io.BytesIO, size: int) -> int:
+        chunk = self._data[self._offset : self._offset + size]
+        part.write(chunk)
+        self._offset += len(chunk)
+        return len(chunk)
+
+
+@asynccontextmanager
+async def open_source(
+    session: aiohttp.ClientSession, source: str, *, max_bytes: int, time_limit: float
+) -> AsyncIterator[ImageBody]:
+    """A generated image's body: downloaded from its link, or decoded from the inline base64 it came as."""
+    if not is_inline(source):
+        async with open_image(session, source, max_bytes=max_bytes, time_limit=time_limit) as download:
+            yield download
+        return
+    try:
+        data = base64.b64decode(source[len(INLINE_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise DownloadError("the inline image is not base64", kind=FailureKind.PERMANENT) from None
+    if len(data) > max_bytes:
+        raise DownloadError(
+            f"the inline image is {len(data)} bytes, over DOWNLOAD_MAX_BYTES={max_bytes}", kind=FailureKind.PERMANENT
+        )
+    yield InlineImageBody(data)

@@ -25,9 +25,12 @@ class GenerationRecord:
     """
 
     created: float
-    urls: list[str]
+    urls: list[str]  # a link each, or an image sent inline (`download.inline_source`)
     received: float = field(default_factory=time.time)
     stored: dict[int, StoredImage] = field(default_factory=dict)
+    provider: str = "jimeng"
+    lifetime: float | None = None  # seconds the links live; None: JIMENG_LINK_LIFETIME
+    blocked: list[str] = field(default_factory=list)  # images the call refused (moderation), in words
 
     def age(self) -> float:
         """Seconds since the links were handed out."""
@@ -40,6 +43,9 @@ class GenerationRecord:
                 "received": self.received,
                 "urls": self.urls,
                 "stored": {str(i): asdict(s) for i, s in self.stored.items()},
+                "provider": self.provider,
+                "lifetime": self.lifetime,
+                "blocked": self.blocked,
             }
         )
 
@@ -49,7 +55,15 @@ class GenerationRecord:
         stored = {int(i): StoredImage(**s) for i, s in data.get("stored", {}).items()}
         created = float(data["created"])
         received = float(data.get("received", created))
-        return cls(created=created, urls=[str(u) for u in data["urls"]], received=received, stored=stored)
+        return cls(
+            created=created,
+            urls=[str(u) for u in data["urls"]],
+            received=received,
+            stored=stored,
+            provider=str(data.get("provider", "jimeng")),
+            lifetime=data.get("lifetime"),
+            blocked=[str(b) for b in data.get("blocked", [])],
+        )
 
 
 class GenerationLedger:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .errors import JimengError
+from .errors import ArkError, JimengError, ProviderError
 from .spend import CallOutcome, call_outcome
 from .stages import TIMED, Stage
 
@@ -26,16 +26,18 @@ STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def jimeng_error_code(exc: JimengError) -> str:
-    """The `code` label of a failed call: the proxy's code (`-2007`), `http_<status>`, or `timeout`/`network`
-    for calls that got no answer, `bad_reply` for a 200 that held no images."""
-    if exc.code is not None:
-        return str(exc.code)
+def jimeng_error_code(exc: ProviderError) -> str:
+    """The `code` label of a failed call: the provider's code (jimeng's `-2007`, Ark's `ModelNotOpen`),
+    `http_<status>`, or `timeout`/`network` for calls that got no answer, `bad_reply` for a 200 that held no
+    images."""
+    code = exc.code if isinstance(exc, JimengError | ArkError) else None
+    if code is not None and code != "":
+        return str(code)
     if exc.status is not None and exc.status != 200:
         return f"http_{exc.status}"
     if exc.status == 200:
         return "bad_reply"
-    return "timeout" if "JIMENG_TIMEOUT" in exc.message else "network"
+    return "timeout" if "_TIMEOUT" in exc.message else "network"
 
 
 class _LiveJobs(Collector):
@@ -106,7 +108,7 @@ class WorkerMetrics:
         """Report the jobs in progress by stage, from `stages()` at each scrape."""
         self.registry.register(_LiveJobs(stages))
 
-    def call_ended(self, error: JimengError | None) -> None:
+    def call_ended(self, error: ProviderError | None) -> None:
         outcome = call_outcome(error)
         if outcome is not None:
             self.calls.labels(outcome.value).inc()

@@ -20,8 +20,13 @@ import aiohttp
 from loguru import logger
 
 from .accounts import Account, AccountPool
+from .ark import LINK_LIFETIME as ARK_LINK_LIFETIME
+from .ark import PROVIDER as ARK_PROVIDER
+from .ark import ArkClient
 from .choices import Choices
+from .download import inline_source
 from .errors import (
+    AccountsUnavailable,
     DailyLimitReached,
     DownloadError,
     FailureKind,
@@ -29,6 +34,7 @@ from .errors import (
     JobInterrupted,
     LinkRefusedError,
     PromptRejected,
+    ProviderError,
     QueuePaused,
     RecordNotFound,
 )
@@ -39,6 +45,7 @@ from .models import PromptRecord, RecordStatus, StoredImage
 from .outages import POCKETBASE, STORAGE, Outages
 from .permits import CallPermits
 from .pocketbase import PocketBaseClient
+from .provider import ImageLink
 from .runs import JobRun, Phase
 from .settings import Settings
 from .slots import Slots
@@ -58,6 +65,7 @@ class PipelineResult:
     generated: bool = False
     skipped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)  # images the call refused (moderation), in words
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class Services:
     pocketbase: PocketBaseClient
     jimeng: JimengClient
     accounts: AccountPool
+    ark: ArkClient | None  # with `ark` in IMAGE_PROVIDERS
     storage: Storage
     ledger: GenerationLedger
     gate: PauseGate
@@ -156,19 +165,17 @@ class Pipeline:
                 await self._store_all(run, generation, result)
                 break
             except LinkRefusedError as exc:
-                lifetime = s.settings.jimeng_link_lifetime
+                lifetime, named = link_lifetime(generation, s.settings)
                 age = generation.age()
                 if age <= lifetime or regenerated:
                     raise DownloadError(
                         f"{exc.message} although the generation is only {age:.0f} s old (links live "
-                        f"JIMENG_LINK_LIFETIME={lifetime} s): something between this host and the image host "
-                        "refuses it, e.g. a CDN or firewall rule",
+                        f"{named}): something between this host and the image host refuses it, e.g. a CDN or "
+                        "firewall rule",
                         status=exc.status,
                     ) from None
                 # Expired for real: paying again is the only way, and at most once per job.
-                log.warning(
-                    "image links are {:.0f} s old, past JIMENG_LINK_LIFETIME={} s; generating again", age, lifetime
-                )
+                log.warning("image links are {:.0f} s old, past {}; generating again", age, named)
                 await s.ledger.forget(prompt_id)
                 run.generation_saved = False
                 run.enter(Phase.PREPARING)
@@ -195,7 +202,10 @@ class Pipeline:
         run.set_phase(Phase.STORING)
         result.generated = True
         result.timings["generate"] = result.timings.get("generate", 0.0) + elapsed
-        logger.bind(prompt_id=prompt_id).info("generated {} images in {:.1f}s", len(generation.urls), elapsed)
+        blocked = f", {len(generation.blocked)} blocked" if generation.blocked else ""
+        logger.bind(prompt_id=prompt_id).info(
+            "generated {} images with {} in {:.1f}s{}", len(generation.urls), generation.provider, elapsed, blocked
+        )
         # Remembered first: should Redis fail the count, the job's next run still reuses what was paid for.
         await s.ledger.save(prompt_id, generation)
         run.generation_saved = True
@@ -218,7 +228,7 @@ class Pipeline:
         paused = await s.gate.current()
         if paused is not None:
             raise QueuePaused(f"waiting: queue paused ({paused.reason})")
-        needed = s.settings.jimeng_timeout_seconds + s.settings.download_timeout
+        needed = s.settings.call_timeout + s.settings.download_timeout
         if run.remaining() < needed:
             raise JobInterrupted(
                 f"only {run.remaining():.0f} s of this job's time left, too little for a paid call and its "
@@ -239,11 +249,7 @@ class Pipeline:
         succeeded = False
         account: Account | None = None
         try:
-            account = await s.accounts.take(run.lease.token, run.remaining() - needed)
-            if account is None:
-                raise JobInterrupted(
-                    f"every jimeng account stayed at JIMENG_ACCOUNT_CONCURRENCY={s.accounts.concurrency}; queued again"
-                )
+            account = await self._choose(run, run.remaining() - needed)
             run.check_stop()
             # No await between the stop check and the call: a stop either sends this run back or waits for it.
             run.enter(Phase.GENERATING)
@@ -251,11 +257,12 @@ class Pipeline:
             # From here the request may reach the API: even a cancelled call counts, as failed (see `spend`).
             outcome = CallOutcome.FAILED
             try:
-                generation = await s.jimeng.generate(prompt, negative, choices, key=account.key)
-            except JimengError as exc:
+                generation = await self._ask(account, prompt, negative, choices)
+            except ProviderError as exc:
                 outcome = call_outcome(exc)
                 s.metrics.call_ended(exc)
-                await self._judge_account(account, exc)
+                if account is not None and isinstance(exc, JimengError):
+                    await self._judge_account(account, exc)
                 raise
             s.metrics.call_ended(None)
             elapsed = time.monotonic() - t0
@@ -266,7 +273,44 @@ class Pipeline:
             # A call with images is counted by the caller once its generation slot is free.
             if not succeeded:
                 await asyncio.shield(s.permits.finish(reservation, outcome))
-        return GenerationRecord(created=generation.created, urls=generation.urls), elapsed, reservation
+        return generation, elapsed, reservation
+
+    async def _choose(self, run: JobRun, wait: float) -> Account | None:
+        """Where the call goes, in IMAGE_PROVIDERS' order: a jimeng account (its place in flight taken), or
+        None for Ark. With no jimeng account left and Ark behind it, the call goes to Ark."""
+        s = self._s
+        for name in s.settings.providers():
+            if name == ARK_PROVIDER:
+                return None
+            try:
+                account = await s.accounts.take(run.lease.token, wait)
+            except AccountsUnavailable:
+                if s.ark is None:
+                    raise
+                continue
+            if account is None:
+                raise JobInterrupted(
+                    f"every jimeng account stayed at JIMENG_ACCOUNT_CONCURRENCY={s.accounts.concurrency}; queued again"
+                )
+            return account
+        raise AssertionError("IMAGE_PROVIDERS is never empty")
+
+    async def _ask(self, account: Account | None, prompt: str, negative: str, choices: Choices) -> GenerationRecord:
+        """The paid call itself, to the account's jimeng or to Ark; what it delivered, to be remembered."""
+        s = self._s
+        if account is not None:
+            found = await s.jimeng.generate(prompt, negative, choices, key=account.key)
+            return GenerationRecord(created=found.created, urls=found.urls)
+        assert s.ark is not None
+        result = await s.ark.generate(prompt, negative, choices)
+        urls = [image.url if isinstance(image, ImageLink) else inline_source(image.b64) for image in result.images]
+        return GenerationRecord(
+            created=time.time(),
+            urls=urls,
+            provider=result.provider,
+            lifetime=ARK_LINK_LIFETIME,
+            blocked=[f"image {failure.index + 1}: {failure.code} ({failure.message})" for failure in result.failures],
+        )
 
     async def _judge_account(self, account: Account, exc: JimengError) -> None:
         """After a failed call: set its account aside when the failure is the account's. An account error with
@@ -281,10 +325,15 @@ class Pipeline:
             return  # cooling after transient failures: this prompt's attempt was a real one
         if await pool.usable():
             raise JobInterrupted(f"jimeng {account.label} is {state.value}; another account takes the prompt") from exc
+        if self._s.ark is not None:
+            raise JobInterrupted(
+                f"jimeng {account.label} is {state.value}, the last account: Ark takes the prompt"
+            ) from exc
         raise await pool.unavailable() from exc
 
     async def _store_all(self, run: JobRun, generation: GenerationRecord, result: PipelineResult) -> None:
         s, prompt_id = self._s, run.prompt_id
+        result.blocked = generation.blocked
         t0 = time.monotonic()
         for index, url in enumerate(generation.urls):
             if index in generation.stored:
@@ -334,7 +383,7 @@ class Pipeline:
         await run.lease.ensure()
         urls = [image.public_url for image in result.images]
         try:
-            await s.outages.call(POCKETBASE, lambda: s.pocketbase.set_done(prompt_id, urls), run)
+            await s.outages.call(POCKETBASE, lambda: s.pocketbase.set_done(prompt_id, urls, blocked_note(result)), run)
         except RecordNotFound:
             # Deleted while we worked: its images would be orphans in the bucket.
             await run.lease.ensure()
@@ -345,3 +394,18 @@ class Pipeline:
         run.committed = True
         await s.ledger.forget(prompt_id)
         result.timings["patch"] = time.monotonic() - t0
+
+
+def link_lifetime(generation: GenerationRecord, settings: Settings) -> tuple[float, str]:
+    """How long a generation's links live, and the words that say where that comes from."""
+    if generation.lifetime is not None:
+        return generation.lifetime, f"{generation.lifetime:.0f} s ({generation.provider}'s links)"
+    return float(settings.jimeng_link_lifetime), f"JIMENG_LINK_LIFETIME={settings.jimeng_link_lifetime} s"
+
+
+def blocked_note(result: PipelineResult) -> str:
+    """What a done record says when its call refused some images (a partial success), else nothing."""
+    if not result.blocked:
+        return ""
+    total = len(result.images) + len(result.blocked)
+    return f"{len(result.blocked)} of {total} images blocked by content moderation: {'; '.join(result.blocked)}"

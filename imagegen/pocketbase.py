@@ -217,11 +217,12 @@ class PocketBaseClient:
     async def set_status(self, prompt_id: str, status: RecordStatus, error: str = "") -> PromptRecord:
         return await self.update_record(prompt_id, {self.f_status: status.value, self.f_error: error})
 
-    async def set_done(self, prompt_id: str, urls: list[str]) -> PromptRecord:
+    async def set_done(self, prompt_id: str, urls: list[str], note: str = "") -> PromptRecord:
+        """Mark the record done with its image URLs; `note` (in the error field) says what the call refused."""
         fields: dict[str, Any] = {
             self.f_image_url: urls[0],
             self.f_status: RecordStatus.DONE.value,
-            self.f_error: "",
+            self.f_error: note,
         }
         if self.f_images:
             fields[self.f_images] = urls

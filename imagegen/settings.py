@@ -24,6 +24,7 @@ MIB = 1024 * 1024
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOST_NAME = re.compile(rf"^(?:{_LABEL}\.)*{_LABEL}$|^[0-9a-f:.]+$")
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+PROVIDERS = ("jimeng", "ark")
 SECRET_FIELDS = (
     "redis_password",
     "redis_url",
@@ -78,6 +79,8 @@ class Settings(BaseSettings):
     jimeng_claim_daily: bool = False  # claim each account's free credits once a day (/token/receive)
 
     # Volcengine Ark, the official Seedream API (see `ark`)
+    # Providers a call tries in order: `jimeng` (its pool of accounts), `ark` (the official API).
+    image_providers: str = "jimeng"
     ark_api_key: SecretStr | None = None
     ark_base_url: str = "https://ark.cn-beijing.volces.com/api/v3"
     ark_model: str = "doubao-seedream-4-0-250828"
@@ -170,6 +173,15 @@ class Settings(BaseSettings):
     @classmethod
     def _optional_key(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value().strip() else None
+
+    @field_validator("image_providers")
+    @classmethod
+    def _providers(cls, value: str) -> str:
+        names = [part.strip().lower() for part in value.split(",") if part.strip()]
+        unknown = [name for name in names if name not in PROVIDERS]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ValueError(f"must name each of {', '.join(PROVIDERS)} at most once, in order, comma-separated")
+        return ",".join(names)
 
     @field_validator("redis_sentinels")
     @classmethod
@@ -305,6 +317,10 @@ class Settings(BaseSettings):
                 f"{self.jimeng_timeout} ({jimeng:g} s): a stop would cut paid calls short; raise "
                 f"WORKER_SHUTDOWN_GRACE to at least {jimeng:.0f}"
             )
+        if "ark" in self.providers() and self.ark_api_key is None:
+            raise ValueError(
+                "IMAGE_PROVIDERS names ark but ARK_API_KEY is empty: set ARK_API_KEY or take ark out of IMAGE_PROVIDERS"
+            )
         ark_needed = self.ark_timeout + self.download_timeout + FINISH_RESERVE
         if self.ark_api_key is not None and self.queue_job_timeout < ark_needed:
             raise ValueError(
@@ -313,6 +329,16 @@ class Settings(BaseSettings):
                 f"QUEUE_JOB_TIMEOUT to at least {ark_needed:.0f} or lower ARK_TIMEOUT"
             )
         return self
+
+    def providers(self) -> list[str]:
+        """IMAGE_PROVIDERS in order."""
+        return self.image_providers.split(",")
+
+    @property
+    def call_timeout(self) -> float:
+        """Seconds the longest paid call of the configured providers may take."""
+        jimeng = self.jimeng_timeout_seconds if "jimeng" in self.providers() else 0.0
+        return max(jimeng, float(self.ark_timeout) if "ark" in self.providers() else 0.0)
 
     @property
     def job_budget(self) -> float:

@@ -36,7 +36,7 @@ from zoneinfo import ZoneInfo
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from .errors import DailyLimitReached, JimengError
+from .errors import DailyLimitReached, ProviderError
 from .keys import RedisKeys
 
 SPEND_TTL = 400 * 24 * 3600
@@ -50,7 +50,7 @@ class CallOutcome(StrEnum):
     FAILED = "failed"
 
 
-def call_outcome(error: JimengError | None) -> CallOutcome | None:
+def call_outcome(error: ProviderError | None) -> CallOutcome | None:
     """How a finished call counts (None for a request that never left this host: no call)."""
     if error is None:
         return CallOutcome.IMAGES

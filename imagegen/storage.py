@@ -21,7 +21,7 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.loaders import create_loader
 
-from .download import ImageDownload
+from .download import ImageBody
 from .errors import FailureKind, StorageError
 from .settings import Settings
 
@@ -160,7 +160,7 @@ class Storage:
     def public_url(self, key: str) -> str:
         return f"{self._public_base}/{key}"
 
-    async def upload_image(self, key: str, image: ImageDownload, on_upload: Callable[[], None] | None = None) -> int:
+    async def upload_image(self, key: str, image: ImageBody, on_upload: Callable[[], None] | None = None) -> int:
         """Stream one downloaded image into the bucket under `key`; returns the bytes stored. `on_upload` is
         called when the first bytes go to the bucket.
 
@@ -185,7 +185,7 @@ class Storage:
         finally:
             part.close()
 
-    async def _upload_parts(self, key: str, image: ImageDownload, part: io.BytesIO) -> int:
+    async def _upload_parts(self, key: str, image: ImageBody, part: io.BytesIO) -> int:
         created = await self._client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ContentType=image.image_type.value
         )

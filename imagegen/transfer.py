@@ -1,9 +1,9 @@
 """One generated image moved from its link into the bucket: the pipeline and `imagegen generate` share it.
 
-The body streams from the download into the upload (`download.open_image`, `Storage.upload_image`), its key
-chosen once the real type is known. A transient download failure (5xx, cut off, not an image) is tried again
-in place, DOWNLOAD_TRIES times with backoff, before it reaches the caller; a refused link (403/404/410) never
-is: whether it expired is the caller's question.
+The body streams from the download into the upload (`download.open_source`: a link, or an image sent inline;
+`Storage.upload_image`), its key chosen once the real type is known. A transient download failure (5xx, cut
+off, not an image) is tried again in place, DOWNLOAD_TRIES times with backoff, before it reaches the caller; a
+refused link (403/404/410) never is: whether it expired is the caller's question.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager
 import aiohttp
 from loguru import logger
 
-from .download import describe_link, open_image
+from .download import describe_link, open_source
 from .errors import DownloadError, FailureKind, LinkRefusedError
 from .models import StoredImage
 from .settings import Settings
@@ -49,7 +49,7 @@ async def store_image(
         try:
             async with (
                 slot(),
-                open_image(
+                open_source(
                     http, url, max_bytes=settings.download_max_bytes, time_limit=settings.download_timeout
                 ) as download,
             ):

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from .access import check_bind
 from .accounts import AccountState, account_pool
+from .ark import ArkClient
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings, sync_client
 from .control import Control
 from .credits import CreditWatch
@@ -110,6 +111,7 @@ async def startup(ctx: dict[str, Any]) -> Started:
         pocketbase=pocketbase,
         jimeng=JimengClient(http, settings),
         accounts=accounts,
+        ark=ArkClient(http, settings) if "ark" in settings.providers() else None,
         storage=storage,
         ledger=GenerationLedger(ctx["redis"], settings.queue_keep_result, keys),
         gate=gate,
@@ -273,8 +275,10 @@ def startup_failure(message: str) -> NoReturn:
 def prepare_worker(settings: Settings) -> None:
     """Everything a worker process checks before it starts, with logging set up: the settings it needs, its
     metrics address, and Redis (waited for while it is down); a problem ends the process with one line."""
+    uses_jimeng = "jimeng" in settings.providers()
+    needed = [name for name in WORKER_REQUIRED if uses_jimeng or not name.startswith("jimeng_")]
     try:
-        require(settings, *WORKER_REQUIRED)
+        require(settings, *needed)
     except ConfigError as exc:
         startup_failure(str(exc))
     setup_logging(settings.log_level, settings.secrets())
