@@ -3,12 +3,31 @@
 `imagegen worker` (or `arq imagegen.WorkerSettings`) runs the worker; `imagegen --help` lists the commands.
 """
 
-from .arqworker import ArqCommandSettings, ImagegenWorker
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .errors import ConfigError, FailureKind, ImagegenError
 from .settings import Settings, load_settings
 
-# arq's command line reads this mapping (`arq imagegen.WorkerSettings`); see `arqworker` for what it does.
-WorkerSettings = ArqCommandSettings()
+if TYPE_CHECKING:
+    from .arqworker import ArqCommandSettings, ImagegenWorker
+
+    WorkerSettings: ArqCommandSettings
+
+
+def __getattr__(name: str) -> Any:
+    """`imagegen.WorkerSettings` (what arq's command line reads; see `arqworker`) and `ImagegenWorker`, made on
+    first use: only a worker loads the worker's modules (every CLI command imports this package, and would
+    otherwise spend half a second importing them)."""
+    if name in ("WorkerSettings", "ImagegenWorker"):
+        from . import arqworker
+
+        found: Any = arqworker.ArqCommandSettings() if name == "WorkerSettings" else arqworker.ImagegenWorker
+        globals()[name] = found
+        return found
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",

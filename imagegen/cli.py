@@ -19,7 +19,6 @@ import aiohttp
 import click
 
 from .accounts import AccountHealth, AccountState
-from .arqworker import check_worker, run_worker
 from .checks import check_services
 from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from .errors import ConfigError, DailyLimitReached, ImagegenError
@@ -514,6 +513,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
 @click.pass_context
 def worker(ctx: click.Context, check: bool, burst: bool) -> None:
     """Run a worker process: take jobs off the queue until SIGTERM or SIGINT (supervisord runs several)."""
+    from .arqworker import check_worker, run_worker  # the worker's modules: loaded by this command alone
+
     settings = _settings(ctx)
     sys.exit(check_worker(settings) if check else run_worker(settings, burst=burst))
 
