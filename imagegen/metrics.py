@@ -97,6 +97,13 @@ class WorkerMetrics:
             ["code"],
             registry=self.registry,
         )
+        self.provider_calls = Counter(
+            "imagegen_provider_calls",
+            "Paid calls by provider (jimeng, ark), account (a fingerprint of its key, never the key; empty for "
+            "Ark) and result: images, moderated, failed.",
+            ["provider", "account", "result"],
+            registry=self.registry,
+        )
         self.images = Counter("imagegen_images_stored", "Images stored in the bucket.", registry=self.registry)
         self.bytes = Counter("imagegen_uploaded_bytes", "Bytes of images stored in the bucket.", registry=self.registry)
         for outcome in ("done", "failed", "skipped", "superseded"):
@@ -108,10 +115,11 @@ class WorkerMetrics:
         """Report the jobs in progress by stage, from `stages()` at each scrape."""
         self.registry.register(_LiveJobs(stages))
 
-    def call_ended(self, error: ProviderError | None) -> None:
+    def call_ended(self, error: ProviderError | None, provider: str = "jimeng", account: str = "") -> None:
         outcome = call_outcome(error)
         if outcome is not None:
             self.calls.labels(outcome.value).inc()
+            self.provider_calls.labels(provider, account, outcome.value).inc()
         if error is not None:
             self.call_errors.labels(jimeng_error_code(error) if error.reached else "unreached").inc()
 

@@ -260,11 +260,11 @@ class Pipeline:
                 generation = await self._ask(account, prompt, negative, choices)
             except ProviderError as exc:
                 outcome = call_outcome(exc)
-                s.metrics.call_ended(exc)
+                s.metrics.call_ended(exc, *provider_labels(account))
                 if account is not None and isinstance(exc, JimengError):
                     await self._judge_account(account, exc)
                 raise
-            s.metrics.call_ended(None)
+            s.metrics.call_ended(None, *provider_labels(account))
             elapsed = time.monotonic() - t0
             succeeded = True
         finally:
@@ -409,3 +409,8 @@ def blocked_note(result: PipelineResult) -> str:
         return ""
     total = len(result.images) + len(result.blocked)
     return f"{len(result.blocked)} of {total} images blocked by content moderation: {'; '.join(result.blocked)}"
+
+
+def provider_labels(account: Account | None) -> tuple[str, str]:
+    """The metric labels of a call: its provider, and the fingerprint of its jimeng account (none for Ark)."""
+    return ("jimeng", account.fingerprint) if account is not None else (ARK_PROVIDER, "")

@@ -55,8 +55,9 @@ async def test_an_expiring_and_an_emptied_account_cost_no_prompt_and_no_attempt(
     settings = stack.settings(jimeng_api_key=POOL, jimeng_account_concurrency=1, queue_concurrency=5)
     created = await records.many(100, prefix="a pooled orchard")
     await enqueue(settings, *[r.id for r in created])
-    async with worker_running(settings):
+    async with worker_running(settings) as worker:
         finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=180)
+        worker_metrics = worker.ctx["services"].metrics
     assert [r.status for r in finished] == ["done"] * 100
     assert all(r.image_url and not r.error for r in finished)
     # Each prompt paid once: no prompt's images were generated twice.
@@ -67,6 +68,12 @@ async def test_an_expiring_and_an_emptied_account_cost_no_prompt_and_no_attempt(
     third_images = calls[THIRD_KEY] - 1
     assert third_images >= 1 and calls[JIMENG_KEY] + 10 + third_images == 100
     assert await queue_state(settings, redis_client).paused() is None
+
+    # Each account's calls in the worker's metrics, under its fingerprint.
+    rendered = worker_metrics.render().decode()
+    second = accounts_of(settings.jimeng_keys())[1].fingerprint
+    assert f'imagegen_provider_calls_total{{account="{second}",provider="jimeng",result="images"}} 10.0' in rendered
+    assert f'imagegen_provider_calls_total{{account="{second}",provider="jimeng",result="failed"}} 1.0' in rendered
 
     result = run_cli(stack, "status", "--json", JIMENG_API_KEY=POOL)
     accounts = {a["account"]: a for a in json.loads(result.stdout)["accounts"]}
