@@ -193,6 +193,11 @@ class Control:
             await self.accounts.reinstate()
             return await self.state.resume()
 
+    async def accounts_health(self) -> list[AccountHealth]:
+        """Each jimeng account of JIMENG_API_KEY with its state (see `accounts`)."""
+        with redis_errors(self.settings):
+            return await self.accounts.health()
+
     async def throughput(self) -> Throughput:
         """Jobs done and failed in each minute of the last hour."""
         with redis_errors(self.settings):

@@ -20,6 +20,7 @@ from imagegen.keys import RedisKeys
 from .conftest import JIMENG_KEY, RecordFactory, Stack, queue_state, run_cli, wait_for_records
 from .test_pipeline import enqueue, wait_until, worker_running
 from .test_spend import FakeClock, spend_of
+from .test_web_api import open_api
 
 SECOND_KEY = "pool-key-second-0a1b"
 THIRD_KEY = "pool-key-third-9z8y"
@@ -236,3 +237,24 @@ async def test_credits_seen_back_or_claimed_return_an_emptied_account_and_lift_t
 
     result = run_cli(stack, "accounts", "--json", JIMENG_API_KEY=f"{JIMENG_KEY},{SECOND_KEY}")
     assert [a["credits"] for a in json.loads(result.stdout)["accounts"]] == [0, 4]
+
+
+async def test_the_api_lists_the_accounts_without_their_keys(stack: Stack, redis_client):
+    settings = stack.settings(jimeng_api_key=POOL)
+    pool = AccountPool(
+        redis_client,
+        RedisKeys(settings.queue_name),
+        accounts_of(settings.jimeng_keys()),
+        spend_of(settings, redis_client),
+    )
+    expired = JimengError("error -2002: the API key's session has expired", kind=FailureKind.ACCOUNT, code=-2002)
+    await pool.failed(pool.accounts[2], expired)
+    async with open_api(stack, jimeng_api_key=POOL) as api:
+        status, body = await api.call("GET", "/api/accounts")
+    assert status == 200
+    assert [(a["account"], a["state"]) for a in body["accounts"]] == [
+        ("key 1 of 3 (…77c1)", "healthy"),
+        ("key 2 of 3 (…0a1b)", "healthy"),
+        ("key 3 of 3 (…9z8y)", "expired"),
+    ]
+    assert all(key not in json.dumps(body) for key in (JIMENG_KEY, SECOND_KEY, THIRD_KEY))

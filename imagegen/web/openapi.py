@@ -295,6 +295,18 @@ def paths() -> dict[str, dict[str, Any]]:
             }
         },
         "/api/queue": {"get": operation("Queue summary", response("the summary", "Queue"), errors())},
+        "/api/accounts": {
+            "get": operation(
+                "The jimeng accounts of JIMENG_API_KEY and their states",
+                {
+                    "description": "every account, in JIMENG_API_KEY's order",
+                    "content": {
+                        "application/json": {"schema": obj({"accounts": {"type": "array", "items": ref("Account")}})}
+                    },
+                },
+                errors(),
+            )
+        },
         "/api/queue/pause": {
             "post": operation(
                 "Pause the queue for every worker (jobs in flight finish)",

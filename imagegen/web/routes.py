@@ -105,6 +105,13 @@ async def queue_summary(request: web.Request) -> web.Response:
     return reply({**report.to_json(), "throughput": throughput.to_json()})
 
 
+@routes.get("/api/accounts")
+async def accounts(request: web.Request) -> web.Response:
+    """The jimeng accounts: each one's state, calls today and in flight (never its key)."""
+    control = await control_of(request)
+    return reply({"accounts": [health.to_json() for health in await control.accounts_health()]})
+
+
 @routes.post("/api/queue/pause")
 async def pause(request: web.Request) -> web.Response:
     body = parse(PauseQueue, await json_body(request, optional=True))
