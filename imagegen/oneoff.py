@@ -22,9 +22,10 @@ from typing import Any
 
 import aiohttp
 
+from .accounts import Account, AccountPool, account_pool
 from .choices import Choices
 from .control import connect_queue
-from .errors import ImagegenError, JimengError, PromptRejected, QueueError
+from .errors import AccountsUnavailable, ImagegenError, JimengError, PromptRejected, QueueError
 from .jimeng import JimengClient
 from .keys import RedisKeys
 from .models import StoredImage, iso_time
@@ -106,9 +107,11 @@ def one_off_run_id(now: float | None = None) -> str:
     return f"{stamp}-{secrets.token_hex(4)}"
 
 
-async def _open_counter(settings: Settings, resources: AsyncExitStack, clock: Clock) -> CallPermits | None:
-    """The spend counter, with no cap or rate of its own; None when Redis can't be reached and no daily limit
-    depends on it (a QueueError when one does)."""
+async def _open_counter(
+    settings: Settings, resources: AsyncExitStack, clock: Clock
+) -> tuple[CallPermits, AccountPool] | None:
+    """The spend counter, with no cap or rate of its own, and the accounts' health; None when Redis can't be
+    reached and no daily limit depends on it (a QueueError when one does)."""
     try:
         redis = await connect_queue(settings)
     except QueueError as exc:
@@ -118,7 +121,7 @@ async def _open_counter(settings: Settings, resources: AsyncExitStack, clock: Cl
     resources.push_async_callback(redis.aclose)
     keys = RedisKeys(settings.queue_name)
     spend = Spend(redis, keys, settings.jimeng_daily_limit, settings.daily_limit_zone, clock)
-    return CallPermits(redis, keys, 0, 0, settings.worker_lease, spend)
+    return CallPermits(redis, keys, 0, 0, settings.worker_lease, spend), account_pool(redis, keys, settings, spend)
 
 
 async def generate_once(
@@ -134,8 +137,19 @@ async def generate_once(
         if request.upload:
             storage = Storage(await resources.enter_async_context(open_s3_client(settings)), settings)
             await storage.check()  # an unreachable bucket costs nothing yet
-        counter = await _open_counter(settings, resources, clock)
-        reservation = await counter.take(secrets.token_hex(12), 0.0) if counter is not None else None
+        opened = await _open_counter(settings, resources, clock)
+        counter, pool = opened if opened is not None else (None, None)
+        token = secrets.token_hex(12)
+        reservation = await counter.take(token, 0.0) if counter is not None else None
+        # The workers' usable account with the fewest calls in flight; without Redis, the first key.
+        account: Account | None = None
+        if pool is not None:
+            try:
+                account = await pool.take(token, wait=0.0)
+            except AccountsUnavailable:
+                if counter is not None and reservation is not None:
+                    await counter.finish(reservation, None)
+                raise
         uncounted = "" if counter is not None else f" (not counted: {settings.redis_location()} unreachable)"
         announce(
             f"calling jimeng at {settings.jimeng_api_url} ({request.choices.describe()}): this spends a jimeng "
@@ -144,15 +158,19 @@ async def generate_once(
         outcome: CallOutcome | None = CallOutcome.FAILED
         try:
             generation = await JimengClient(http, settings).generate(
-                request.prompt, request.negative_prompt, request.choices
+                request.prompt, request.negative_prompt, request.choices, key=account.key if account else None
             )
             outcome = CallOutcome.IMAGES
         except JimengError as exc:
             outcome = call_outcome(exc)
+            if pool is not None and account is not None:
+                await pool.failed(account, exc)
             raise
         finally:
             if counter is not None and reservation is not None:
                 await asyncio.shield(counter.finish(reservation, outcome))
+            if pool is not None and account is not None:
+                await asyncio.shield(pool.release(account, token, images=outcome is CallOutcome.IMAGES))
         result = OneOffResult(request, generation.created, generation.urls)
         if storage is None:
             return result

@@ -258,3 +258,26 @@ async def test_the_api_lists_the_accounts_without_their_keys(stack: Stack, redis
         ("key 3 of 3 (…9z8y)", "expired"),
     ]
     assert all(key not in json.dumps(body) for key in (JIMENG_KEY, SECOND_KEY, THIRD_KEY))
+
+
+async def test_generate_takes_a_usable_account_and_calls_nothing_when_none_is(stack: Stack, redis_client):
+    sandbox = stack.jimeng.sandbox
+    sandbox.add_account(SECOND_KEY)
+    two = f"{JIMENG_KEY},{SECOND_KEY}"
+    settings = stack.settings(jimeng_api_key=two)
+    spend = spend_of(settings, redis_client)
+    pool = AccountPool(redis_client, RedisKeys(settings.queue_name), accounts_of(settings.jimeng_keys()), spend)
+    empty = JimengError("error -2009: out of credits", kind=FailureKind.ACCOUNT, code=-2009)
+    await pool.failed(pool.accounts[0], empty)
+    made = run_cli(stack, "generate", "a paper boat", JIMENG_API_KEY=two)
+    assert made.returncode == 0, made.stderr
+    assert sandbox.calls_by_key() == {JIMENG_KEY: 0, SECOND_KEY: 1}
+
+    await pool.failed(pool.accounts[1], empty)
+    refused = run_cli(stack, "generate", "a paper boat", JIMENG_API_KEY=two)
+    assert refused.returncode == 3
+    assert refused.stderr.startswith("imagegen: no jimeng account can take a call: key 1 of 2 (…77c1) out of credits")
+    assert "Traceback" not in refused.stderr
+    assert sandbox.calls_by_key() == {JIMENG_KEY: 0, SECOND_KEY: 1}
+    [day] = await spend.days(1)
+    assert (day.calls, day.reserved) == (1, 0)
