@@ -25,6 +25,7 @@ from .priority import PRIORITY_RULE, check_priority
 from .progress import Progress
 from .settings import Settings, load_settings, require
 from .spend import DaySpend, total
+from .target import Target
 from .web import serve as serve_web
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE, EXIT_LIMIT = 0, 1, 2, 3, 4
@@ -62,12 +63,31 @@ def run(ctx: click.Context, work: Callable[[Settings], Coroutine[Any, Any, int]]
     sys.exit(code)
 
 
+def announce_target(settings: Settings, *, records: bool = True) -> None:
+    """The first line of a command's text output: which Redis, queue (and collection) it reads."""
+    click.echo(f"target: {Target.of(settings, records=records).describe()}")
+
+
+def target_json(control: Control, *, records: bool = True) -> dict[str, str]:
+    """The same for `--json` output, as its `target` field."""
+    return Target.of(control.settings, records=records).to_json()
+
+
 def with_control(
-    ctx: click.Context, action: Callable[[Control], Awaitable[int]], *, needs_pocketbase: bool = True
+    ctx: click.Context,
+    action: Callable[[Control], Awaitable[int]],
+    *,
+    as_json: bool,
+    needs_pocketbase: bool = True,
+    reads_records: bool | None = None,
 ) -> NoReturn:
+    """Run `action` on an open Control, the target said first (in text output; `--json` has it as a field)."""
+
     async def work(settings: Settings) -> int:
         if needs_pocketbase:
             require(settings, "pocketbase_email", "pocketbase_password")
+        if not as_json:
+            announce_target(settings, records=needs_pocketbase if reads_records is None else reads_records)
         async with open_control(settings) as control:
             return await action(control)
 
@@ -80,15 +100,21 @@ def _report_line(report: EnqueueReport) -> str:
 
 
 async def _emit_reports(
-    pages: AsyncIterator[list[EnqueueReport]], as_json: bool, *, show_each: bool = True, progress: bool = False
+    control: Control,
+    pages: AsyncIterator[list[EnqueueReport]],
+    as_json: bool,
+    *,
+    show_each: bool = True,
+    progress: bool = False,
 ) -> int:
     """Print reports as they come, a page at a time, then the counts; nothing is held but the counts.
 
-    `--json` prints one document, `{"results": [...], "counts": {...}}`, written as the pages arrive."""
+    `--json` prints one document, `{"target": {...}, "results": [...], "counts": {...}}`, written as the pages
+    arrive."""
     tally = EnqueueTally()
     meter = Progress("records", enabled=progress and not as_json)
     # Written once there is something to say, so a run that fails at once prints only its error.
-    opening = '{"results": ['
+    opening = '{"target": ' + json.dumps(target_json(control), ensure_ascii=False) + ', "results": ['
     async for page in pages:
         tally.add(page)
         if as_json and page:
@@ -151,9 +177,9 @@ def add(
             for prompt_id in prompt_ids:
                 yield [await control.enqueue(prompt_id, force=force, priority=priority)]
 
-        return await _emit_reports(reports(), as_json)
+        return await _emit_reports(control, reports(), as_json)
 
-    with_control(ctx, action)
+    with_control(ctx, action, as_json=as_json)
 
 
 def _bulk_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -175,9 +201,9 @@ def add_pending(ctx: click.Context, as_json: bool, show_each: bool, dry_run: boo
 
     async def action(control: Control) -> int:
         pages = control.enqueue_pending(dry_run=dry_run)
-        return await _emit_reports(pages, as_json, show_each=show_each, progress=True)
+        return await _emit_reports(control, pages, as_json, show_each=show_each, progress=True)
 
-    with_control(ctx, action)
+    with_control(ctx, action, as_json=as_json)
 
 
 @cli.command("retry-failed")
@@ -188,9 +214,9 @@ def retry_failed(ctx: click.Context, as_json: bool, show_each: bool, dry_run: bo
 
     async def action(control: Control) -> int:
         pages = control.retry_failed(dry_run=dry_run)
-        return await _emit_reports(pages, as_json, show_each=show_each, progress=True)
+        return await _emit_reports(control, pages, as_json, show_each=show_each, progress=True)
 
-    with_control(ctx, action)
+    with_control(ctx, action, as_json=as_json)
 
 
 def _format_report(report: JobReport) -> str:
@@ -240,7 +266,8 @@ def inspect(ctx: click.Context, prompt_id: str, as_json: bool) -> None:
 
     async def action(control: Control) -> int:
         report = await control.inspect(prompt_id)
-        click.echo(json.dumps(report.to_json(), ensure_ascii=False) if as_json else _format_report(report))
+        document = {**report.to_json(), "target": target_json(control)}
+        click.echo(json.dumps(document, ensure_ascii=False) if as_json else _format_report(report))
         if report.record_unavailable:
             click.echo(f"imagegen: the record could not be read: {report.record_unavailable}", err=True)
             return EXIT_SERVICE
@@ -252,7 +279,7 @@ def inspect(ctx: click.Context, prompt_id: str, as_json: bool) -> None:
         validate_prompt_id(prompt_id)
     except ImagegenError as exc:
         fail(str(exc), EXIT_USAGE)
-    with_control(ctx, action)
+    with_control(ctx, action, as_json=as_json)
 
 
 @cli.command()
@@ -266,7 +293,7 @@ def pause(ctx: click.Context, reason: str) -> None:
         click.echo(f"queue paused: {info.reason}")
         return EXIT_OK
 
-    with_control(ctx, action, needs_pocketbase=False)
+    with_control(ctx, action, as_json=False, needs_pocketbase=False)
 
 
 @cli.command()
@@ -279,7 +306,7 @@ def resume(ctx: click.Context) -> None:
         click.echo(f"queue resumed (was paused: {lifted.reason})" if lifted else "queue was not paused")
         return EXIT_OK
 
-    with_control(ctx, action, needs_pocketbase=False)
+    with_control(ctx, action, as_json=False, needs_pocketbase=False)
 
 
 def _format_status(report: StatusReport) -> str:
@@ -310,6 +337,9 @@ def _format_status(report: StatusReport) -> str:
         f"{spend['images']} images, {spend['moderated']} moderated, {spend['failed']} failed{reserved}"
     )
     lines.append(f"workers:   {len(report.workers)} live")
+    if not report.workers and report.last_worker_seen is not None:
+        lines[-1] += f" (the last one seen {data['last_worker_seen']})"
+    lines += [f"warning:   {warning}" for warning in data["warnings"]]
     for worker in report.workers:
         stopping = ", stopping" if worker.get("stopping") else ""
         phases = Counter(job["phase"] for job in worker.get("jobs") or [] if job["phase"] != "waiting")
@@ -336,12 +366,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
         else:
             report = await control.status()
             code = EXIT_SERVICE if report.records_error else EXIT_OK
-        click.echo(json.dumps(report.to_json(), ensure_ascii=False) if as_json else _format_status(report))
+        document = {**report.to_json(), "target": target_json(control)}
+        click.echo(json.dumps(document, ensure_ascii=False) if as_json else _format_status(report))
         if report.records_error:
             click.echo(f"imagegen: record counts unavailable: {report.records_error}", err=True)
         return code
 
-    with_control(ctx, action, needs_pocketbase=False)
+    with_control(ctx, action, as_json=as_json, needs_pocketbase=False, reads_records=True)
 
 
 def _format_spend(days: list[DaySpend], sums: dict[str, int], limit: int, zone: str) -> str:
@@ -373,13 +404,19 @@ def spend(ctx: click.Context, days: int, as_json: bool) -> None:
         sums = total(found)
         limit, zone = control.settings.jimeng_daily_limit, control.settings.jimeng_daily_limit_tz
         if as_json:
-            document = {"timezone": zone, "limit": limit or None, "days": [d.to_json() for d in found], "total": sums}
+            document = {
+                "timezone": zone,
+                "limit": limit or None,
+                "days": [d.to_json() for d in found],
+                "total": sums,
+                "target": target_json(control, records=False),
+            }
             click.echo(json.dumps(document, ensure_ascii=False))
         else:
             click.echo(_format_spend(found, sums, limit, zone))
         return EXIT_OK
 
-    with_control(ctx, action, needs_pocketbase=False)
+    with_control(ctx, action, as_json=as_json, needs_pocketbase=False)
 
 
 @cli.command()
@@ -389,11 +426,15 @@ def check(ctx: click.Context, as_json: bool) -> None:
     """Test each configured service; one line per service saying what is wrong."""
 
     async def work(settings: Settings) -> int:
+        target = Target.of(settings)
+        if not as_json:
+            announce_target(settings)
         results = await check_services(settings)
         warnings = settings.warnings()
         if as_json:
             services = [{"service": r.service, "ok": r.ok, "detail": r.detail} for r in results]
-            click.echo(json.dumps({"services": services, "warnings": warnings}, ensure_ascii=False))
+            document = {"services": services, "warnings": warnings, "target": target.to_json()}
+            click.echo(json.dumps(document, ensure_ascii=False))
         else:
             for r in results:
                 click.echo(f"{r.service:<11} {'ok  ' if r.ok else 'FAIL'} {r.detail}")
@@ -433,7 +474,8 @@ def generate(
 
     async def work(settings: Settings) -> int:
         result = await generate_once(settings, request, lambda line: click.echo(f"imagegen: {line}", err=True))
-        click.echo(json.dumps(result.to_json(), ensure_ascii=False) if as_json else "\n".join(result.urls))
+        document = {**result.to_json(), "target": Target.of(settings, records=False).to_json()}
+        click.echo(json.dumps(document, ensure_ascii=False) if as_json else "\n".join(result.urls))
         return EXIT_OK
 
     run(ctx, work)

@@ -233,6 +233,15 @@ def run_cli(stack: Stack, *args: str, timeout: float = 60, **env: str) -> subpro
     )
 
 
+def after_target(stack: Stack, result: subprocess.CompletedProcess[str]) -> str:
+    """A command's text output after its first line, which must name the stack's Redis and queue (and, for a
+    command that reads records, its PocketBase and collection)."""
+    first, _, rest = result.stdout.partition("\n")
+    settings = stack.settings()
+    assert first.startswith(f"target: Redis {settings.redis_address()}, queue {settings.queue_name}"), first
+    return rest
+
+
 class WorkerProcess:
     """`arq imagegen.WorkerSettings` as a real subprocess, its output in a log file."""
 

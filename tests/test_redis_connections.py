@@ -3,6 +3,7 @@ TLS Redis and a real Sentinel, the worker and the CLI both using them."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,7 +116,8 @@ async def test_worker_and_cli_reach_redis_over_tls_by_url(
     assert added.returncode == 0, added.stderr
     assert (await wait_for_records(pocketbase, [record.id], deadline=60))[0].status == "done"
     check = run_cli(stack, "check", **env)
-    redis_line = check.stdout.splitlines()[0]
+    target, redis_line = check.stdout.splitlines()[:2]
+    assert re.match(r"target: Redis 127\.0\.0\.1:\d+/0 over TLS, queue imagegen:queue; PocketBase ", target), target
     assert redis_line.startswith("redis       ok")
     assert "rediss://127.0.0.1:" in redis_line
     for text in (check.stdout, check.stderr, worker.output()):

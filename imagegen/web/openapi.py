@@ -176,10 +176,16 @@ SCHEMAS: dict[str, Any] = {
                 "max_failed": INT,
                 "spend": ref("Spend"),
                 "workers": {"type": "array", "items": {"type": "object"}},
+                "last_worker_seen": {
+                    **NULLABLE_TIME,
+                    "description": "when a worker of this queue last beat; null: never on this Redis",
+                },
+                "warnings": {"type": "array", "items": STRING},
                 "throughput": ref("Throughput"),
             }
         ),
-        "description": "What `imagegen status --json` prints, with the last hour's outcomes per minute.",
+        "description": "What `imagegen status --json` prints (less its `target`), with the last hour's outcomes "
+        "per minute.",
     },
 }
 
