@@ -16,7 +16,7 @@ demo: setup
 # worker, not the CPU); a long test never holds the other process up (worksteal). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=30
 
 demo-stop:
 	@$(BIN)/python -m imagegen.devstack down
