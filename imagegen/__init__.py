@@ -3,10 +3,29 @@
 `arq imagegen.WorkerSettings` runs the worker; `imagegen --help` lists the commands.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .errors import ConfigError, FailureKind, ImagegenError
 from .settings import Settings, load_settings
-from .worker import LazyWorkerSettings
 
-WorkerSettings = LazyWorkerSettings()
+if TYPE_CHECKING:
+    from .worker import LazyWorkerSettings
+
+    WorkerSettings: LazyWorkerSettings
+
+
+def __getattr__(name: str) -> Any:
+    """`imagegen.WorkerSettings`, made on first use: only a worker loads the worker's modules (every CLI
+    command imports this package, and would otherwise spend half a second importing them)."""
+    if name == "WorkerSettings":
+        from .worker import LazyWorkerSettings
+
+        worker_settings = LazyWorkerSettings()
+        globals()[name] = worker_settings
+        return worker_settings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ConfigError", "FailureKind", "ImagegenError", "Settings", "WorkerSettings", "load_settings"]
