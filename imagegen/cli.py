@@ -16,19 +16,18 @@ from typing import Any, NoReturn
 
 import click
 
-from .checks import check_services
 from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from .errors import ConfigError, DailyLimitReached, ImagegenError
 from .logs import setup_logging
-from .oneoff import OneOffRequest, generate_once
 from .priority import PRIORITY_RULE, check_priority
 from .progress import Progress
 from .settings import Settings, load_settings, require
 from .spend import DaySpend, total
 from .target import Target
-from .web import serve as serve_web
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE, EXIT_LIMIT = 0, 1, 2, 3, 4
+# `check`, `generate` and `serve` import their modules when they run: those load the S3 client (boto) and the
+# web server, which every other command would otherwise spend a third of its start-up importing.
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -425,6 +424,8 @@ def spend(ctx: click.Context, days: int, as_json: bool) -> None:
 def check(ctx: click.Context, as_json: bool) -> None:
     """Test each configured service; one line per service saying what is wrong."""
 
+    from .checks import check_services
+
     async def work(settings: Settings) -> int:
         target = Target.of(settings)
         if not as_json:
@@ -466,6 +467,8 @@ def generate(
 ) -> None:
     """Generate images for PROMPT with exactly one paid jimeng call (no PocketBase, no queue) and print their
     links, or with --upload their URLs in the bucket. The API's links expire within hours."""
+    from .oneoff import OneOffRequest, generate_once
+
     try:
         given = {"model": model, "ratio": ratio, "resolution": resolution}
         request = OneOffRequest.build(_settings(ctx), prompt, negative, given, upload=upload)
@@ -487,6 +490,7 @@ def generate(
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Serve the HTTP API under /api/ and the dashboard at / (beyond loopback only with API_TOKEN set)."""
+    from .web import serve as serve_web
 
     async def work(settings: Settings) -> int:
         require(settings, "pocketbase_email", "pocketbase_password")
