@@ -19,20 +19,20 @@ import aiohttp
 import click
 
 from .accounts import AccountHealth, AccountState
-from .checks import check_services
 from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from .errors import ConfigError, DailyLimitReached, ImagegenError
 from .jimeng import AccountRoutes
 from .logs import setup_logging
 from .models import iso_time
-from .oneoff import OneOffRequest, generate_once
 from .priority import PRIORITY_RULE, check_priority
 from .progress import Progress
 from .settings import Settings, load_settings, require
 from .spend import DaySpend, total
-from .web import serve as serve_web
+from .target import Target
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE, EXIT_LIMIT = 0, 1, 2, 3, 4
+# `check`, `generate` and `serve` import their modules when they run: those load the S3 client (boto) and the
+# web server, which every other command would otherwise spend a third of its start-up importing.
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -67,12 +67,31 @@ def run(ctx: click.Context, work: Callable[[Settings], Coroutine[Any, Any, int]]
     sys.exit(code)
 
 
+def announce_target(settings: Settings, *, records: bool = True) -> None:
+    """The first line of a command's text output: which Redis, queue (and collection) it reads."""
+    click.echo(f"target: {Target.of(settings, records=records).describe()}")
+
+
+def target_json(control: Control, *, records: bool = True) -> dict[str, str]:
+    """The same for `--json` output, as its `target` field."""
+    return Target.of(control.settings, records=records).to_json()
+
+
 def with_control(
-    ctx: click.Context, action: Callable[[Control], Awaitable[int]], *, needs_pocketbase: bool = True
+    ctx: click.Context,
+    action: Callable[[Control], Awaitable[int]],
+    *,
+    as_json: bool,
+    needs_pocketbase: bool = True,
+    reads_records: bool | None = None,
 ) -> NoReturn:
+    """Run `action` on an open Control, the target said first (in text output; `--json` has it as a field)."""
+
     async def work(settings: Settings) -> int:
         if needs_pocketbase:
             require(settings, "pocketbase_email", "pocketbase_password")
+        if not as_json:
+            announce_target(settings, records=needs_pocketbase if reads_records is None else reads_records)
         async with open_control(settings) as control:
             return await action(control)
 
@@ -85,15 +104,21 @@ def _report_line(report: EnqueueReport) -> str:
 
 
 async def _emit_reports(
-    pages: AsyncIterator[list[EnqueueReport]], as_json: bool, *, show_each: bool = True, progress: bool = False
+    control: Control,
+    pages: AsyncIterator[list[EnqueueReport]],
+    as_json: bool,
+    *,
+    show_each: bool = True,
+    progress: bool = False,
 ) -> int:
     """Print reports as they come, a page at a time, then the counts; nothing is held but the counts.
 
-    `--json` prints one document, `{"results": [...], "counts": {...}}`, written as the pages arrive."""
+    `--json` prints one document, `{"target": {...}, "results": [...], "counts": {...}}`, written as the pages
+    arrive."""
     tally = EnqueueTally()
     meter = Progress("records", enabled=progress and not as_json)
     # Written once there is something to say, so a run that fails at once prints only its error.
-    opening = '{"results": ['
+    opening = '{"target": ' + json.dumps(target_json(control), ensure_ascii=False) + ', "results": ['
     async for page in pages:
         tally.add(page)
         if as_json and page:
@@ -156,9 +181,9 @@ def add(
             for prompt_id in prompt_ids:
                 yield [await control.enqueue(prompt_id, force=force, priority=priority)]
 
-        return await _emit_reports(reports(), as_json)
+        return await _emit_reports(control, reports(), as_json)
 
-    with_control(ctx, action)
+    with_control(ctx, action, as_json=as_json)
 
 
 def _bulk_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -180,9 +205,9 @@ def add_pending(ctx: click.Context, as_json: bool, show_each: bool, dry_run: boo
 
     async def action(control: Control) -> int:
         pages = control.enqueue_pending(dry_run=dry_run)
-        return await _emit_reports(pages, as_json, show_each=show_each, progress=True)
+        return await _emit_reports(control, pages, as_json, show_each=show_each, progress=True)
 
-    with_control(ctx, action)
+    with_control(ctx, action, as_json=as_json)
 
 
 @cli.command("retry-failed")
@@ -193,9 +218,9 @@ def retry_failed(ctx: click.Context, as_json: bool, show_each: bool, dry_run: bo
 
     async def action(control: Control) -> int:
         pages = control.retry_failed(dry_run=dry_run)
-        return await _emit_reports(pages, as_json, show_each=show_each, progress=True)
+        return await _emit_reports(control, pages, as_json, show_each=show_each, progress=True)
 
-    with_control(ctx, action)
+    with_control(ctx, action, as_json=as_json)
 
 
 def _format_report(report: JobReport) -> str:
@@ -245,7 +270,8 @@ def inspect(ctx: click.Context, prompt_id: str, as_json: bool) -> None:
 
     async def action(control: Control) -> int:
         report = await control.inspect(prompt_id)
-        click.echo(json.dumps(report.to_json(), ensure_ascii=False) if as_json else _format_report(report))
+        document = {**report.to_json(), "target": target_json(control)}
+        click.echo(json.dumps(document, ensure_ascii=False) if as_json else _format_report(report))
         if report.record_unavailable:
             click.echo(f"imagegen: the record could not be read: {report.record_unavailable}", err=True)
             return EXIT_SERVICE
@@ -257,7 +283,7 @@ def inspect(ctx: click.Context, prompt_id: str, as_json: bool) -> None:
         validate_prompt_id(prompt_id)
     except ImagegenError as exc:
         fail(str(exc), EXIT_USAGE)
-    with_control(ctx, action)
+    with_control(ctx, action, as_json=as_json)
 
 
 @cli.command()
@@ -271,7 +297,7 @@ def pause(ctx: click.Context, reason: str) -> None:
         click.echo(f"queue paused: {info.reason}")
         return EXIT_OK
 
-    with_control(ctx, action, needs_pocketbase=False)
+    with_control(ctx, action, as_json=False, needs_pocketbase=False)
 
 
 @cli.command()
@@ -284,7 +310,7 @@ def resume(ctx: click.Context) -> None:
         click.echo(f"queue resumed (was paused: {lifted.reason})" if lifted else "queue was not paused")
         return EXIT_OK
 
-    with_control(ctx, action, needs_pocketbase=False)
+    with_control(ctx, action, as_json=False, needs_pocketbase=False)
 
 
 def _format_status(report: StatusReport) -> str:
@@ -318,6 +344,9 @@ def _format_status(report: StatusReport) -> str:
     if len(report.accounts) > 1 or any(health.state is not AccountState.HEALTHY for health in report.accounts):
         lines += [f"  {line}" for line in _account_lines(report.accounts)]
     lines.append(f"workers:   {len(report.workers)} live")
+    if not report.workers and report.last_worker_seen is not None:
+        lines[-1] += f" (the last one seen {data['last_worker_seen']})"
+    lines += [f"warning:   {warning}" for warning in data["warnings"]]
     for worker in report.workers:
         stopping = ", stopping" if worker.get("stopping") else ""
         phases = Counter(job["phase"] for job in worker.get("jobs") or [] if job["phase"] != "waiting")
@@ -344,12 +373,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
         else:
             report = await control.status()
             code = EXIT_SERVICE if report.records_error else EXIT_OK
-        click.echo(json.dumps(report.to_json(), ensure_ascii=False) if as_json else _format_status(report))
+        document = {**report.to_json(), "target": target_json(control)}
+        click.echo(json.dumps(document, ensure_ascii=False) if as_json else _format_status(report))
         if report.records_error:
             click.echo(f"imagegen: record counts unavailable: {report.records_error}", err=True)
         return code
 
-    with_control(ctx, action, needs_pocketbase=False)
+    with_control(ctx, action, as_json=as_json, needs_pocketbase=False, reads_records=True)
 
 
 def _format_spend(days: list[DaySpend], sums: dict[str, int], limit: int, zone: str) -> str:
@@ -405,12 +435,16 @@ def accounts(ctx: click.Context, as_json: bool) -> None:
                 for health in await control.accounts.health()
             ]
         if as_json:
-            click.echo(json.dumps({"accounts": [health.to_json() for health in found]}, ensure_ascii=False))
+            document = {
+                "accounts": [health.to_json() for health in found],
+                "target": target_json(control, records=False),
+            }
+            click.echo(json.dumps(document, ensure_ascii=False))
         else:
             click.echo("\n".join([_accounts_summary(found), *_account_lines(found)]))
         return EXIT_OK
 
-    with_control(ctx, action, needs_pocketbase=False)
+    with_control(ctx, action, as_json=as_json, needs_pocketbase=False)
 
 
 @cli.command()
@@ -425,13 +459,19 @@ def spend(ctx: click.Context, days: int, as_json: bool) -> None:
         sums = total(found)
         limit, zone = control.settings.jimeng_daily_limit, control.settings.jimeng_daily_limit_tz
         if as_json:
-            document = {"timezone": zone, "limit": limit or None, "days": [d.to_json() for d in found], "total": sums}
+            document = {
+                "timezone": zone,
+                "limit": limit or None,
+                "days": [d.to_json() for d in found],
+                "total": sums,
+                "target": target_json(control, records=False),
+            }
             click.echo(json.dumps(document, ensure_ascii=False))
         else:
             click.echo(_format_spend(found, sums, limit, zone))
         return EXIT_OK
 
-    with_control(ctx, action, needs_pocketbase=False)
+    with_control(ctx, action, as_json=as_json, needs_pocketbase=False)
 
 
 @cli.command()
@@ -440,12 +480,18 @@ def spend(ctx: click.Context, days: int, as_json: bool) -> None:
 def check(ctx: click.Context, as_json: bool) -> None:
     """Test each configured service; one line per service saying what is wrong."""
 
+    from .checks import check_services
+
     async def work(settings: Settings) -> int:
+        target = Target.of(settings)
+        if not as_json:
+            announce_target(settings)
         results = await check_services(settings)
         warnings = settings.warnings()
         if as_json:
             services = [{"service": r.service, "ok": r.ok, "detail": r.detail} for r in results]
-            click.echo(json.dumps({"services": services, "warnings": warnings}, ensure_ascii=False))
+            document = {"services": services, "warnings": warnings, "target": target.to_json()}
+            click.echo(json.dumps(document, ensure_ascii=False))
         else:
             for r in results:
                 click.echo(f"{r.service:<11} {'ok  ' if r.ok else 'FAIL'} {r.detail}")
@@ -477,6 +523,8 @@ def generate(
 ) -> None:
     """Generate images for PROMPT with exactly one paid jimeng call (no PocketBase, no queue) and print their
     links, or with --upload their URLs in the bucket. The API's links expire within hours."""
+    from .oneoff import OneOffRequest, generate_once
+
     try:
         given = {"model": model, "ratio": ratio, "resolution": resolution}
         request = OneOffRequest.build(_settings(ctx), prompt, negative, given, upload=upload)
@@ -485,7 +533,8 @@ def generate(
 
     async def work(settings: Settings) -> int:
         result = await generate_once(settings, request, lambda line: click.echo(f"imagegen: {line}", err=True))
-        click.echo(json.dumps(result.to_json(), ensure_ascii=False) if as_json else "\n".join(result.urls))
+        document = {**result.to_json(), "target": Target.of(settings, records=False).to_json()}
+        click.echo(json.dumps(document, ensure_ascii=False) if as_json else "\n".join(result.urls))
         return EXIT_OK
 
     run(ctx, work)
@@ -497,6 +546,7 @@ def generate(
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Serve the HTTP API under /api/ and the dashboard at / (beyond loopback only with API_TOKEN set)."""
+    from .web import serve as serve_web
 
     async def work(settings: Settings) -> int:
         require(settings, "pocketbase_email", "pocketbase_password")

@@ -135,6 +135,17 @@ class StatusReport:
     records: dict[str, int] | None = None
     records_error: str = ""
     accounts: list[AccountHealth] = field(default_factory=list)  # the jimeng accounts, in JIMENG_API_KEY's order
+    last_worker_seen: float | None = None  # when a worker of this queue last beat; None: never on this Redis
+    queue_name: str = ""
+
+    def worker_warning(self) -> str:
+        """Why the figures may come from the wrong place: no worker is live and none ever used this queue."""
+        if self.workers or self.last_worker_seen is not None:
+            return ""
+        return (
+            f"no worker has ever used queue {self.queue_name} on this Redis: is this the Redis and QUEUE_NAME "
+            "your workers use (REDIS_*, QUEUE_NAME, --env-file)?"
+        )
 
     def outages(self) -> list[dict[str, Any]]:
         """Each service some worker waits for, with since when and how many workers see it."""
@@ -164,6 +175,8 @@ class StatusReport:
             "spend": self.spend,
             "accounts": [health.to_json() for health in self.accounts],
             "workers": self.workers,
+            "last_worker_seen": None if self.last_worker_seen is None else iso_time(self.last_worker_seen),
+            "warnings": [warning] if (warning := self.worker_warning()) else [],
         }
 
 
@@ -233,6 +246,8 @@ class Control:
                 workers=workers,
                 spend=limit_json(self.spending, await self.spending.today()),
                 accounts=await self.accounts.health(),
+                last_worker_seen=await self.state.last_worker_seen(),
+                queue_name=self.settings.queue_name,
             )
         if not records:
             return report

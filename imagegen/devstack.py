@@ -2,9 +2,11 @@
 
 `python -m imagegen.devstack up` starts what `.env` does not configure (Redis, PocketBase with the prompts
 collection, a SeaweedFS S3 server, the jimeng sandbox) plus the worker, watching a local collection
-(POCKETBASE_WATCH, unless `.env` says otherwise), seeds sample prompts into a local PocketBase, queues every
-pending record and prints each record with its image URL. Then, on a local PocketBase, it creates one more
-record through PocketBase's REST API and shows the watching worker bring it to `done` with no command.
+(POCKETBASE_WATCH, unless `.env` says otherwise), and the dashboard (`imagegen serve`); it seeds sample prompts
+into a local PocketBase, queues every pending record and prints each record with its image URL. Then, on a
+local PocketBase, it creates one more record through PocketBase's REST API and shows the watching worker bring
+it to `done` with no command. Its last lines are the dashboard's URL and the commands for status, inspect and
+stop, as they run from the project directory.
 `python -m imagegen.devstack down` stops it all; the data stays in `.stack/` for the next `up`.
 """
 
@@ -18,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +57,8 @@ SAMPLE_PROMPTS = (
 )
 WATCH_PROMPT = "a hot air balloon over a lavender field at sunset, created through the REST API"
 WAIT_SECONDS = 900
+DASHBOARD_PORT = 8300  # WEB_PORT's default: the demo's dashboard takes it when it is free
+DASHBOARD_WAIT = 30.0
 
 
 @dataclass
@@ -99,8 +104,12 @@ def _configured(env_file: Path) -> set[str]:
 def _load_state(paths: StackPaths) -> dict[str, str]:
     if paths.ports_file.exists():
         state: dict[str, str] = json.loads(paths.ports_file.read_text())
+        if "web_port" not in state:  # a stack made before the demo served its dashboard
+            state["web_port"] = str(free_port(preferred=DASHBOARD_PORT))
+            paths.ports_file.write_text(json.dumps(state, indent=2))
         return state
     state = {
+        "web_port": str(free_port(preferred=DASHBOARD_PORT)),
         "redis_port": str(free_port()),
         "pocketbase_port": str(free_port()),
         "s3_port": str(free_port(also_free_offset=10000, below=55535)),
@@ -126,6 +135,8 @@ def plan_stack(paths: StackPaths, configured: set[str]) -> tuple[list[ServiceSpe
     # `.env` is watched only if `.env` says so (watching starts paid generations for every new record).
     watch = not {"POCKETBASE_WATCH", "POCKETBASE_EMAIL"} & configured
     env: dict[str, str] = {"POCKETBASE_WATCH": "true"} if watch else {}
+    if "WEB_PORT" not in configured:
+        env["WEB_PORT"] = state["web_port"]
     if "REDIS_HOST" not in configured:
         specs.append(redis_spec(data / "redis", int(state["redis_port"]), password=state["redis_password"]))
         env |= {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": state["redis_port"], "REDIS_PASSWORD": state["redis_password"]}
@@ -226,14 +237,39 @@ def supervisord_conf(paths: StackPaths, specs: list[ServiceSpec], env: dict[str,
             f"stopasgroup=true\nkillasgroup=true\nredirect_stderr=true\nstdout_logfile={spec.log_path}\n"
         )
     sections.append(
-        f"[program:imagegen-worker]\ncommand={bin_dir}/imagegen worker\n"
-        f"process_name=%(program_name)s-%(process_num)d\nnumprocs={workers}\ndirectory={paths.root}\n"
-        f"environment={_quote_env(env)}\npriority=50\nautorestart=true\nstartsecs=3\nstartretries=20\n"
-        "stopsignal=TERM\nstopwaitsecs=780\nstopasgroup=true\nkillasgroup=true\n"
-        f"stdout_logfile={paths.logs}/worker-%(process_num)d-out.log\n"
-        f"stderr_logfile={paths.logs}/worker-%(process_num)d-error.log\n"
+        _imagegen_program(
+            paths,
+            "imagegen-worker",
+            f"{bin_dir}/imagegen worker",
+            env,
+            logs="worker-%(process_num)d",
+            options=f"process_name=%(program_name)s-%(process_num)d\nnumprocs={workers}\npriority=50\n"
+            "startsecs=3\nstopwaitsecs=780\n",
+        )
+    )
+    # The dashboard and HTTP API (WEB_HOST:WEB_PORT, loopback unless API_TOKEN is set), after the workers.
+    sections.append(
+        _imagegen_program(
+            paths,
+            "imagegen-web",
+            f"{bin_dir}/imagegen serve",
+            env,
+            logs="web",
+            options="priority=60\nstartsecs=2\nstopwaitsecs=15\n",
+        )
     )
     return "\n".join(sections)
+
+
+def _imagegen_program(
+    paths: StackPaths, name: str, command: str, env: dict[str, str], *, logs: str, options: str
+) -> str:
+    """A supervisord program of imagegen's own, with the stack's settings and its logs in logs/."""
+    return (
+        f"[program:{name}]\ncommand={command}\n{options}directory={paths.root}\nenvironment={_quote_env(env)}\n"
+        "autorestart=true\nstartretries=20\nstopsignal=TERM\nstopasgroup=true\nkillasgroup=true\n"
+        f"stdout_logfile={paths.logs}/{logs}-out.log\nstderr_logfile={paths.logs}/{logs}-error.log\n"
+    )
 
 
 def _shell_word(word: str) -> str:
@@ -391,18 +427,41 @@ def up(workers: int, wait: float) -> None:
             asyncio.run(print_records(watched))
     except ImagegenError as exc:
         raise click.ClickException(str(exc)) from None
-    done = sum(r.status == RecordStatus.DONE for r in records)
-    click.echo(f"\n{done} of {len(records)} records done. Worker logs: logs/worker-0-out.log, logs/worker-0-error.log")
+    shown = records + watched
+    done = sum(r.status == RecordStatus.DONE for r in shown)
+    click.echo(f"\n{done} of {len(shown)} records done. Worker logs: logs/worker-0-out.log, logs/worker-0-error.log")
     if watched:
         reached = "reached done" if watched[0].status == RecordStatus.DONE else "did NOT reach done"
         click.echo(f"The record created through the REST API {reached} with no command (POCKETBASE_WATCH=true).")
-    user_env = "--env-file .env " if (paths.root / ".env").exists() else ""
-    click.echo(
-        f"Use the CLI against this stack: .venv/bin/imagegen {user_env}--env-file .stack/imagegen.env "
-        "inspect <id>\nStop everything with: make demo-stop"
-    )
-    if done < len(records) or any(r.status != RecordStatus.DONE for r in watched):
+    print_next_steps(paths, settings, shown[-1].id if shown else "<id>")
+    if done < len(shown):
         sys.exit(1)
+
+
+def _imagegen_command(paths: StackPaths) -> str:
+    """`imagegen` with its settings files, as it runs from the project directory (relative to it when the
+    virtualenv is inside it: `.venv/bin/imagegen`)."""
+    script = Path(sys.executable).parent / "imagegen"
+    with suppress(ValueError):
+        script = script.relative_to(paths.root)
+    user_env = "--env-file .env " if (paths.root / ".env").exists() else ""
+    return f"{script} {user_env}--env-file {paths.env_file.relative_to(paths.root)}"
+
+
+def print_next_steps(paths: StackPaths, settings: Settings, record_id: str) -> None:
+    """The last lines: the dashboard's URL (once it answers) and the commands to look at and stop the stack."""
+    url = f"http://{settings.web_host}:{settings.web_port}/"
+    deadline = time.monotonic() + DASHBOARD_WAIT
+    while not (answered := _http_ok(f"{url}healthz")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    note = "" if answered else f"  (not answering yet: see {paths.logs.name}/web-error.log)"
+    command = _imagegen_command(paths)
+    click.echo(
+        f"\nDashboard: {url}{note}\n"
+        f"Status:    {command} status\n"
+        f"Inspect:   {command} inspect {record_id}\n"
+        "Stop:      make demo-stop"
+    )
 
 
 @main.command()

@@ -34,6 +34,8 @@ class RedisKeys:
         self.wake = f"{self.prefix}wake"
         # The owner token of the one worker holding the PocketBase subscription (POCKETBASE_WATCH).
         self.watch_lease = f"{self.prefix}watch:lease"
+        # When a worker of this queue last beat (never expires): `status` warns about a queue none ever used.
+        self.worker_seen = f"{self.prefix}worker-seen"
 
     def generation(self, prompt_id: str) -> str:
         """The remembered result of a paid generation for one prompt (links + what already landed)."""

@@ -3,7 +3,8 @@
 Record-level states (pending, queued, processing, done, failed) page through PocketBase, searchable by id
 or prompt text. Queue-level states read Redis: `deferred` jobs wait in arq's queue for their retry time,
 `in_progress` jobs run in a live worker (from the workers' heartbeats, with each job's phase); their search
-matches the id only.
+matches the id only. Recent activity is the records changed last, in every state, newest first: the
+dashboard's first view.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from enum import StrEnum
 from typing import Any
 
 from .control import Control, redis_errors
-from .models import RecordStatus, iso_time
+from .models import PromptRecord, RecordStatus, iso_time
 
 MAX_PER_PAGE = 100
+MAX_RECENT = 100
 
 
 class TaskState(StrEnum):
@@ -50,6 +52,7 @@ class TaskItem:
     scheduled_for: float | None = None  # deferred jobs: when they run next
     phase: str | None = None  # jobs in progress: what they are doing
     worker: str | None = None
+    updated: str | None = None  # records: when PocketBase last changed them (ISO 8601), where it says
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,7 +64,15 @@ class TaskItem:
             "scheduled_for": None if self.scheduled_for is None else iso_time(self.scheduled_for),
             "phase": self.phase,
             "worker": self.worker,
+            "updated": self.updated,
         }
+
+    @classmethod
+    def of_record(cls, record: PromptRecord) -> TaskItem:
+        images = record.images or ([record.image_url] if record.image_url else [])
+        return cls(
+            record.id, record.prompt, record.status or "pending", record.error, images, updated=record.updated or None
+        )
 
 
 @dataclass(frozen=True)
@@ -88,15 +99,16 @@ async def list_tasks(control: Control, state: TaskState, *, page: int, per_page:
     if status is not None:
         pocketbase = control.pocketbase
         found = await pocketbase.list_page(pocketbase.state_filter(status), page=page, per_page=per_page, search=search)
-        items = [
-            TaskItem(r.id, r.prompt, r.status or "pending", r.error, r.images or ([r.image_url] if r.image_url else []))
-            for r in found.items
-        ]
-        return TaskPage(state, page, per_page, found.total, items)
+        return TaskPage(state, page, per_page, found.total, [TaskItem.of_record(r) for r in found.items])
     every = await (_deferred(control) if state is TaskState.DEFERRED else _in_progress(control))
     matching = [item for item in every if search.lower() in item.id]
     start = (page - 1) * per_page
     return TaskPage(state, page, per_page, len(matching), matching[start : start + per_page])
+
+
+async def recent_activity(control: Control, limit: int) -> list[TaskItem]:
+    """The `limit` records changed last, in every state, newest first (done ones with their images)."""
+    return [TaskItem.of_record(record) for record in await control.pocketbase.recent(limit)]
 
 
 async def _deferred(control: Control) -> list[TaskItem]:

@@ -75,6 +75,7 @@ class PromptRecord:
     # `priority_problem` says why, for the warning of whoever queues the record.
     priority: int = 0
     priority_problem: str = ""
+    updated: str = ""  # when PocketBase last changed it (ISO 8601), if the collection has an `updated` field
 
     def choices_given(self) -> dict[str, str]:
         """The record's model, ratio and resolution, keyed as `Choices` names them."""

@@ -33,6 +33,7 @@ from .permits import CallPermits
 from .settings import Settings, require
 from .spend import CallOutcome, Clock, Spend, call_outcome
 from .storage import Storage, open_s3_client
+from .target import Target
 from .transfer import store_image
 
 JIMENG_REQUIRED = ("jimeng_api_key", "jimeng_api_url")
@@ -150,10 +151,11 @@ async def generate_once(
                 if counter is not None and reservation is not None:
                     await counter.finish(reservation, None)
                 raise
-        uncounted = "" if counter is not None else f" (not counted: {settings.redis_location()} unreachable)"
+        target = Target.of(settings, records=False).describe()
+        counted = f", counted on {target}" if counter is not None else f" (not counted: {target} unreachable)"
         announce(
             f"calling jimeng at {settings.jimeng_api_url} ({request.choices.describe()}): this spends a jimeng "
-            f"credit{uncounted}"
+            f"credit{counted}"
         )
         outcome: CallOutcome | None = CallOutcome.FAILED
         try:

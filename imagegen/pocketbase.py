@@ -24,6 +24,8 @@ from .settings import Settings
 PAGE_SIZE = 500
 # The most records PocketBase serves in one page (its search.MaxPerPage); it clamps larger requests to it.
 MAX_PAGE = 1000
+# Newest first by the autodate fields a collection may have; "" is PocketBase's own order, which always works.
+RECENT_ORDERS = ("-updated", "-created", "")
 
 
 def filter_literal(value: str) -> str:
@@ -184,6 +186,7 @@ class PocketBaseClient:
             resolution=str(item.get(self.f_resolution) or "") if self.f_resolution else "",
             priority=priority,
             priority_problem=priority_problem,
+            updated=str(item.get("updated") or "").replace(" ", "T", 1),
         )
 
     async def get_record(self, prompt_id: str) -> PromptRecord:
@@ -297,6 +300,19 @@ class PocketBaseClient:
             raise self._fail(f"listing {self.collection}", status, payload)
         items = [self._record(item) for item in payload.get("items") or []]
         return RecordPage(items, page, per_page, int(payload.get("totalItems", 0)))
+
+    async def recent(self, count: int) -> list[PromptRecord]:
+        """The `count` records changed last, newest first: by `updated`, or `created` in a collection without
+        it, or as PocketBase lists them in one with neither (it refuses to sort by a field it lacks: HTTP 400)."""
+        for order in RECENT_ORDERS:
+            params = {"perPage": str(count), "skipTotal": "1", **({"sort": order} if order else {})}
+            status, payload = await self._request("GET", self._records, params=params)
+            if status == 400 and order:
+                continue
+            if status != 200 or not isinstance(payload, dict):
+                raise self._fail(f"listing {self.collection}", status, payload)
+            return [self._record(item) for item in payload.get("items") or []]
+        raise AssertionError("the last order is PocketBase's own, which needs no field")
 
     async def iter_records(self, record_filter: str, page_size: int = PAGE_SIZE) -> AsyncIterator[PromptRecord]:
         """Every record matching the filter, in id order (see `iter_pages`)."""

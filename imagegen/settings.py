@@ -368,6 +368,16 @@ class Settings(BaseSettings):
         pairs = [part.strip().rpartition(":") for part in self.redis_sentinels.split(",") if part.strip()]
         return [(host, int(port)) for host, _, port in pairs]
 
+    def redis_address(self) -> str:
+        """Which Redis, as host:port/db (through Sentinel: the master's name/db and the sentinels); no password."""
+        if self.redis_sentinels:
+            return f"{self.redis_sentinel_master}/{self.redis_db} via Sentinel {self.redis_sentinels}"
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url.get_secret_value())
+            tls = " over TLS" if parts.scheme == "rediss" else ""
+            return f"{parts.hostname}:{parts.port or 6379}/{parts.path.strip('/') or 0}{tls}"
+        return f"{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
     def redis_location(self) -> str:
         """Where Redis is, in words fit for a message: no password."""
         if self.redis_sentinels:
@@ -375,7 +385,7 @@ class Settings(BaseSettings):
         if self.redis_url is not None:
             parts = urlsplit(self.redis_url.get_secret_value())
             return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
-        return f"Redis at {self.redis_host}:{self.redis_port}"
+        return f"Redis at {self.redis_address()}"
 
     def secrets(self) -> list[str]:
         """The configured secret values, for scrubbing them out of any text that leaves the process."""

@@ -163,7 +163,15 @@ class QueueState:
         await self._redis.delete(self.keys.verdict(prompt_id))
 
     async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
-        await self._redis.set(self.keys.worker(worker_id), json.dumps(info), px=int(ttl * 1000))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.worker(worker_id), json.dumps(info), px=int(ttl * 1000))
+            pipe.set(self.keys.worker_seen, str(time.time()))
+            await pipe.execute()
+
+    async def last_worker_seen(self) -> float | None:
+        """When a worker of this queue last beat (a Unix time), None if none ever did on this Redis."""
+        raw = await self._redis.get(self.keys.worker_seen)
+        return float(raw) if raw is not None else None
 
     async def stop_heartbeat(self, worker_id: str) -> None:
         await self._redis.delete(self.keys.worker(worker_id))

@@ -238,6 +238,15 @@ ARQ_WORKER = ("arq", "imagegen.WorkerSettings")
 IMAGEGEN_WORKER = ("imagegen", "worker")
 
 
+def after_target(stack: Stack, result: subprocess.CompletedProcess[str]) -> str:
+    """A command's text output after its first line, which must name the stack's Redis and queue (and, for a
+    command that reads records, its PocketBase and collection)."""
+    first, _, rest = result.stdout.partition("\n")
+    settings = stack.settings()
+    assert first.startswith(f"target: Redis {settings.redis_address()}, queue {settings.queue_name}"), first
+    return rest
+
+
 class WorkerProcess:
     """A worker as a real subprocess (`arq imagegen.WorkerSettings` unless told), its output in a log file."""
 

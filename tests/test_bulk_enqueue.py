@@ -19,7 +19,7 @@ from imagegen.keys import RedisKeys
 from imagegen.models import JOB_NAME, PromptRecord, RecordStatus
 from imagegen.priority import queue_score
 
-from .conftest import BIN, RecordFactory, Stack, run_cli, wait_for_records
+from .conftest import BIN, RecordFactory, Stack, after_target, run_cli, wait_for_records
 from .test_pipeline import run_queue
 
 
@@ -78,7 +78,7 @@ async def test_add_pending_queues_each_record_once_and_leaves_pocketbase_alone(
     assert (counts["pending"], counts["queued"], counts["done"]) == (299, 0, 1)
 
     again = run_cli(stack, "add-pending")
-    assert sorted(again.stdout.strip().split(", ")) == ["1 already done", "299 already queued"]
+    assert sorted(after_target(stack, again).strip().split(", ")) == ["1 already done", "299 already queued"]
     assert await queue_entries(redis_client, settings) == queue
 
 
@@ -185,11 +185,11 @@ async def test_retry_failed_queues_every_failed_record_with_all_its_attempts(
         await pocketbase.update_record(record.id, {"status": "failed", "error": "earlier"})
         await redis_client.set(keys.attempts(record.id), 3)
     result = run_cli(stack, "retry-failed")
-    assert result.stdout.strip() == "150 queued"
+    assert after_target(stack, result).strip() == "150 queued"
     assert len(await queue_entries(redis_client, settings)) == 150
     assert await redis_client.exists(*(keys.attempts(r.id) for r in created)) == 0
-    assert run_cli(stack, "retry-failed").stdout.strip() == "150 already queued"
-    assert run_cli(stack, "add-pending").stdout.strip() == "nothing to queue"
+    assert after_target(stack, run_cli(stack, "retry-failed")).strip() == "150 already queued"
+    assert after_target(stack, run_cli(stack, "add-pending")).strip() == "nothing to queue"
 
 
 async def test_a_terminal_sees_progress_and_the_counts_stay_on_stdout(stack: Stack, records: RecordFactory):
@@ -218,7 +218,7 @@ async def test_a_terminal_sees_progress_and_the_counts_stay_on_stdout(stack: Sta
             shown += chunk
     finally:
         os.close(controller)
-    assert result.stdout == "3 queued\n"
+    assert after_target(stack, result) == "3 queued\n"
     assert b"3 records, " in shown
     assert shown.endswith(b"\r\x1b[K")  # wiped before the command ended
 

@@ -13,7 +13,7 @@ from imagegen.keys import RedisKeys
 from imagegen.models import RecordStatus
 from imagegen.storage import open_s3_client
 
-from .conftest import RecordFactory, Stack, run_cli, wait_for_records
+from .conftest import RecordFactory, Stack, after_target, run_cli, wait_for_records
 from .faultproxy import FaultProxy
 from .test_outside_faults import hold
 from .test_pipeline import wait_until
@@ -64,7 +64,7 @@ async def test_chaos_run_ends_with_every_record_done_and_nothing_paid_twice(
             "RECONCILE_INTERVAL": "5",
         }
         victim, survivor = start_worker(**flaky), start_worker(**flaky)
-        assert run_cli(stack, "add-pending").stdout.strip() == f"{PROMPTS} queued"
+        assert after_target(stack, run_cli(stack, "add-pending")).strip() == f"{PROMPTS} queued"
         assert await wait_until(lambda: done_at_least(PROMPTS // 3), deadline=180)
 
         # A SIGKILL between the API's answer and the worker saving it loses that paid answer whatever the

@@ -11,7 +11,7 @@ from arq.jobs import Job
 
 from imagegen.keys import RedisKeys
 
-from .conftest import BIN, SECRETS, RecordFactory, Stack, queue_state, run_cli, wait_for_records
+from .conftest import BIN, SECRETS, RecordFactory, Stack, after_target, queue_state, run_cli, wait_for_records
 from .test_pipeline import run_queue, wait_until
 
 
@@ -30,7 +30,7 @@ async def test_add_reports_each_id(stack: Stack, records: RecordFactory):
     record = await records.create("a kite over the dunes")
     missing = "zzzzzzzzzzzzzzz"
     result = run_cli(stack, "add", record.id, missing, "not-an-id")
-    lines = result.stdout.splitlines()
+    lines = after_target(stack, result).splitlines()
     assert f"{record.id}  queued" in lines
     assert any(line.startswith(f"{missing}  not found") for line in lines)
     assert any(line.startswith("not-an-id  invalid id") for line in lines)
@@ -38,7 +38,7 @@ async def test_add_reports_each_id(stack: Stack, records: RecordFactory):
     assert_no_secret(result.stdout, result.stderr)
 
     again = run_cli(stack, "add", record.id)
-    assert again.stdout.splitlines()[0] == f"{record.id}  already queued"
+    assert after_target(stack, again).splitlines()[0] == f"{record.id}  already queued"
     assert again.returncode == 0
 
 
@@ -62,7 +62,7 @@ async def test_add_pending_queues_only_pending_records(stack: Stack, records: Re
     assert sorted(r["id"] for r in report["results"]) == sorted(r.id for r in pending)
 
     second = run_cli(stack, "add-pending")
-    assert second.stdout.strip() == "3 already queued"
+    assert after_target(stack, second).strip() == "3 already queued"
 
 
 async def test_add_done_record_needs_force(stack: Stack, records: RecordFactory, settings):
@@ -71,21 +71,21 @@ async def test_add_done_record_needs_force(stack: Stack, records: RecordFactory,
     await run_queue(settings)
 
     result = run_cli(stack, "add", record.id)
-    assert result.stdout.startswith(f"{record.id}  already done: {settings.tos_public_base_url}/")
+    assert after_target(stack, result).startswith(f"{record.id}  already done: {settings.tos_public_base_url}/")
     assert result.returncode == 0
     forced = run_cli(stack, "add", "--force", record.id)
-    assert forced.stdout.splitlines()[0] == f"{record.id}  queued"
+    assert after_target(stack, forced).splitlines()[0] == f"{record.id}  queued"
 
 
 async def test_dry_run_only_says_what_would_be_queued(stack: Stack, records: RecordFactory, pocketbase):
     created = await records.many(3)
     dry = run_cli(stack, "add-pending", "--dry-run", "--each")
     assert dry.returncode == 0
-    assert sorted(dry.stdout.splitlines()[:3]) == sorted(f"{r.id}  would queue" for r in created)
+    assert sorted(after_target(stack, dry).splitlines()[:3]) == sorted(f"{r.id}  would queue" for r in created)
     assert dry.stdout.splitlines()[-1] == "3 would queue"
     assert [(await pocketbase.get_record(r.id)).status for r in created] == [""] * 3
     assert json.loads(run_cli(stack, "status", "--json").stdout)["jobs"]["queued"] == 0
-    assert run_cli(stack, "add-pending").stdout.strip() == "3 queued"
+    assert after_target(stack, run_cli(stack, "add-pending")).strip() == "3 queued"
 
 
 async def test_retry_failed_requeues_failed_records(stack: Stack, records: RecordFactory, pocketbase, settings):
@@ -96,8 +96,8 @@ async def test_retry_failed_requeues_failed_records(stack: Stack, records: Recor
     # The queue says it is queued; the record keeps its last run's outcome until a worker takes it.
     report = json.loads(run_cli(stack, "inspect", record.id, "--json").stdout)
     assert (report["state"], report["record"]["status"]) == ("queued", "failed")
-    assert run_cli(stack, "retry-failed").stdout.strip() == "1 already queued"
-    assert run_cli(stack, "add-pending").stdout.strip() == "nothing to queue"
+    assert after_target(stack, run_cli(stack, "retry-failed")).strip() == "1 already queued"
+    assert after_target(stack, run_cli(stack, "add-pending")).strip() == "nothing to queue"
     await run_queue(settings)
     done = await pocketbase.get_record(record.id)
     assert (done.status, done.error) == ("done", "")
@@ -193,7 +193,7 @@ async def test_a_failed_rerun_leaves_no_image_urls_on_the_failed_record(
     assert (failed.image_url, failed.images) == ("", [])
     assert "moderation" in failed.error
     # So `add` and `inspect` agree: not done, queued again.
-    assert run_cli(stack, "add", record.id).stdout.splitlines()[0] == f"{record.id}  queued"
+    assert after_target(stack, run_cli(stack, "add", record.id)).splitlines()[0] == f"{record.id}  queued"
 
 
 def test_deployments_sharing_one_redis_keep_their_own_pause(stack: Stack):
@@ -209,6 +209,66 @@ async def test_status_lists_only_the_workers_of_its_own_queue(stack: Stack, star
     assert await wait_until(lambda: _workers(settings, redis_client, 1))
     assert len(json.loads(run_cli(stack, "status", "--json").stdout)["workers"]) == 1
     assert json.loads(run_cli(stack, "status", "--json", QUEUE_NAME="staging:queue").stdout)["workers"] == []
+
+
+async def test_every_command_says_which_redis_queue_and_collection_it_read(
+    stack: Stack, records: RecordFactory, settings
+):
+    record = await records.create("a kite with a named target")
+    redis_only = f"target: Redis 127.0.0.1:{settings.redis_port}/0, queue imagegen:queue"
+    with_records = f"{redis_only}; PocketBase {settings.pocketbase_url}, collection prompts"
+    text_commands: list[tuple[tuple[str, ...], str]] = [
+        (("status",), with_records),
+        (("add", record.id), with_records),
+        (("add-pending",), with_records),
+        (("retry-failed",), with_records),
+        (("inspect", record.id), with_records),
+        (("check",), with_records),
+        (("pause",), redis_only),
+        (("resume",), redis_only),
+        (("spend",), redis_only),
+    ]
+    for args, first in text_commands:
+        result = run_cli(stack, *args)
+        assert result.stdout.splitlines()[0] == first, (args, result.stdout, result.stderr)
+        assert_no_secret(result.stdout, result.stderr)
+    # --json stays one document: the target is a field of it.
+    json_commands: list[tuple[tuple[str, ...], set[str]]] = [
+        (("status", "--json"), {"pocketbase", "collection"}),
+        (("add-pending", "--json"), {"pocketbase", "collection"}),
+        (("inspect", record.id, "--json"), {"pocketbase", "collection"}),
+        (("check", "--json"), {"pocketbase", "collection"}),
+        (("spend", "--json"), set()),
+    ]
+    for command, fields in json_commands:
+        target = json.loads(run_cli(stack, *command).stdout)["target"]
+        assert target == {
+            "redis": f"127.0.0.1:{settings.redis_port}/0",
+            "queue": "imagegen:queue",
+            **({"pocketbase": settings.pocketbase_url, "collection": "prompts"} if fields else {}),
+        }, command
+
+
+async def test_status_warns_when_no_worker_ever_used_its_queue(stack: Stack, start_worker, settings, redis_client):
+    never = run_cli(stack, "status")
+    warning = "warning:   no worker has ever used queue imagegen:queue on this Redis"
+    assert warning in never.stdout
+    assert "workers:   0 live\n" in never.stdout
+    assert json.loads(run_cli(stack, "status", "--json").stdout)["warnings"] == [
+        never.stdout.split("warning:   ")[1].strip()
+    ]
+
+    worker = start_worker()
+    assert await wait_until(lambda: _workers(settings, redis_client, 1))
+    assert "warning:" not in run_cli(stack, "status").stdout
+    assert worker.stop() == 0
+    assert await wait_until(lambda: _workers(settings, redis_client, 0))
+    after = run_cli(stack, "status")
+    assert "workers:   0 live (the last one seen " in after.stdout
+    assert "warning:" not in after.stdout
+    # Another queue on the same Redis has still never seen a worker.
+    staging = run_cli(stack, "status", QUEUE_NAME="staging:queue")
+    assert "warning:   no worker has ever used queue staging:queue on this Redis" in staging.stdout
 
 
 async def _workers(settings, redis_client, count: int) -> bool:
@@ -229,7 +289,7 @@ async def test_inspect_unknown_and_invalid_ids(stack: Stack):
 def test_check_reports_every_service_ok(stack: Stack):
     result = run_cli(stack, "check")
     assert result.returncode == 0, result.stdout
-    lines = result.stdout.splitlines()
+    lines = after_target(stack, result).splitlines()
     assert [line.split()[0] for line in lines[:4]] == ["redis", "pocketbase", "storage", "jimeng"]
     assert all(line.split()[1] == "ok" for line in lines[:4])
     assert f"at {stack.env['TOS_ENDPOINT']}" in lines[2]

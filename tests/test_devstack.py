@@ -32,12 +32,27 @@ def devstack(project: Path, *args: str, timeout: float = 240) -> subprocess.Comp
     )
 
 
+def printed_command(project: Path, line: str) -> subprocess.CompletedProcess[str]:
+    """The command of one of the demo's last lines (`Status:    <command>`), run as printed in a shell from the
+    project directory, with none of the tests' settings in the environment."""
+    return subprocess.run(
+        ["bash", "-c", line.split(":", 1)[1].strip()],
+        cwd=project,
+        env={k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.timeout(600)
 def test_local_stack_turns_the_sample_prompts_into_hosted_images(tmp_path: Path):
     try:
         up = devstack(tmp_path, "up", "--wait", "120")
         assert up.returncode == 0, up.stdout + up.stderr
-        assert "6 of 6 records done" in up.stdout
+        # The six samples and the record created through the REST API: every record listed is counted.
+        assert "7 of 7 records done" in up.stdout
         # Then one record created through PocketBase's REST API, queued by the watching worker alone.
         watched = re.search(r"created ([a-z0-9]{15}) with POST /api/collections/prompts/records", up.stdout)
         assert watched is not None, up.stdout
@@ -50,23 +65,23 @@ def test_local_stack_turns_the_sample_prompts_into_hosted_images(tmp_path: Path)
                 assert sniff_image_type(response.read(16)) is not None
         assert (tmp_path / "logs" / "worker-0-out.log").read_text().count("job done: 4 images") == 7
 
-        # The CLI command the demo prints works as printed, from a project directory (which has its .venv).
-        (tmp_path / ".venv").symlink_to(Path(sys.prefix))
-        command = re.search(r"Use the CLI against this stack: (.+)$", up.stdout, flags=re.MULTILINE)
-        assert command is not None
-        record_id = re.search(r"^([a-z0-9]{15}) ", up.stdout, flags=re.MULTILINE)
-        assert record_id is not None
-        inspect = subprocess.run(
-            ["bash", "-c", command.group(1).replace("<id>", record_id.group(1)) + " --json"],
-            cwd=tmp_path,
-            env={k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        # Its last lines: the dashboard, which answers while the stack runs, and commands that work as printed.
+        last = up.stdout.strip().splitlines()[-4:]
+        assert [line.split(":", 1)[0] for line in last] == ["Dashboard", "Status", "Inspect", "Stop"], last
+        url = last[0].split(None, 1)[1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url), last[0]
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+            assert "<title>imagegen</title>" in response.read().decode()
+        status = printed_command(tmp_path, last[1])
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.startswith("target: Redis 127.0.0.1:"), status.stdout
+        assert "7 done" in status.stdout and "workers:   1 live" in status.stdout
+        inspect = printed_command(tmp_path, last[2])
         assert inspect.returncode == 0, inspect.stderr
-        assert '"state": "done"' in inspect.stdout
+        assert "state:     done" in inspect.stdout
+        assert last[3] == "Stop:      make demo-stop"
+        assert "demo-stop:" in (Path(__file__).resolve().parent.parent / "Makefile").read_text()
         # Only what each service needs reaches supervisord's file; the sandbox's key stays off command lines.
         conf = (tmp_path / ".stack" / "supervisord.conf").read_text()
         assert CANARY not in conf
@@ -79,6 +94,7 @@ def test_local_stack_turns_the_sample_prompts_into_hosted_images(tmp_path: Path)
         again = devstack(tmp_path, "up", "--wait", "60")
         assert again.returncode == 0, again.stdout + again.stderr
         assert "already running" in again.stdout
+        assert f"Dashboard: {url}" in again.stdout
         assert "queued 0 of 0 pending records" in again.stdout
     finally:
         down = devstack(tmp_path, "down")

@@ -7,7 +7,7 @@ import hashlib
 import aiohttp
 import pytest
 
-from .conftest import SECRETS, RecordFactory, Stack, run_cli, wait_for_records
+from .conftest import SECRETS, RecordFactory, Stack, after_target, run_cli, wait_for_records
 
 
 def digest(data: bytes) -> str:
@@ -23,7 +23,7 @@ async def test_twenty_records_end_with_hosted_images_equal_to_what_the_api_serve
 
     result = run_cli(stack, "add-pending")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "20 queued"
+    assert after_target(stack, result).strip() == "20 queued"
 
     finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=120)
     assert [r.status for r in finished] == ["done"] * 20
@@ -42,7 +42,7 @@ async def test_twenty_records_end_with_hosted_images_equal_to_what_the_api_serve
         assert [digest(b) for b in hosted] == [digest(b) for b in served]
         assert stack.jimeng.sandbox.generations(record.prompt) == 1
 
-    assert run_cli(stack, "add-pending").stdout.strip() == "nothing to queue"
+    assert after_target(stack, run_cli(stack, "add-pending")).strip() == "nothing to queue"
     assert worker.stop() == 0
     log = worker.output()
     assert log.count("job done: 4 images") == 20

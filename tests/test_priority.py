@@ -28,7 +28,7 @@ from imagegen.priority import (
     queue_score,
 )
 
-from .conftest import RecordFactory, Stack, run_cli, wait_for_records
+from .conftest import RecordFactory, Stack, after_target, run_cli, wait_for_records
 from .test_pipeline import wait_until
 from .test_web_api import open_api
 
@@ -96,7 +96,7 @@ async def test_add_priority_overrides_the_field_and_a_prompt_is_queued_once(
     record = await create(records, "an overridden lighthouse", 7)
     result = run_cli(stack, "add", "--priority", "-5", record.id)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == f"{record.id}  queued"
+    assert after_target(stack, result).splitlines()[0] == f"{record.id}  queued"
     assert priority_of(await queue_score_of(redis_client, settings, record.id)) == -5
     inspected = json.loads(run_cli(stack, "inspect", "--json", record.id).stdout)
     assert (inspected["state"], inspected["priority"]) == ("queued", -5)
@@ -105,7 +105,7 @@ async def test_add_priority_overrides_the_field_and_a_prompt_is_queued_once(
     # The same id again, with another priority or none: still one job, with the priority it was queued with.
     for again in (["--priority", "900"], []):
         result = run_cli(stack, "add", *again, record.id)
-        assert result.stdout.splitlines()[0] == f"{record.id}  already queued"
+        assert after_target(stack, result).splitlines()[0] == f"{record.id}  already queued"
     assert await redis_client.zcard(settings.queue_name) == 1
     assert priority_of(await queue_score_of(redis_client, settings, record.id)) == -5
 
@@ -297,7 +297,7 @@ async def test_high_priority_goes_first_across_two_workers(
 ):
     sandbox_config.latency = 0.2
     lows = [await records.create(f"a common lighthouse {n}") for n in range(10)]
-    assert run_cli(stack, "add-pending").stdout.strip() == "10 queued"
+    assert after_target(stack, run_cli(stack, "add-pending")).strip() == "10 queued"
     highs = [await records.create(f"an important lighthouse {n}") for n in range(2)]
     result = run_cli(stack, "add", "--priority", "50", *(r.id for r in highs))
     assert result.returncode == 0, result.stderr

@@ -3,6 +3,7 @@ TLS Redis and a real Sentinel, the worker and the CLI both using them."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,8 +106,9 @@ NOWHERE = {"REDIS_HOST": "127.0.0.1", "REDIS_PORT": "1", "REDIS_PASSWORD": ""}
 
 @pytest.mark.timeout(180)
 async def test_worker_and_cli_reach_redis_over_tls_by_url(
-    stack: Stack, records: RecordFactory, pocketbase, start_worker, tls_redis
+    stack: Stack, records: RecordFactory, pocketbase, tls_redis, start_worker
 ):
+    # tls_redis before start_worker: the worker is stopped (at teardown) while its Redis still runs.
     url, ca_file = tls_redis
     env = {**NOWHERE, "REDIS_URL": url, "REDIS_TLS_CA_FILE": str(ca_file)}
     record = await records.create("a lighthouse behind TLS")
@@ -115,7 +117,8 @@ async def test_worker_and_cli_reach_redis_over_tls_by_url(
     assert added.returncode == 0, added.stderr
     assert (await wait_for_records(pocketbase, [record.id], deadline=60))[0].status == "done"
     check = run_cli(stack, "check", **env)
-    redis_line = check.stdout.splitlines()[0]
+    target, redis_line = check.stdout.splitlines()[:2]
+    assert re.match(r"target: Redis 127\.0\.0\.1:\d+/0 over TLS, queue imagegen:queue; PocketBase ", target), target
     assert redis_line.startswith("redis       ok")
     assert "rediss://127.0.0.1:" in redis_line
     for text in (check.stdout, check.stderr, worker.output()):
@@ -134,7 +137,7 @@ def test_a_tls_redis_without_its_ca_is_refused_clearly(stack: Stack, tls_redis):
 
 @pytest.mark.timeout(180)
 async def test_worker_and_cli_find_redis_through_sentinel(
-    stack: Stack, records: RecordFactory, pocketbase, start_worker, sentinel_redis
+    stack: Stack, records: RecordFactory, pocketbase, sentinel_redis, start_worker
 ):
     env = {**NOWHERE, "REDIS_SENTINELS": sentinel_redis, "REDIS_SENTINEL_MASTER": "mymaster"}
     record = await records.create("a lighthouse found by a sentinel")

@@ -105,7 +105,7 @@ async def test_the_next_paid_call_starts_while_the_previous_prompt_still_stores_
 ):
     first, second = await records.many(2, prefix="a slot handed on")
     sandbox_config.latency = 0.3
-    sandbox_config.image_latency = 1.0  # four images: the first prompt stores for about four seconds
+    sandbox_config.image_latency = 2.0  # four images: the first prompt stores for about eight seconds
     worker = start_worker(QUEUE_CONCURRENCY="1", WORKER_LEASE="4")
     assert run_cli(stack, "add", first.id).returncode == 0
     sandbox = stack.jimeng.sandbox

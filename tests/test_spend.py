@@ -20,7 +20,7 @@ from imagegen.settings import Settings
 from imagegen.spend import CallOutcome, Spend
 from imagegen.state import QueueState
 
-from .conftest import RecordFactory, Stack, queue_state, run_cli, wait_for_records
+from .conftest import RecordFactory, Stack, after_target, queue_state, run_cli, wait_for_records
 from .test_generate import assert_error_line
 from .test_pipeline import enqueue, run_queue, wait_until, worker_running
 
@@ -190,7 +190,7 @@ async def test_calls_are_counted_by_outcome_and_shown_by_spend_and_status(
 
     text = run_cli(stack, "spend", "--days", "2")
     assert text.returncode == 0, text.stderr
-    lines = text.stdout.splitlines()
+    lines = after_target(stack, text).splitlines()
     assert lines[0].split() == ["day", "calls", "images", "moderated", "failed", "reserved"]
     assert lines[1].split() == [today.isoformat(), "5", "1", "2", "2", "0"]
     assert len(lines) == 5 and lines[3].split() == ["total", "5", "1", "2", "2", "0"]

@@ -47,12 +47,16 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def free_port(*, also_free_offset: int | None = None, below: int | None = None) -> int:
+def free_port(*, also_free_offset: int | None = None, below: int | None = None, preferred: int | None = None) -> int:
     """A loopback TCP port nobody listens on now (nor handed out lately by this process).
 
     `also_free_offset` requires `port + offset` to be free as well (SeaweedFS puts gRPC at port + 10000) and
-    `below` caps the port (SeaweedFS needs ports < 55535 so that port + 10000 stays valid).
+    `below` caps the port (SeaweedFS needs ports < 55535 so that port + 10000 stays valid); `preferred` is the
+    answer whenever it is free (a well-known port, easier to remember than a random one).
     """
+    if preferred is not None and preferred not in _recent_ports and _port_is_free(preferred):
+        _recent_ports.append(preferred)
+        return preferred
     for _ in range(500):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))

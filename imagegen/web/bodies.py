@@ -7,7 +7,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidRequest
-from ..listing import MAX_PER_PAGE, TaskState
+from ..listing import MAX_PER_PAGE, MAX_RECENT, TaskState
 from ..priority import PRIORITY_MAX, PRIORITY_MIN
 
 MAX_IDS = 500
@@ -72,6 +72,14 @@ class TaskQuery(BaseModel):
         pattern=r"^[^\x00-\x1f\x7f]*$",
         description="text the id or prompt contains (literally: % and _ are no wildcards); no control characters",
     )
+
+
+class ActivityQuery(BaseModel):
+    """GET /api/activity: how many of the records changed last."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(default=20, ge=1, le=MAX_RECENT)
 
 
 def describe(exc: ValidationError) -> str:

@@ -14,7 +14,7 @@ from ..control import EnqueueOutcome
 from ..listing import TaskState
 from ..models import PROMPT_ID_PATTERN, JobState
 from ..stages import TIMED, Stage
-from .bodies import CreateTasks, NoOptions, PauseQueue, TaskQuery
+from .bodies import ActivityQuery, CreateTasks, NoOptions, PauseQueue, TaskQuery
 
 STRING = {"type": "string"}
 INT = {"type": "integer"}
@@ -24,7 +24,8 @@ COUNTS = {"type": "object", "additionalProperties": INT}
 
 
 REF_TEMPLATE = "#/components/schemas/{model}"
-BodyModel = type[CreateTasks | PauseQueue | NoOptions | TaskQuery]
+BodyModel = type[CreateTasks | PauseQueue | NoOptions | TaskQuery | ActivityQuery]
+QueryModel = type[TaskQuery | ActivityQuery]
 
 
 def ref(name: str) -> dict[str, str]:
@@ -128,8 +129,13 @@ SCHEMAS: dict[str, Any] = {
             "scheduled_for": NULLABLE_TIME,
             "phase": NULLABLE_STRING,
             "worker": NULLABLE_STRING,
+            "updated": {**NULLABLE_TIME, "description": "records: when PocketBase last changed them, where it says"},
         }
     ),
+    "Activity": {
+        **obj({"limit": INT, "items": {"type": "array", "items": ref("TaskItem")}}),
+        "description": "The records changed last, in every state, newest first (by their `updated` field).",
+    },
     "TaskPage": obj(
         {
             "state": {"enum": [s.value for s in TaskState]},
@@ -197,10 +203,16 @@ SCHEMAS: dict[str, Any] = {
                 "spend": ref("Spend"),
                 "accounts": {"type": "array", "items": ref("Account")},
                 "workers": {"type": "array", "items": {"type": "object"}},
+                "last_worker_seen": {
+                    **NULLABLE_TIME,
+                    "description": "when a worker of this queue last beat; null: never on this Redis",
+                },
+                "warnings": {"type": "array", "items": STRING},
                 "throughput": ref("Throughput"),
             }
         ),
-        "description": "What `imagegen status --json` prints, with the last hour's outcomes per minute.",
+        "description": "What `imagegen status --json` prints (less its `target`), with the last hour's outcomes "
+        "per minute.",
     },
 }
 
@@ -232,13 +244,13 @@ def json_body(model: BodyModel) -> dict[str, Any]:
 def defined_types() -> dict[str, Any]:
     """The types the request models refer to, as components/schemas holds them."""
     found: dict[str, Any] = {}
-    for model in (CreateTasks, PauseQueue, NoOptions, TaskQuery):
+    for model in (CreateTasks, PauseQueue, NoOptions, TaskQuery, ActivityQuery):
         found.update(model_schema(model).get("$defs", {}))
     return found
 
 
-def query_parameters() -> list[dict[str, Any]]:
-    schema = model_schema(TaskQuery)
+def query_parameters(model: QueryModel) -> list[dict[str, Any]]:
+    schema = model_schema(model)
     return [
         {"name": name, "in": "query", "required": False, "schema": prop} for name, prop in schema["properties"].items()
     ]
@@ -343,7 +355,7 @@ def paths() -> dict[str, dict[str, Any]]:
                 "Tasks in one state, a page at a time (record states searchable by id or prompt text)",
                 response("one page", "TaskPage"),
                 errors(400),
-                parameters=query_parameters(),
+                parameters=query_parameters(TaskQuery),
             ),
             "post": operation(
                 "Queue prompts by id, as `imagegen add`",
@@ -351,6 +363,14 @@ def paths() -> dict[str, dict[str, Any]]:
                 errors(*WRITE_ERRORS),
                 requestBody=json_body(CreateTasks),
             ),
+        },
+        "/api/activity": {
+            "get": operation(
+                "The records changed last, in every state, newest first (the dashboard's first view)",
+                response("the latest records", "Activity"),
+                errors(400),
+                parameters=query_parameters(ActivityQuery),
+            )
         },
         "/api/tasks/enqueue-pending": {
             "post": operation(

@@ -15,10 +15,10 @@ from aiohttp import web
 from ..access import token_refusal
 from ..control import EnqueueOutcome, EnqueueTally, pause_json, redis_errors
 from ..errors import ImagegenError, InvalidRequest, RecordNotFound
-from ..listing import list_tasks
+from ..listing import list_tasks, recent_activity
 from ..metrics import CONTENT_TYPE, queue_metrics
 from ..models import JobState, validate_prompt_id
-from .bodies import DEFAULT_PAUSE_REASON, CreateTasks, NoOptions, PauseQueue, TaskQuery, parse
+from .bodies import DEFAULT_PAUSE_REASON, ActivityQuery, CreateTasks, NoOptions, PauseQueue, TaskQuery, parse
 from .context import DASHBOARD_PAGE, SETTINGS, STATIC_DIR, control_of
 from .openapi import document
 
@@ -134,6 +134,15 @@ async def tasks(request: web.Request) -> web.Response:
     control = await control_of(request)
     page = await list_tasks(control, query.state, page=query.page, per_page=query.per_page, search=query.q)
     return reply(page.to_json())
+
+
+@routes.get("/api/activity")
+async def activity(request: web.Request) -> web.Response:
+    """The records changed last, in every state, newest first: the dashboard's first view."""
+    query = parse(ActivityQuery, dict(request.query))
+    control = await control_of(request)
+    items = await recent_activity(control, query.limit)
+    return reply({"limit": query.limit, "items": [item.to_json() for item in items]})
 
 
 @routes.post("/api/tasks")

@@ -11,6 +11,7 @@ from loguru import logger
 from ..access import check_bind
 from ..errors import ConfigError
 from ..settings import Settings
+from ..target import Target
 from .app import create_app
 from .protocol import ApiRunner, check_aiohttp
 
@@ -37,10 +38,11 @@ async def serve(settings: Settings, host: str, port: int) -> None:
             loop.add_signal_handler(signum, stop.set)
         shown = f"[{host}]" if ":" in host else host
         logger.info(
-            "serving the API and dashboard on http://{}:{}/ (token {})",
+            "serving the API and dashboard on http://{}:{}/ (token {}) from {}",
             shown,
             port,
             "required" if settings.api_token.get_secret_value() else "not set: loopback only",
+            Target.of(settings).describe(),
         )
         await stop.wait()
         logger.info("stopping")

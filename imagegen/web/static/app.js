@@ -4,11 +4,14 @@
 const POLL_MS = 2000;
 const PER_PAGE = 20;
 const TOKEN_KEY = "imagegen.apiToken";
-const STATES = ["pending", "queued", "processing", "done", "failed", "deferred", "in_progress"];
-const STATE_LABELS = { in_progress: "in progress" };
+const RECENT = 20; // records in the first view's activity list, newest first
+const STRIP_MAX = 12; // thumbnails in the strip of latest images: the first image of each latest done record
+// The first view is recent activity across every state; each state's own list is one click away.
+const STATES = ["recent", "pending", "queued", "processing", "done", "failed", "deferred", "in_progress"];
+const STATE_LABELS = { recent: "recent activity", in_progress: "in progress" };
 const SVG_NS = "http://www.w3.org/2000/svg";
 
-const view = { state: "queued", page: 1, search: "", taskId: null, total: 0, counts: {} };
+const view = { state: "recent", page: 1, search: "", taskId: null, total: 0, counts: {} };
 let refreshing = false;
 let pollProblem = false; // the problem shown came from polling (cleared by the next good poll)
 
@@ -82,6 +85,7 @@ function renderQueue(queue) {
   const records = queue.records || {};
   view.counts = records;
   for (const name of ["pending", "queued", "processing", "done", "failed"]) setNumber(`count-${name}`, records[name]);
+  $("count-failed").classList.toggle("alert", Boolean(records.failed));
   for (const [name, value] of Object.entries(queue.jobs)) setNumber(`jobs-${name}`, value);
   setNumber("workers", queue.workers.length);
   $("streak").textContent = `${queue.consecutive_failures} / ${queue.max_failed}`;
@@ -114,13 +118,15 @@ function renderChart(throughput) {
   svg.replaceChildren();
   const minutes = throughput.minutes;
   const width = 600;
-  const height = 100;
+  const height = 100; // the axis; the bars stand between `margin` and it, the labels outside that band
+  const margin = 16;
+  const plot = height - margin;
   const top = Math.max(1, ...minutes.map((m) => m.done + m.failed));
   const slot = width / minutes.length;
   minutes.forEach((minute, index) => {
     const x = index * slot + 1;
-    const doneHeight = (minute.done / top) * height;
-    const failedHeight = (minute.failed / top) * height;
+    const doneHeight = (minute.done / top) * plot;
+    const failedHeight = (minute.failed / top) * plot;
     for (const [className, y, h, count] of [
       ["done", height - doneHeight, doneHeight, minute.done],
       ["failed", height - doneHeight - failedHeight, failedHeight, minute.failed],
@@ -142,10 +148,14 @@ function renderChart(throughput) {
   axis.setAttribute("class", "axis");
   for (const [name, value] of [["x1", 0], ["y1", height], ["x2", width], ["y2", height]]) axis.setAttribute(name, value);
   svg.appendChild(axis);
-  for (const [x, label, anchor] of [[0, "60 min ago", "start"], [width, "now", "end"], [width, `max ${top}/min`, "end"]]) {
+  for (const [x, y, label, anchor] of [
+    [0, height + 14, "60 min ago", "start"],
+    [width, height + 14, "now", "end"],
+    [width, margin - 5, `max ${top}/min`, "end"],
+  ]) {
     const text = document.createElementNS(SVG_NS, "text");
     text.setAttribute("x", x);
-    text.setAttribute("y", label.startsWith("max") ? 10 : height + 14);
+    text.setAttribute("y", y);
     text.setAttribute("text-anchor", anchor);
     text.textContent = label;
     svg.appendChild(text);
@@ -174,7 +184,9 @@ function renderTabs() {
     const count = view.counts[state];
     button.textContent = (STATE_LABELS[state] || state) + (count === undefined ? "" : ` (${count})`);
     button.setAttribute("aria-pressed", String(state === view.state));
+    button.classList.toggle("alert", state === "failed" && Boolean(count));
   }
+  $("search-form").hidden = view.state === "recent";
 }
 
 function noteOf(item) {
@@ -194,22 +206,60 @@ function renderList(page) {
     row.appendChild(el("td", item.id)).title = item.id;
     row.appendChild(el("td", item.prompt ?? "")).title = item.prompt ?? "";
     const status = item.status || (item.phase ? "running" : "deferred");
+    row.classList.add(`row-${status}`);
     row.appendChild(el("td", status, `status-${status}`));
     row.appendChild(el("td", noteOf(item))).title = item.error || "";
+    row.appendChild(el("td", item.updated ? new Date(item.updated).toLocaleTimeString() : "", "muted"));
     row.addEventListener("click", () => openTask(item.id));
     rows.appendChild(row);
   }
   if (!page.items.length) {
     const row = el("tr");
     const cell = el("td", view.search ? "nothing matches" : "nothing here", "muted");
-    cell.colSpan = 4;
+    cell.colSpan = 5;
     row.appendChild(cell);
     rows.appendChild(row);
   }
   const pages = Math.max(1, Math.ceil(page.total / page.per_page));
-  $("page-info").textContent = `page ${page.page} of ${pages} · ${page.total} tasks`;
+  $("page-info").textContent =
+    view.state === "recent"
+      ? `the ${page.items.length} latest changes, newest first`
+      : `page ${page.page} of ${pages} · ${page.total} tasks`;
   $("prev-page").disabled = page.page <= 1;
   $("next-page").disabled = page.page >= pages;
+}
+
+// Thumbnails (only http(s) URLs) linking to the full images, rebuilt only when the set of URLs changes so
+// that polling never reloads them. Each entry: { url, id, label }.
+function renderThumbs(box, entries, empty) {
+  const wanted = entries.filter((entry) => isWebUrl(entry.url));
+  const shown = Array.from(box.querySelectorAll("img")).map((img) => img.getAttribute("src"));
+  if (box.childElementCount && shown.join("\n") === wanted.map((entry) => entry.url).join("\n")) return;
+  box.replaceChildren();
+  for (const entry of wanted) {
+    const link = el("a");
+    link.href = entry.url;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    link.dataset.id = entry.id;
+    link.title = entry.label;
+    const img = el("img");
+    img.src = entry.url;
+    img.alt = entry.label;
+    img.loading = "lazy";
+    link.appendChild(img);
+    box.appendChild(link);
+  }
+  if (!wanted.length && empty) box.appendChild(el("span", empty, "muted"));
+}
+
+// The strip of latest images: the first image of each of the latest done records, newest first.
+function renderStrip(items) {
+  const entries = items
+    .filter((item) => item.status === "done" && item.images.length)
+    .slice(0, STRIP_MAX)
+    .map((item) => ({ url: item.images[0], id: item.id, label: item.prompt || item.id }));
+  renderThumbs($("thumb-strip"), entries, "no images yet");
 }
 
 function fact(list, label, value) {
@@ -262,25 +312,13 @@ function renderTask(task) {
   const error = task.error || (record && record.error) || "";
   $("task-error").hidden = !error;
   $("task-error").textContent = error;
+  // A done record needs no retry; what makes sense is generating it again, which costs a paid call.
+  const done = Boolean(record && record.status === "done");
+  $("task-retry-btn").hidden = done;
+  $("task-regenerate-btn").hidden = !done;
   const stored = record ? (record.images.length ? record.images : record.imageUrl ? [record.imageUrl] : []) : [];
-  const urls = stored.filter(isWebUrl);
-  const thumbs = $("task-images");
-  const shown = Array.from(thumbs.querySelectorAll("img")).map((img) => img.getAttribute("src"));
-  if (shown.join("\n") !== urls.join("\n")) {
-    thumbs.replaceChildren();
-    for (const url of urls) {
-      const link = el("a");
-      link.href = url;
-      link.target = "_blank";
-      link.rel = "noopener noreferrer";
-      const img = el("img");
-      img.src = url;
-      img.alt = `generated image of ${task.id}`;
-      img.loading = "lazy";
-      link.appendChild(img);
-      thumbs.appendChild(link);
-    }
-  }
+  const label = `generated image of ${task.id}`;
+  renderThumbs($("task-images"), stored.map((url) => ({ url, id: task.id, label })), "");
 }
 
 // --- actions ---------------------------------------------------------------------------------------------
@@ -339,6 +377,13 @@ function wireActions() {
     const id = view.taskId;
     if (id) act(event.currentTarget, () => api("POST", `/api/tasks/${encodeURIComponent(id)}/retry`));
   });
+  $("task-regenerate-btn").addEventListener("click", async (event) => {
+    const id = view.taskId;
+    const question = `Generate ${id} again? This makes one more paid jimeng call and replaces its images.`;
+    if (!id || !window.confirm(question)) return;
+    const result = await act(event.currentTarget, () => api("POST", "/api/tasks", { ids: [id], force: true }));
+    if (result) $("updated").textContent = result.results.map((r) => `${r.id} ${r.outcome}`).join(", ");
+  });
   $("task-close-btn").addEventListener("click", closeTask);
   $("prev-page").addEventListener("click", () => {
     view.page = Math.max(1, view.page - 1);
@@ -379,13 +424,16 @@ async function refresh() {
   try {
     const params = new URLSearchParams({ state: view.state, page: String(view.page), per_page: String(PER_PAGE) });
     if (view.search) params.set("q", view.search);
-    const [queue, page, task] = await Promise.all([
+    const recent = view.state === "recent";
+    const [queue, activity, page, task] = await Promise.all([
       api("GET", "/api/queue"),
-      api("GET", `/api/tasks?${params}`),
+      api("GET", `/api/activity?limit=${RECENT}`),
+      recent ? null : api("GET", `/api/tasks?${params}`),
       view.taskId ? api("GET", `/api/tasks/${encodeURIComponent(view.taskId)}`).catch(taskProblem) : null,
     ]);
     renderQueue(queue);
-    renderList(page);
+    renderStrip(activity.items);
+    renderList(page || { page: 1, per_page: RECENT, total: activity.items.length, items: activity.items });
     if (task) renderTask(task);
     $("token-form").hidden = true;
     $("forget-token-btn").hidden = !localStorage.getItem(TOKEN_KEY);
