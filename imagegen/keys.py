@@ -34,6 +34,10 @@ class RedisKeys:
         self.wake = f"{self.prefix}wake"
         # The owner token of the one worker holding the PocketBase subscription (POCKETBASE_WATCH).
         self.watch_lease = f"{self.prefix}watch:lease"
+        # A collection with no status field: each record's `queued`/`processing`/`failed` and its error (hashes
+        # by prompt id; `marks`).
+        self.record_status = f"{self.prefix}records:status"
+        self.record_error = f"{self.prefix}records:error"
 
     def generation(self, prompt_id: str) -> str:
         """The remembered result of a paid generation for one prompt (links + what already landed)."""

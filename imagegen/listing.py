@@ -87,9 +87,9 @@ async def list_tasks(control: Control, state: TaskState, *, page: int, per_page:
     status = state.record_status
     if status is not None:
         pocketbase = control.pocketbase
-        found = await pocketbase.list_page(pocketbase.state_filter(status), page=page, per_page=per_page, search=search)
+        found = await pocketbase.list_status(status, page=page, per_page=per_page, search=search)
         items = [
-            TaskItem(r.id, r.prompt, r.status or "pending", r.error, r.images or ([r.image_url] if r.image_url else []))
+            TaskItem(r.id, r.prompt, r.shown_status, r.error, r.images or ([r.image_url] if r.image_url else []))
             for r in found.items
         ]
         return TaskPage(state, page, per_page, found.total, items)

@@ -3,8 +3,8 @@
 import pytest
 
 from imagegen.errors import ConfigError
+from imagegen.layout import filter_literal
 from imagegen.models import validate_prompt_id
-from imagegen.pocketbase import filter_literal
 from imagegen.settings import load_settings
 
 
