@@ -12,6 +12,7 @@ run changes nothing, and records and fields stay as they were.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,8 +120,13 @@ async def admin(stack: Stack) -> AsyncIterator[Admin]:
         yield admin
 
 
+def cli(stack: Stack, collection: Collection, *args: str) -> subprocess.CompletedProcess[str]:
+    """`imagegen ...` as a subprocess with this collection's settings."""
+    return run_cli(stack, *args, timeout=60, **collection.env)
+
+
 def cli_json(stack: Stack, collection: Collection, *args: str) -> Any:
-    result = run_cli(stack, *args, "--json", timeout=60, **collection.env)
+    result = cli(stack, collection, *args, "--json")
     assert "Traceback" not in result.stderr
     return json.loads(result.stdout)
 
@@ -130,7 +136,7 @@ async def dashboard(stack: Stack, collection: Collection, path: str) -> Any:
     async with TestClient(TestServer(create_app(settings_for(stack, collection)))) as client:
         answer = await client.get(path)
         assert answer.status == 200, await answer.text()
-        return await answer.json()
+        return await answer.json() if answer.content_type == "application/json" else await answer.text()
 
 
 def settings_for(stack: Stack, collection: Collection) -> Settings:
@@ -192,6 +198,8 @@ async def test_the_main_flows_end_every_record_done_with_one_paid_call(
     # status, the dashboard and inspect say what happened, wherever the state lives
     counts = cli_json(stack, collection, "status")["records"]
     assert (counts["pending"], counts["processing"], counts["done"], counts["failed"]) == (0, 0, 6, 1)
+    metrics = await dashboard(stack, collection, "/metrics")
+    assert 'imagegen_records{status="done"} 6.0' in metrics and 'imagegen_records{status="failed"} 1.0' in metrics
     queue = await dashboard(stack, collection, "/api/queue")
     assert (queue["records"]["done"], queue["records"]["failed"]) == (6, 1)
     listed = await dashboard(stack, collection, "/api/tasks?state=failed")
@@ -222,3 +230,96 @@ async def test_the_main_flows_end_every_record_done_with_one_paid_call(
     assert "Traceback" not in worker.output()
     for secret in SECRETS:
         assert secret not in worker.output()
+
+
+BROKEN_FIELDS: list[dict[str, Any]] = [
+    {"name": "text", "type": "text"},  # the prompt under another name: `prompt` is missing
+    {"name": "imageUrl", "type": "text", "max": 30},  # too short for the bucket's URLs
+    {"name": "status", "type": "select", "maxSelect": 1, "values": ["queued", "done"]},  # no processing, failed
+    {"name": "error", "type": "text", "max": 200},  # too short for imagegen's errors
+    {"name": "images", "type": "text"},  # not json
+]
+
+
+async def test_check_names_every_problem_and_the_worker_refuses_before_any_paid_call(
+    stack: Stack, admin: Admin, start_worker: Any
+) -> None:
+    collection = Collection("brokenprompts", env={"POCKETBASE_COLLECTION": "brokenprompts"})
+    await admin.replace_collection(collection.name, BROKEN_FIELDS)
+    status, _ = await admin.call(
+        "POST", f"/api/collections/{collection.name}/records", {"text": "a broken-collection fox"}
+    )
+    assert status == 200
+    result = cli(stack, collection, "check")
+    assert result.returncode == 3, result.stdout
+    problems = [line.removeprefix("collection  FAIL ") for line in result.stdout.splitlines() if "FAIL" in line]
+    longest = len(f"{settings_for(stack, collection).tos_public_base_url}/imagegen/") + len("x" * 15 + "/9.webp")
+    assert problems == [
+        "prompt: no such field in the collection - add it (`imagegen setup-collection`) or set POCKETBASE_FIELD_PROMPT",
+        f"imageUrl: holds at most 30 characters, shorter than the image URLs imagegen writes ({longest}) - raise its "
+        f"max length to {longest} or more (0 means 5000) in the admin UI",
+        "status: offers queued, done, not processing, failed, which imagegen writes - add processing, failed to its "
+        "values (`imagegen setup-collection` does)",
+        "error: holds at most 200 characters, shorter than imagegen's error messages (4000) - raise its max length "
+        "to 4000 or more (0 means 5000) in the admin UI",
+        "images: is a text field, imagegen needs json - change its type to json in the PocketBase admin UI, or point "
+        "the setting at another field",
+    ]
+    assert "Traceback" not in result.stdout + result.stderr
+
+    worker: WorkerProcess = start_worker(POCKETBASE_WATCH="true", **collection.env)
+    assert worker.process.wait(30) == 2
+    refused = worker.output()
+    assert "would refuse imagegen's writes after a paid call" in refused
+    assert all(problem in refused for problem in problems[1:4])  # every problem that fails a write
+    assert "Traceback" not in refused
+    assert stack.jimeng.sandbox.stats()["total_calls"] == 0
+
+
+@pytest.mark.parametrize("kind", ["old", "app"])
+async def test_setup_collection_adds_what_is_missing_once_and_keeps_records_and_fields(
+    stack: Stack, admin: Admin, kind: str
+) -> None:
+    app = COLLECTIONS[kind]
+    await admin.replace_collection(app.name, OLD_FIELDS if kind == "old" else APP_FIELDS)
+    record_id = await admin.create(app, "an app's heron")
+    before = await admin.collection(app.name)
+    record = await admin.record(app.name, record_id)
+
+    # off a terminal, without --yes: only says what it would do
+    dry = cli(stack, app, "setup-collection")
+    assert dry.returncode == 0, dry.stderr
+    status_change = (
+        "would add field status (select: queued, processing, done, failed)"
+        if kind == "old"
+        else "would add queued to the values of select status"
+    )
+    assert dry.stdout.splitlines() == [
+        "would add field negativePrompt (text, up to 20000 characters)",
+        status_change,
+        "would add field error (text, up to 5000 characters)",
+        "would add field images (json)",
+        "would add field model (text, up to 100 characters)",
+        "would add field ratio (text, up to 100 characters)",
+        "would add field resolution (text, up to 100 characters)",
+        "would add field priority (number)",
+        "dry run: nothing changed; run `imagegen setup-collection --yes` to apply",
+    ]
+    assert await admin.collection(app.name) == before
+
+    applied = cli(stack, app, "setup-collection", "--yes")
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.splitlines()[-1] == f"collection {app.name}: 8 change(s) made"
+    after = await admin.collection(app.name)
+    kept = {f["name"]: f for f in after["fields"]}
+    for old in before["fields"]:
+        expected = {**old, "values": [*old["values"], "queued"]} if old["name"] == "status" else old
+        assert kept[old["name"]] == expected
+    stored = await admin.record(app.name, record_id)
+    assert {name: stored[name] for name in record} == record  # the record keeps every value it had
+    again = cli(stack, app, "setup-collection", "--yes")
+    assert again.stdout.strip() == f"collection {app.name} has every field imagegen uses; nothing to change"
+    assert await admin.collection(app.name) == after
+    check = cli(stack, app, "check")
+    assert check.returncode == 0, check.stdout
+    assert "collection  ok" in check.stdout
