@@ -175,9 +175,10 @@ class PocketBaseClient:
         self._schema_report = None  # read again on next use
 
     async def schema_report(self) -> SchemaReport:
-        """The checks of the collection's schema (read once per client), which also settle `layout`."""
+        """The checks of the collection's schema, which also settle `layout`: read once per client, or again on
+        each use while it has problems that refuse writes (so a fixed collection is taken without a restart)."""
         async with self._schema_lock:
-            if self._schema_report is None:
+            if self._schema_report is None or self._schema_report.blocking:
                 schema = await self.read_schema()
                 if schema is None:
                     raise PocketBaseError(

@@ -197,10 +197,7 @@ class Settings(BaseSettings):
     @field_validator(
         "pocketbase_collection",
         "pocketbase_field_prompt",
-        "pocketbase_field_negative_prompt",
         "pocketbase_field_image_url",
-        "pocketbase_field_status",
-        "pocketbase_field_error",
     )
     @classmethod
     def _identifier(cls, value: str) -> str:
@@ -209,6 +206,9 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
+        "pocketbase_field_negative_prompt",
+        "pocketbase_field_status",
+        "pocketbase_field_error",
         "pocketbase_field_images",
         "pocketbase_field_model",
         "pocketbase_field_ratio",

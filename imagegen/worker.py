@@ -308,6 +308,8 @@ async def refuse_broken_collection(pocketbase: PocketBaseClient, stack: AsyncExi
     for problem in report.problems:
         if not problem.blocking:
             logger.warning("collection {}: {}", pocketbase.collection, problem.line())
+    for note in report.notes:
+        logger.info("collection {}: {}", pocketbase.collection, note)
 
 
 def settings_for_worker() -> Settings:

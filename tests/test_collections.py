@@ -181,6 +181,13 @@ async def test_the_main_flows_end_every_record_done_with_one_paid_call(
         await RecordMarks(redis_client, RedisKeys(settings.queue_name)).set(stranded, RecordStatus.PROCESSING)
     counts = cli_json(stack, collection, "status")["records"]
     assert (counts["pending"], counts["processing"], counts["done"], counts["failed"]) == (5, 1, 0, 0)
+    checked = cli(stack, collection, "check")
+    assert checked.returncode == 0, checked.stdout
+    if kind == "old":  # what adding each field would bring, not a failure
+        assert (
+            "note:       no field 'status': adding it (`imagegen setup-collection`) gains records show"
+            in checked.stdout
+        )
     assert cli_json(stack, collection, "add", single)["counts"] == {"queued": 1}
     # a record `add` marked queued is no longer pending; one whose select has no `queued` still reads pending
     expected = {"queued": 4} if collection.name != "appprompts" else {"queued": 4, "already queued": 1}
@@ -266,6 +273,7 @@ async def test_check_names_every_problem_and_the_worker_refuses_before_any_paid_
         "the setting at another field",
     ]
     assert "Traceback" not in result.stdout + result.stderr
+    assert cli_json(stack, collection, "check")["collection"]["problems"] == problems
 
     worker: WorkerProcess = start_worker(POCKETBASE_WATCH="true", **collection.env)
     assert worker.process.wait(30) == 2
@@ -323,3 +331,31 @@ async def test_setup_collection_adds_what_is_missing_once_and_keeps_records_and_
     check = cli(stack, app, "check")
     assert check.returncode == 0, check.stdout
     assert "collection  ok" in check.stdout
+
+
+async def test_one_rule_of_pending_for_the_filter_the_counts_the_lists_and_add_pending(
+    stack: Stack, admin: Admin, redis_client: aioredis.Redis
+) -> None:
+    """A text status takes any value: pending is no image URL and a status empty or of POCKETBASE_PENDING_VALUES."""
+    collection = Collection(
+        "textstatus", env={"POCKETBASE_COLLECTION": "textstatus", "POCKETBASE_PENDING_VALUES": "pending,new"}
+    )
+    await admin.replace_collection(collection.name, [*OLD_FIELDS, {"name": "status", **TEXT}])
+    expected = []
+    for status in ("", "pending", "new", "queued", "processing", "done", "failed", "draft"):
+        for image in ("", "http://127.0.0.1:1/a.png"):
+            body = {"prompt": f"a {status or 'blank'} heron", "status": status, "imageUrl": image}
+            code, record = await admin.call("POST", f"/api/collections/{collection.name}/records", body)
+            assert code == 200, record
+            if status in ("", "pending", "new") and not image:
+                expected.append(record["id"])
+    settings = settings_for(stack, collection)
+    pb = PocketBaseClient(admin.http, settings, RecordMarks(redis_client, RedisKeys(settings.queue_name)))
+    rule = (await pb.fields()).pending()
+    every = [r async for r in pb.iter_records('id != ""')]
+    assert sorted(r.id for r in every if rule.matches(r)) == sorted(expected)
+    assert sorted([r.id async for r in pb.iter_records(rule.filter)]) == sorted(expected)
+    assert cli_json(stack, collection, "status")["records"]["pending"] == 3
+    listed = await dashboard(stack, collection, "/api/tasks?state=pending")
+    assert sorted(item["id"] for item in listed["items"]) == sorted(expected)
+    assert cli_json(stack, collection, "add-pending", "--dry-run")["counts"] == {"would queue": 3}
