@@ -47,6 +47,14 @@ class RecordMarks:
         else:
             await self._redis.hdel(self._error, prompt_id)  # type: ignore[misc]
 
+    async def forget(self, prompt_ids: list[str]) -> None:
+        """Drop whatever is kept for these records (deleted from the collection)."""
+        if prompt_ids:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(self._status, *prompt_ids)
+                pipe.hdel(self._error, *prompt_ids)
+                await pipe.execute()
+
     async def read(self, prompt_ids: list[str]) -> dict[str, tuple[str, str]]:
         """The remembered (status, error) of each of these records that has either (an empty status: none)."""
         if not prompt_ids:

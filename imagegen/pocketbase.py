@@ -27,6 +27,9 @@ from .settings import Settings
 PAGE_SIZE = 500
 # Ids per filter when records are read by id (states kept in Redis): the filter stays a few KiB long.
 IDS_PER_FILTER = 100
+# Records with a state in Redis that a list of pending records leaves out by filter (`id != ...`); past it they
+# are left out of each page in memory.
+MAX_EXCLUDED = 200
 # The most records PocketBase serves in one page (its search.MaxPerPage); it clamps larger requests to it.
 MAX_PAGE = 1000
 
@@ -34,6 +37,11 @@ MAX_PAGE = 1000
 def like_escaped(value: str) -> str:
     """`value` for PocketBase's `~` (SQL LIKE with backslash as escape): its wildcards match only themselves."""
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _by_ids(ids: list[str]) -> str:
+    """A filter matching exactly these record ids."""
+    return " || ".join(f"id = {filter_literal(i)}" for i in ids)
 
 
 def _ignore_outcome(task: asyncio.Task[Any]) -> None:
@@ -147,9 +155,12 @@ class PocketBaseClient:
         fields = payload.get("data", {}) if isinstance(payload, dict) else {}
         detail = excerpt(f"{message} {json.dumps(fields, ensure_ascii=False) if fields else ''}", 240)
         kind = FailureKind.TRANSIENT if status >= 500 or status == 429 else FailureKind.PERMANENT
-        if status == 404 and action.startswith("listing"):
+        if status == 404 and action.startswith(("listing", "reading the schema")):
             kind = FailureKind.ACCOUNT
-            detail = f"collection {self.collection!r} not found; check POCKETBASE_COLLECTION"
+            detail = (
+                f"collection {self.collection!r} not found; check POCKETBASE_COLLECTION, or create it with "
+                "`imagegen setup-collection`"
+            )
         return PocketBaseError(f"{action} failed (HTTP {status}): {detail}", kind=kind, status=status, detail=detail)
 
     # The collection's schema
@@ -181,12 +192,7 @@ class PocketBaseClient:
             if self._schema_report is None or self._schema_report.blocking:
                 schema = await self.read_schema()
                 if schema is None:
-                    raise PocketBaseError(
-                        f"collection {self.collection!r} not found; check POCKETBASE_COLLECTION, or create it "
-                        "with `imagegen setup-collection`",
-                        kind=FailureKind.ACCOUNT,
-                        status=404,
-                    )
+                    raise self._fail(f"reading the schema of {self.collection}", 404, None)
                 self._schema_report = check_schema(schema, FieldLayout.from_settings(self._settings), self._settings)
                 self.layout = self._schema_report.layout
             return self._schema_report
@@ -401,12 +407,19 @@ class PocketBaseClient:
             ):
                 yield page
             return
-        ids = await self._marks.ids(statuses) if self._marks is not None else []
+        if self._marks is None:
+            return
+        ids = await self._marks.ids(statuses)
         for start in range(0, len(ids), IDS_PER_FILTER):
             chunk = ids[start : start + IDS_PER_FILTER]
-            by_id = " || ".join(f"id = {filter_literal(i)}" for i in chunk)
-            async for page in self.iter_rule(RecordRule(by_id, lambda r: r.status in statuses)):
-                yield page
+            found: set[str] = set()
+            async for page in self.iter_pages(_by_ids(chunk)):
+                found.update(r.id for r in page)
+                kept = [r for r in page if r.status in statuses]
+                if kept:
+                    yield kept
+            # the states of records deleted from the collection go too
+            await self._marks.forget([i for i in chunk if i not in found])
 
     def search_filter(self, text: str) -> str:
         """Records whose id or prompt contains `text`, taken literally (`%` and `_` are no wildcards)."""
@@ -430,18 +443,22 @@ class PocketBaseClient:
         With no status field, `queued`, `processing` and `failed` come from Redis (their ids, then the page's
         records); pending records are those without an image URL whose state Redis doesn't keep."""
         layout = await self.fields()
-        redis_kept = layout.states_in_redis and status not in (RecordStatus.PENDING, RecordStatus.DONE)
-        if not redis_kept:
-            found = await self.list_page(layout.in_status(status).filter, page=page, per_page=per_page, search=search)
-            rule = layout.in_status(status)
-            return replace(found, items=[r for r in found.items if rule.matches(r)])
-        ids = await self._marks.ids([status]) if self._marks is not None else []
-        chunk = ids[(page - 1) * per_page : page * per_page]
-        if not chunk:
-            return RecordPage([], page, per_page, len(ids))
-        by_id = " || ".join(f"id = {filter_literal(i)}" for i in chunk)
-        found = await self.list_page(by_id, page=1, per_page=per_page, search=search)
-        return RecordPage(found.items, page, per_page, len(ids))
+        marks = self._marks if layout.states_in_redis else None
+        if marks is not None and status not in (RecordStatus.PENDING, RecordStatus.DONE):
+            ids = await marks.ids([status])
+            chunk = ids[(page - 1) * per_page : page * per_page]
+            if not chunk:
+                return RecordPage([], page, per_page, len(ids))
+            found = await self.list_page(_by_ids(chunk), page=1, per_page=per_page, search=search)
+            return RecordPage(found.items, page, per_page, len(ids))
+        rule = layout.in_status(status)
+        marked = []
+        if marks is not None and status is RecordStatus.PENDING:
+            marked = await marks.ids((RecordStatus.QUEUED, RecordStatus.PROCESSING, RecordStatus.FAILED))
+        # Past MAX_EXCLUDED they are left out of each page in memory: pages come short, the total is high.
+        left_out = [f"id != {filter_literal(i)}" for i in marked] if len(marked) <= MAX_EXCLUDED else []
+        found = await self.list_page(" && ".join([rule.filter, *left_out]), page=page, per_page=per_page, search=search)
+        return replace(found, items=[r for r in found.items if rule.matches(r)])
 
     async def iter_records(self, record_filter: str, page_size: int = PAGE_SIZE) -> AsyncIterator[PromptRecord]:
         """Every record matching the filter, in id order (see `iter_pages`)."""

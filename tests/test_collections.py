@@ -192,6 +192,10 @@ async def test_the_main_flows_end_every_record_done_with_one_paid_call(
     # a record `add` marked queued is no longer pending; one whose select has no `queued` still reads pending
     expected = {"queued": 4} if collection.name != "appprompts" else {"queued": 4, "already queued": 1}
     assert cli_json(stack, collection, "add-pending")["counts"] == expected
+    # the dashboard's pending list: queued in bulk still reads pending, marked queued or processing does not
+    listed = await dashboard(stack, collection, "/api/tasks?state=pending")
+    shown = sorted([*bulk, broken, *([single] if "already queued" in expected else [])])
+    assert (sorted(item["id"] for item in listed["items"]), listed["total"]) == (shown, len(shown))
 
     # the worker: the queued records, the stranded one (reconcile sweep) and, watched, a new one
     worker: WorkerProcess = start_worker(
