@@ -37,6 +37,7 @@ from .models import (
 )
 from .pocketbase import PocketBaseClient
 from .priority import check_priority, priority_of
+from .record_states import count_by_status, iter_status
 from .settings import Settings
 from .spend import DaySpend, Spend, limit_json
 from .stages import FINAL, Stage, StageLog, StageView, combine, parse_live
@@ -225,7 +226,7 @@ class Control:
         if not records:
             return report
         try:
-            report.records = await self.pocketbase.count_by_status()
+            report.records = await count_by_status(self.pocketbase)
         except ImagegenError as exc:
             report.records_error = str(exc)
         return report
@@ -368,7 +369,7 @@ class Control:
 
     async def retry_failed(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:
         """Queue every failed record again, each with all its attempts."""
-        async for page in self.enqueue_pages(self.pocketbase.iter_status(RecordStatus.FAILED), dry_run=dry_run):
+        async for page in self.enqueue_pages(iter_status(self.pocketbase, RecordStatus.FAILED), dry_run=dry_run):
             yield page
 
     async def _queued_priority(self, prompt_id: str, score: float) -> int:

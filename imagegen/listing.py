@@ -15,6 +15,7 @@ from typing import Any
 
 from .control import Control, redis_errors
 from .models import RecordStatus, iso_time
+from .record_states import list_status
 
 MAX_PER_PAGE = 100
 
@@ -87,7 +88,7 @@ async def list_tasks(control: Control, state: TaskState, *, page: int, per_page:
     status = state.record_status
     if status is not None:
         pocketbase = control.pocketbase
-        found = await pocketbase.list_status(status, page=page, per_page=per_page, search=search)
+        found = await list_status(pocketbase, status, page=page, per_page=per_page, search=search)
         items = [
             TaskItem(r.id, r.prompt, r.shown_status, r.error, r.images or ([r.image_url] if r.image_url else []))
             for r in found.items

@@ -25,11 +25,6 @@ from .schema import CollectionSchema, SchemaReport, check_schema
 from .settings import Settings
 
 PAGE_SIZE = 500
-# Ids per filter when records are read by id (states kept in Redis): the filter stays a few KiB long.
-IDS_PER_FILTER = 100
-# Records with a state in Redis that a list of pending records leaves out by filter (`id != ...`); past it they
-# are left out of each page in memory.
-MAX_EXCLUDED = 200
 # The most records PocketBase serves in one page (its search.MaxPerPage); it clamps larger requests to it.
 MAX_PAGE = 1000
 
@@ -37,11 +32,6 @@ MAX_PAGE = 1000
 def like_escaped(value: str) -> str:
     """`value` for PocketBase's `~` (SQL LIKE with backslash as escape): its wildcards match only themselves."""
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _by_ids(ids: list[str]) -> str:
-    """A filter matching exactly these record ids."""
-    return " || ".join(f"id = {filter_literal(i)}" for i in ids)
 
 
 def _ignore_outcome(task: asyncio.Task[Any]) -> None:
@@ -65,7 +55,7 @@ class PocketBaseClient:
     def __init__(self, session: aiohttp.ClientSession, settings: Settings, marks: RecordMarks | None = None) -> None:
         self._session = session
         self._settings = settings
-        self._marks = marks
+        self.marks = marks
         self._base = settings.pocketbase_url
         self._email = settings.pocketbase_email
         self._password = settings.pocketbase_password
@@ -255,9 +245,9 @@ class PocketBaseClient:
         """The records with the states kept in Redis (a collection with no status or no error field; else as
         they are)."""
         layout = self.layout
-        if (layout.status and layout.error) or self._marks is None or not records:
+        if (layout.status and layout.error) or self.marks is None or not records:
             return records
-        marked = await self._marks.read([r.id for r in records])
+        marked = await self.marks.read([r.id for r in records])
         return [
             replace(r, status=r.status if layout.status else marked[r.id][0], error=r.error or marked[r.id][1])
             if r.id in marked
@@ -310,9 +300,9 @@ class PocketBaseClient:
             fields[layout.status] = status.value
         if layout.error:
             fields[layout.error] = error
-        marks = self._marks if layout.states_in_redis else None
-        if self._marks is not None and layout.status and not layout.error:
-            await self._marks.set_error(prompt_id, error)
+        marks = self.marks if layout.states_in_redis else None
+        if self.marks is not None and layout.status and not layout.error:
+            await self.marks.set_error(prompt_id, error)
         # A failure is remembered before its write, a success forgotten after its image URL is written: a record
         # never reads pending while it failed, nor while its images are being recorded.
         if marks is not None and status is not RecordStatus.DONE:
@@ -394,33 +384,6 @@ class PocketBaseClient:
             if kept:
                 yield kept
 
-    async def iter_status(
-        self, *statuses: RecordStatus, page_size: int = MAX_PAGE
-    ) -> AsyncIterator[list[PromptRecord]]:
-        """The records in these statuses, a page at a time in id order; with no status field, those whose state
-        Redis keeps (read by id)."""
-        layout = await self.fields()
-        if layout.status:
-            record_filter = " || ".join(f"({layout.in_status(s).filter})" for s in statuses)
-            async for page in self.iter_rule(
-                RecordRule(record_filter, lambda r: r.status in statuses), page_size=page_size
-            ):
-                yield page
-            return
-        if self._marks is None:
-            return
-        ids = await self._marks.ids(statuses)
-        for start in range(0, len(ids), IDS_PER_FILTER):
-            chunk = ids[start : start + IDS_PER_FILTER]
-            found: set[str] = set()
-            async for page in self.iter_pages(_by_ids(chunk)):
-                found.update(r.id for r in page)
-                kept = [r for r in page if r.status in statuses]
-                if kept:
-                    yield kept
-            # the states of records deleted from the collection go too
-            await self._marks.forget([i for i in chunk if i not in found])
-
     def search_filter(self, text: str) -> str:
         """Records whose id or prompt contains `text`, taken literally (`%` and `_` are no wildcards)."""
         literal = filter_literal(like_escaped(text))
@@ -437,29 +400,6 @@ class PocketBaseClient:
         items = await self.with_states([self._record(item) for item in payload.get("items") or []])
         return RecordPage(items, page, per_page, int(payload.get("totalItems", 0)))
 
-    async def list_status(self, status: RecordStatus, *, page: int, per_page: int, search: str = "") -> RecordPage:
-        """One page of the records in a status as the dashboard lists them (pending by `FieldLayout.pending`).
-
-        With no status field, `queued`, `processing` and `failed` come from Redis (their ids, then the page's
-        records); pending records are those without an image URL whose state Redis doesn't keep."""
-        layout = await self.fields()
-        marks = self._marks if layout.states_in_redis else None
-        if marks is not None and status not in (RecordStatus.PENDING, RecordStatus.DONE):
-            ids = await marks.ids([status])
-            chunk = ids[(page - 1) * per_page : page * per_page]
-            if not chunk:
-                return RecordPage([], page, per_page, len(ids))
-            found = await self.list_page(_by_ids(chunk), page=1, per_page=per_page, search=search)
-            return RecordPage(found.items, page, per_page, len(ids))
-        rule = layout.in_status(status)
-        marked = []
-        if marks is not None and status is RecordStatus.PENDING:
-            marked = await marks.ids((RecordStatus.QUEUED, RecordStatus.PROCESSING, RecordStatus.FAILED))
-        # Past MAX_EXCLUDED they are left out of each page in memory: pages come short, the total is high.
-        left_out = [f"id != {filter_literal(i)}" for i in marked] if len(marked) <= MAX_EXCLUDED else []
-        found = await self.list_page(" && ".join([rule.filter, *left_out]), page=page, per_page=per_page, search=search)
-        return replace(found, items=[r for r in found.items if rule.matches(r)])
-
     async def iter_records(self, record_filter: str, page_size: int = PAGE_SIZE) -> AsyncIterator[PromptRecord]:
         """Every record matching the filter, in id order (see `iter_pages`)."""
         async for page in self.iter_pages(record_filter, page_size=page_size):
@@ -473,23 +413,6 @@ class PocketBaseClient:
         if status != 200 or not isinstance(payload, dict):
             raise self._fail(f"listing {self.collection}", status, payload)
         return int(payload.get("totalItems", 0))
-
-    async def count_by_status(self) -> dict[str, int]:
-        """How many records are pending, queued, processing, done and failed (with no status field: done and
-        not done from the collection, the states in between from Redis)."""
-        layout = await self.fields()
-        kept = (RecordStatus.QUEUED, RecordStatus.PROCESSING, RecordStatus.FAILED)
-        if not layout.states_in_redis:
-            counts = {"pending": await self.count(layout.pending().filter)}
-            for status in (*kept[:2], RecordStatus.DONE, kept[2]):
-                counts[status.value] = await self.count(layout.in_status(status).filter)
-            return counts
-        marked = await self._marks.counts() if self._marks is not None else {}
-        waiting = await self.count(layout.pending().filter)
-        counts = {"pending": max(0, waiting - sum(marked.get(s.value, 0) for s in kept))}
-        counts |= {s.value: marked.get(s.value, 0) for s in kept}
-        counts[RecordStatus.DONE.value] = await self.count(layout.in_status(RecordStatus.DONE).filter)
-        return {k: counts[k] for k in ("pending", "queued", "processing", "done", "failed")}
 
     async def refresh_token(self) -> None:
         """Renew the superuser token (an expired one can't be renewed: log in again, once)."""

@@ -28,6 +28,7 @@ from loguru import logger
 from .control import Control, EnqueueOutcome
 from .models import RecordStatus
 from .periodic import Periodic
+from .record_states import iter_status
 
 PAGE = 500
 UNCLAIMED = "unclaimed:"
@@ -78,7 +79,7 @@ class Reconciler(Periodic):
 
     async def _suspects(self) -> AsyncIterator[str]:
         """Records with no live job (by id), and jobs claimed by no run (prefixed UNCLAIMED)."""
-        pages = self._control.pocketbase.iter_status(RecordStatus.QUEUED, RecordStatus.PROCESSING, page_size=PAGE)
+        pages = iter_status(self._control.pocketbase, RecordStatus.QUEUED, RecordStatus.PROCESSING, page_size=PAGE)
         async for page in pages:
             ids = [record.id for record in page]
             live = await self._control.live_ids(ids)

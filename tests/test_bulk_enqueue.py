@@ -18,6 +18,7 @@ from imagegen.control import open_control
 from imagegen.keys import RedisKeys
 from imagegen.models import JOB_NAME, PromptRecord, RecordStatus
 from imagegen.priority import queue_score
+from imagegen.record_states import count_by_status
 
 from .conftest import BIN, RecordFactory, Stack, run_cli, wait_for_records
 from .test_pipeline import run_queue
@@ -72,7 +73,7 @@ async def test_add_pending_queues_each_record_once_and_leaves_pocketbase_alone(
     assert await job_keys(redis_client, fresh) == 297
     assert await redis_client.exists(result_key_prefix + stale.id, keys.attempts(stale.id)) == 0
     # Queued in Redis; PocketBase still says pending until a worker takes the record.
-    counts = await pocketbase.count_by_status()
+    counts = await count_by_status(pocketbase)
     assert (counts["pending"], counts["queued"], counts["done"]) == (299, 0, 1)
 
     again = run_cli(stack, "add-pending")
@@ -88,7 +89,7 @@ async def test_a_dry_run_only_reads(stack: Stack, records: RecordFactory, redis_
     # the record `add` marked queued is not pending any more: only the other 199 are listed
     assert json.loads(result.stdout)["counts"] == {"would queue": 199}
     assert {key: await redis_client.dump(key) for key in await redis_client.keys("*")} == before
-    assert (await pocketbase.count_by_status())["pending"] == 199
+    assert (await count_by_status(pocketbase))["pending"] == 199
 
 
 async def test_jobs_queued_in_bulk_are_what_arq_writes_and_a_worker_runs_them(
