@@ -93,16 +93,17 @@ class SchemaReport:
         return [p for p in self.problems if p.blocking]
 
 
-# What each role gains when the collection has the field (for `check`'s notes).
+# What the collection gains with each field it may lack (for `check`'s notes), and how imagegen does without.
 GAINS = {
-    "status": "records show queued/processing/done/failed in PocketBase and survive a Redis flush",
-    "error": "a failed record says why in PocketBase",
-    "images": "every image URL of a record, not only the first",
-    "negative_prompt": "records can name what the images should not show",
-    "model": "records can ask for their own model",
-    "ratio": "records can ask for their own aspect ratio",
-    "resolution": "records can ask for their own resolution",
-    "priority": "records can run before others",
+    "status": "records show queued, processing, done and failed in PocketBase and a Redis flush loses no state "
+    "(without it these states are kept in Redis)",
+    "error": "a failed record says why in PocketBase (without it the error is kept in Redis)",
+    "images": "a record holds every image URL, not only the first",
+    "negative_prompt": "records can say what the images should not show",
+    "model": "records can ask for their own model (without it: JIMENG_MODEL)",
+    "ratio": "records can ask for their own aspect ratio (without it: JIMENG_RATIO)",
+    "resolution": "records can ask for their own resolution (without it: JIMENG_RESOLUTION)",
+    "priority": "records can run before others (without it every record has priority 0)",
 }
 # Types a field imagegen only reads may have (a value of another type isn't a prompt, a choice or a number).
 READ_TYPES = {
@@ -143,7 +144,7 @@ class _Checker:
             if not name:
                 if role in GAINS:
                     self.report.notes.append(
-                        f"no {role} field ({setting_of(role)} is empty): adding one gains {GAINS[role]}"
+                        f"no {role} field ({setting_of(role)} is empty); name one there, and with it {GAINS[role]}"
                     )
                 continue
             found = self.schema.field(name)
@@ -166,8 +167,8 @@ class _Checker:
             )
             return
         self.report.notes.append(
-            f"no field {name!r}: adding it (`imagegen setup-collection`) gains {GAINS[role]}; "
-            f"{setting_of(role)}= says the collection has none"
+            f"no field {name!r}; add it (`imagegen setup-collection`) and {GAINS[role]}; "
+            f"{setting_of(role)}= silences this"
         )
 
     def _wrong_type(self, found: SchemaField, allowed: tuple[str, ...], *, blocking: bool = True) -> bool:
