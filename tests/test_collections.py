@@ -12,6 +12,8 @@ run changes nothing, and records and fields stay as they were.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from imagegen.pocketbase import PocketBaseClient
 from imagegen.settings import Settings
 from imagegen.web import create_app
 
-from .conftest import SECRETS, Stack, WorkerProcess, run_cli
+from .conftest import BIN, SECRETS, Stack, WorkerProcess, run_cli
 from .test_pipeline import wait_until
 
 TEXT: dict[str, Any] = {"type": "text"}
@@ -364,3 +366,38 @@ async def test_one_rule_of_pending_for_the_filter_the_counts_the_lists_and_add_p
     listed = await dashboard(stack, collection, "/api/tasks?state=pending")
     assert sorted(item["id"] for item in listed["items"]) == sorted(expected)
     assert cli_json(stack, collection, "add-pending", "--dry-run")["counts"] == {"would queue": 3}
+
+
+def answered(stack: Stack, collection: Collection, answer: bytes) -> subprocess.CompletedProcess[str]:
+    """`imagegen setup-collection` on a terminal, answering its question with `answer`."""
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, answer)
+        return subprocess.run(
+            [str(BIN / "imagegen"), "setup-collection"],
+            cwd=stack.workdir,
+            env=stack.process_env(**collection.env),
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+
+
+async def test_setup_collection_on_a_terminal_asks_first(stack: Stack, admin: Admin) -> None:
+    old = COLLECTIONS["old"]
+    await admin.replace_collection(old.name, OLD_FIELDS)
+    before = await admin.collection(old.name)
+    declined = answered(stack, old, b"n\n")
+    assert declined.returncode == 1, declined.stderr
+    # the answer's echo goes to the terminal, not to stdout
+    assert declined.stdout.endswith("apply these changes to oldsystem? [y/N]: nothing changed\n")
+    assert await admin.collection(old.name) == before
+    accepted = answered(stack, old, b"y\n")
+    assert accepted.returncode == 0, accepted.stderr
+    assert accepted.stdout.endswith("[y/N]: collection oldsystem: 8 change(s) made\n")
+    assert len((await admin.collection(old.name))["fields"]) == len(before["fields"]) + 8
