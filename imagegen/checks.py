@@ -1,4 +1,6 @@
-"""`imagegen check`: one probe per configured service, none of which costs a generation credit."""
+"""`imagegen check`: one probe per configured service, none of which costs a generation credit, then the
+collection's fields (see `schema`): one line per problem with its fix, one per field whose adding gains
+something."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .connections import redis_settings
 from .errors import ImagegenError, excerpt
 from .jimeng import AccountRoutes
 from .pocketbase import PocketBaseClient
+from .schema import SchemaReport
 from .settings import Settings
 from .storage import Storage, open_s3_client
 
@@ -130,7 +133,26 @@ async def _run_one(name: str, settings: Settings, http: aiohttp.ClientSession) -
     return ServiceCheck(name, True, detail)
 
 
-async def check_services(settings: Settings) -> list[ServiceCheck]:
-    """Probe every service at once; each result says what is wrong in one line."""
+@dataclass(frozen=True)
+class Checkup:
+    """What `imagegen check` found: each service, and the collection's fields once PocketBase answered."""
+
+    services: list[ServiceCheck]
+    collection: SchemaReport | None
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.services) and not (self.collection is not None and self.collection.problems)
+
+
+async def check_services(settings: Settings) -> Checkup:
+    """Probe every service at once, then the collection's schema; each result says what is wrong in one line."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT)) as http:
-        return list(await asyncio.gather(*(_run_one(name, settings, http) for name in services_to_check(settings))))
+        services = list(await asyncio.gather(*(_run_one(name, settings, http) for name in services_to_check(settings))))
+        collection = None
+        if next(s for s in services if s.service == "pocketbase").ok:
+            try:
+                collection = await asyncio.wait_for(PocketBaseClient(http, settings).schema_report(), CHECK_TIMEOUT)
+            except (TimeoutError, ImagegenError) as exc:
+                services.append(ServiceCheck("collection", False, str(exc) or "no answer in time"))
+        return Checkup(services, collection)

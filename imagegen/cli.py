@@ -19,11 +19,14 @@ import aiohttp
 import click
 
 from .accounts import AccountHealth, AccountState
+from .collection_setup import setup_collection
 from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from .errors import ConfigError, DailyLimitReached, ImagegenError
 from .jimeng import AccountRoutes
+from .layout import FieldLayout
 from .logs import setup_logging
 from .models import iso_time
+from .pocketbase import PocketBaseClient
 from .priority import PRIORITY_RULE, check_priority
 from .progress import Progress
 from .settings import Settings, load_settings, require
@@ -486,18 +489,65 @@ def check(ctx: click.Context, as_json: bool) -> None:
         target = Target.of(settings)
         if not as_json:
             announce_target(settings)
-        results = await check_services(settings)
+        checkup = await check_services(settings)
         warnings = settings.warnings()
+        schema = checkup.collection
+        problems = [p.line() for p in schema.problems] if schema is not None else []
+        notes = schema.notes if schema is not None else []
         if as_json:
-            services = [{"service": r.service, "ok": r.ok, "detail": r.detail} for r in results]
-            document = {"services": services, "warnings": warnings, "target": target.to_json()}
+            services = [{"service": r.service, "ok": r.ok, "detail": r.detail} for r in checkup.services]
+            collection = None if schema is None else {"problems": problems, "notes": notes}
+            document = {
+                "services": services,
+                "collection": collection,
+                "warnings": warnings,
+                "target": target.to_json(),
+            }
             click.echo(json.dumps(document, ensure_ascii=False))
         else:
-            for r in results:
+            for r in checkup.services:
                 click.echo(f"{r.service:<11} {'ok  ' if r.ok else 'FAIL'} {r.detail}")
+            if schema is not None and not problems:
+                click.echo(f"{'collection':<11} ok   every field imagegen writes takes what it writes")
+            for problem in problems:
+                click.echo(f"{'collection':<11} FAIL {problem}")
+            for note in notes:
+                click.echo(f"note:       {note}")
             for warning in warnings:
                 click.echo(f"warning:    {warning}")
-        return EXIT_OK if all(r.ok for r in results) else EXIT_SERVICE
+        return EXIT_OK if checkup.ok else EXIT_SERVICE
+
+    run(ctx, work)
+
+
+@cli.command("setup-collection")
+@click.option("--dry-run", is_flag=True, help="Only print what would change (the default off a terminal).")
+@click.option("--yes", is_flag=True, help="Apply without asking.")
+@click.pass_context
+def setup_collection_command(ctx: click.Context, dry_run: bool, yes: bool) -> None:
+    """Add the fields imagegen uses to the collection (and missing values to its status select); never
+    removes, renames or retypes anything. Creates the collection when it isn't there."""
+    dry_run = dry_run or (not yes and not sys.stdin.isatty())
+
+    async def work(settings: Settings) -> int:
+        require(settings, "pocketbase_email", "pocketbase_password")
+        async with aiohttp.ClientSession() as http:
+            pocketbase = PocketBaseClient(http, settings)
+            plan = await setup_collection(pocketbase, FieldLayout.from_settings(settings), apply=False)
+            if plan.empty:
+                click.echo(f"collection {plan.collection} has every field imagegen uses; nothing to change")
+                return EXIT_OK
+            for change in plan.changes:
+                click.echo(("would " if dry_run else "") + change)
+            if dry_run:
+                click.echo("dry run: nothing changed; run `imagegen setup-collection --yes` to apply")
+                return EXIT_OK
+            if not yes and not click.confirm(f"apply these changes to {plan.collection}?"):
+                click.echo("nothing changed")
+                return EXIT_PARTIAL
+            await pocketbase.save_schema(plan.body(), create=plan.create)
+            click.echo(f"collection {plan.collection}: {len(plan.changes)} change(s) made")
+        return EXIT_OK
 
     run(ctx, work)
 

@@ -25,6 +25,7 @@ from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
 from .enqueue import EnqueueOutcome, EnqueueReport, EnqueueTally, JobQueue
 from .errors import ConfigError, ImagegenError, InvalidPromptId, QueueError, RecordNotFound
 from .keys import RedisKeys
+from .marks import RecordMarks
 from .metrics import QueueFigures
 from .models import (
     JobOutcome,
@@ -37,6 +38,7 @@ from .models import (
 )
 from .pocketbase import PocketBaseClient
 from .priority import check_priority, priority_of
+from .record_states import count_by_status, iter_status
 from .settings import Settings
 from .spend import DaySpend, Spend, limit_json
 from .stages import FINAL, Stage, StageLog, StageView, combine, parse_live
@@ -252,7 +254,7 @@ class Control:
         if not records:
             return report
         try:
-            report.records = await self.pocketbase.count_by_status()
+            report.records = await count_by_status(self.pocketbase)
         except ImagegenError as exc:
             report.records_error = str(exc)
         return report
@@ -312,13 +314,16 @@ class Control:
             logger.bind(prompt_id=record.id).warning("{}", problem)
         return EnqueueReport(record.id, EnqueueOutcome.QUEUED, problem)
 
-    async def enqueue(self, prompt_id: str, *, force: bool = False, priority: int | None = None) -> EnqueueReport:
+    async def enqueue(
+        self, prompt_id: str, *, force: bool = False, priority: int | None = None, only_pending: bool = False
+    ) -> EnqueueReport:
         """Queue one prompt; says whether it was queued, already queued or already done.
 
         `priority` (checked by the caller, see `priority.check_priority`) overrides the record's own; a prompt
         already queued keeps its job and the priority that job has. The record is marked `queued` first: one
         request is nothing for a handful of ids, and the reconcile sweep then brings the job back by itself
-        should Redis lose it (it looks only at records a worker or `add` marked)."""
+        should Redis lose it (it looks only at records a worker or `add` marked). With `only_pending` (the
+        watch), a record read again that is no longer pending is left alone (`not pending`)."""
         if priority is not None:
             check_priority(priority)  # the front ends refuse a bad one first; this guards the encoding
         try:
@@ -328,6 +333,10 @@ class Control:
             return EnqueueReport(prompt_id, EnqueueOutcome.INVALID, str(exc))
         except RecordNotFound as exc:
             return EnqueueReport(prompt_id, EnqueueOutcome.NOT_FOUND, str(exc))
+        if only_pending and not self.pocketbase.layout.pending().matches(record):
+            return EnqueueReport(
+                prompt_id, EnqueueOutcome.ALREADY_DONE if record.is_done else EnqueueOutcome.NOT_PENDING
+            )
         return await self._enqueue_record(record, force, priority)
 
     async def enqueue_where(
@@ -341,7 +350,13 @@ class Control:
         `processing`. So a page costs one PocketBase read (the next one is read meanwhile) and one Redis
         round trip, and memory stays that of a page or two however many records match. Each record is queued
         with its own priority (a value that is none counts as 0, with a warning in its report and the log)."""
-        pages = self.pocketbase.iter_pages(record_filter)
+        async for page in self.enqueue_pages(self.pocketbase.iter_pages(record_filter), force=force, dry_run=dry_run):
+            yield page
+
+    async def enqueue_pages(
+        self, pages: AsyncIterator[list[PromptRecord]], *, force: bool = False, dry_run: bool = False
+    ) -> AsyncIterator[list[EnqueueReport]]:
+        """Queue the records of each page (see `enqueue_where`), yielding each page's reports."""
         async for page in pages:
             yield await self._enqueue_page(page, force, dry_run)
 
@@ -374,13 +389,16 @@ class Control:
             logger.warning("{}{}", warned[0], more)
         return [reports[record.id] for record in records]
 
-    def enqueue_pending(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:
-        """Queue every record without images that has not failed (also those whose queue state was lost)."""
-        return self.enqueue_where(self.pocketbase.pending_filter(), dry_run=dry_run)
+    async def enqueue_pending(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:
+        """Queue every pending record (see `FieldLayout.pending`; also those whose queue state was lost)."""
+        layout = await self.pocketbase.fields()
+        async for page in self.enqueue_pages(self.pocketbase.iter_rule(layout.pending()), dry_run=dry_run):
+            yield page
 
-    def retry_failed(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:
+    async def retry_failed(self, *, dry_run: bool = False) -> AsyncIterator[list[EnqueueReport]]:
         """Queue every failed record again, each with all its attempts."""
-        return self.enqueue_where(self.pocketbase.status_filter(RecordStatus.FAILED), dry_run=dry_run)
+        async for page in self.enqueue_pages(iter_status(self.pocketbase, RecordStatus.FAILED), dry_run=dry_run):
+            yield page
 
     async def _queued_priority(self, prompt_id: str, score: float) -> int:
         """The priority of a job in the queue: in its score, or (a deferred retry's plain time) in its key."""
@@ -436,7 +454,7 @@ class Control:
         except ImagegenError as exc:
             report.record_unavailable = str(exc)
             return report
-        report.record_status = record.status
+        report.record_status = record.shown_status
         report.prompt = record.prompt
         report.image_url = record.image_url
         report.images = record.images
@@ -444,6 +462,11 @@ class Control:
         if not report.error and report.state is not JobState.DONE:
             report.error = record.error
         return report
+
+
+def pocketbase_client(http: aiohttp.ClientSession, settings: Settings, redis: ArqRedis) -> PocketBaseClient:
+    """The PocketBase client of a deployment, keeping record states in its Redis when the collection can't."""
+    return PocketBaseClient(http, settings, RecordMarks(redis, RedisKeys(settings.queue_name)))
 
 
 async def connect_queue(settings: Settings) -> ArqRedis:
@@ -461,7 +484,7 @@ async def open_control(settings: Settings) -> AsyncIterator[Control]:
         http = await stack.enter_async_context(aiohttp.ClientSession())
         redis = await connect_queue(settings)
         stack.push_async_callback(redis.aclose)
-        yield Control(settings, redis, PocketBaseClient(http, settings))
+        yield Control(settings, redis, pocketbase_client(http, settings, redis))
 
 
 __all__ = [
@@ -475,4 +498,5 @@ __all__ = [
     "connect_queue",
     "open_control",
     "pause_json",
+    "pocketbase_client",
 ]

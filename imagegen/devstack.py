@@ -36,6 +36,7 @@ from .localstack import (
     LocalStackError,
     ServiceSpec,
     child_env,
+    create_collection,
     ensure_bucket,
     free_port,
     pocketbase_spec,
@@ -419,6 +420,8 @@ def up(workers: int, wait: float) -> None:
                     settings.tos_bucket,
                 )
             )
+        if "POCKETBASE_EMAIL" not in configured:
+            asyncio.run(create_collection(settings))
         records = asyncio.run(seed_and_run(settings, "POCKETBASE_EMAIL" not in configured, wait))
         asyncio.run(print_records(records))
         watched: list[PromptRecord] = []

@@ -104,6 +104,7 @@ class EnqueueOutcome(StrEnum):
     WOULD_QUEUE = "would queue"
     ALREADY_QUEUED = "already queued"
     ALREADY_DONE = "already done"
+    NOT_PENDING = "not pending"  # the watch: a record no longer pending when read again
     NOT_FOUND = "not found"
     INVALID = "invalid id"
     ERROR = "error"

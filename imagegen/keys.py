@@ -36,6 +36,10 @@ class RedisKeys:
         self.watch_lease = f"{self.prefix}watch:lease"
         # When a worker of this queue last beat (never expires): `status` warns about a queue none ever used.
         self.worker_seen = f"{self.prefix}worker-seen"
+        # A collection with no status field: each record's `queued`/`processing`/`failed` and its error (hashes
+        # by prompt id; `marks`).
+        self.record_status = f"{self.prefix}records:status"
+        self.record_error = f"{self.prefix}records:error"
 
     def generation(self, prompt_id: str) -> str:
         """The remembered result of a paid generation for one prompt (links + what already landed)."""

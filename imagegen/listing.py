@@ -16,6 +16,7 @@ from typing import Any
 
 from .control import Control, redis_errors
 from .models import PromptRecord, RecordStatus, iso_time
+from .record_states import list_status
 
 MAX_PER_PAGE = 100
 MAX_RECENT = 100
@@ -70,9 +71,7 @@ class TaskItem:
     @classmethod
     def of_record(cls, record: PromptRecord) -> TaskItem:
         images = record.images or ([record.image_url] if record.image_url else [])
-        return cls(
-            record.id, record.prompt, record.status or "pending", record.error, images, updated=record.updated or None
-        )
+        return cls(record.id, record.prompt, record.shown_status, record.error, images, updated=record.updated or None)
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ async def list_tasks(control: Control, state: TaskState, *, page: int, per_page:
     status = state.record_status
     if status is not None:
         pocketbase = control.pocketbase
-        found = await pocketbase.list_page(pocketbase.state_filter(status), page=page, per_page=per_page, search=search)
+        found = await list_status(pocketbase, status, page=page, per_page=per_page, search=search)
         return TaskPage(state, page, per_page, found.total, [TaskItem.of_record(r) for r in found.items])
     every = await (_deferred(control) if state is TaskState.DEFERRED else _in_progress(control))
     matching = [item for item in every if search.lower() in item.id]

@@ -82,6 +82,11 @@ class PromptRecord:
         return {"model": self.model, "ratio": self.ratio, "resolution": self.resolution}
 
     @property
+    def shown_status(self) -> str:
+        """The status as the front ends show it: `pending` for none, `done` for an image URL with no status."""
+        return RecordStatus.DONE.value if self.is_done else (self.status or "pending")
+
+    @property
     def is_done(self) -> bool:
         """Done: marked so, or holding an image URL with no status at all (records made by the old system).
 

@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
 
 from .errors import FailureKind, PocketBaseError, RecordNotFound, excerpt
+from .layout import ERROR_MAX_CHARS, FieldLayout, RecordRule, filter_literal
+from .marks import RecordMarks
 from .models import PromptRecord, RecordStatus, validate_prompt_id
 from .priority import check_priority
+from .schema import CollectionSchema, SchemaReport, check_schema
 from .settings import Settings
 
 PAGE_SIZE = 500
@@ -26,11 +29,6 @@ PAGE_SIZE = 500
 MAX_PAGE = 1000
 # Newest first by the autodate fields a collection may have; "" is PocketBase's own order, which always works.
 RECENT_ORDERS = ("-updated", "-created", "")
-
-
-def filter_literal(value: str) -> str:
-    """A PocketBase filter string literal: backslash, then double quote, escaped."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def like_escaped(value: str) -> str:
@@ -56,8 +54,10 @@ class RecordPage:
 class PocketBaseClient:
     """Reads and patches prompt records over one shared aiohttp session."""
 
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings) -> None:
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings, marks: RecordMarks | None = None) -> None:
         self._session = session
+        self._settings = settings
+        self.marks = marks
         self._base = settings.pocketbase_url
         self._email = settings.pocketbase_email
         self._password = settings.pocketbase_password
@@ -66,16 +66,10 @@ class PocketBaseClient:
         self._token: str | None = None
         self._login_lock = asyncio.Lock()
         self._timeout = aiohttp.ClientTimeout(total=30)
-        self.f_prompt = settings.pocketbase_field_prompt
-        self.f_negative = settings.pocketbase_field_negative_prompt
-        self.f_image_url = settings.pocketbase_field_image_url
-        self.f_status = settings.pocketbase_field_status
-        self.f_error = settings.pocketbase_field_error
-        self.f_images = settings.pocketbase_field_images
-        self.f_model = settings.pocketbase_field_model
-        self.f_ratio = settings.pocketbase_field_ratio
-        self.f_resolution = settings.pocketbase_field_resolution
-        self.f_priority = settings.pocketbase_field_priority
+        # The fields as configured until the collection's schema is read, then those it has (see `fields`).
+        self.layout = FieldLayout.from_settings(settings)
+        self._schema_report: SchemaReport | None = None
+        self._schema_lock = asyncio.Lock()
 
     async def login(self) -> None:
         """Log in as the configured superuser; a refusal is an account-level failure."""
@@ -153,97 +147,202 @@ class PocketBaseClient:
         fields = payload.get("data", {}) if isinstance(payload, dict) else {}
         detail = excerpt(f"{message} {json.dumps(fields, ensure_ascii=False) if fields else ''}", 240)
         kind = FailureKind.TRANSIENT if status >= 500 or status == 429 else FailureKind.PERMANENT
-        if status == 404 and action.startswith("listing"):
+        if status == 404 and action.startswith(("listing", "reading the schema")):
             kind = FailureKind.ACCOUNT
-            detail = f"collection {self.collection!r} not found; check POCKETBASE_COLLECTION"
+            detail = (
+                f"collection {self.collection!r} not found; check POCKETBASE_COLLECTION, or create it with "
+                "`imagegen setup-collection`"
+            )
         return PocketBaseError(f"{action} failed (HTTP {status}): {detail}", kind=kind, status=status, detail=detail)
 
+    # The collection's schema
+
+    async def read_schema(self) -> CollectionSchema | None:
+        """The collection as PocketBase describes it (superusers only); None when there is no such collection."""
+        status, payload = await self._request("GET", f"{self._base}/api/collections/{self.collection}")
+        if status == 404:
+            return None
+        if status != 200 or not isinstance(payload, dict):
+            raise self._fail(f"reading the schema of {self.collection}", status, payload)
+        return CollectionSchema.parse(payload)
+
+    async def save_schema(self, body: Mapping[str, Any], *, create: bool) -> None:
+        """Create the collection, or update its fields (`collection_setup` builds the body)."""
+        if create:
+            status, payload = await self._request("POST", f"{self._base}/api/collections", body=dict(body))
+        else:
+            url = f"{self._base}/api/collections/{self.collection}"
+            status, payload = await self._request("PATCH", url, body=dict(body))
+        if status != 200:
+            raise self._fail(f"{'creating' if create else 'updating'} collection {self.collection}", status, payload)
+        self._schema_report = None  # read again on next use
+
+    async def schema_report(self) -> SchemaReport:
+        """The checks of the collection's schema, which also settle `layout`: read once per client, or again on
+        each use while it has problems that refuse writes (so a fixed collection is taken without a restart)."""
+        async with self._schema_lock:
+            if self._schema_report is None or self._schema_report.blocking:
+                schema = await self.read_schema()
+                if schema is None:
+                    raise self._fail(f"reading the schema of {self.collection}", 404, None)
+                self._schema_report = check_schema(schema, FieldLayout.from_settings(self._settings), self._settings)
+                self.layout = self._schema_report.layout
+            return self._schema_report
+
+    async def fields(self) -> FieldLayout:
+        """The fields in use on this collection: the configured ones it has."""
+        return (await self.schema_report()).layout
+
+    async def _writable(self) -> FieldLayout:
+        """The layout, unless a write would fail on the schema: then one ACCOUNT error (the queue pauses)."""
+        report = await self.schema_report()
+        if report.blocking:
+            more = f" (and {len(report.blocking) - 1} more: `imagegen check`)" if len(report.blocking) > 1 else ""
+            raise PocketBaseError(
+                f"collection {self.collection} can't take imagegen's writes: {report.blocking[0].line()}{more}",
+                kind=FailureKind.ACCOUNT,
+            )
+        return report.layout
+
+    # Records
+
     def record_from(self, item: Mapping[str, Any]) -> PromptRecord:
-        """A record as PocketBase sends it (a list item, or the `record` of a realtime event)."""
+        """A record as PocketBase sends it (a list item, or the `record` of a realtime event); a state kept in
+        Redis (no status field) is not on it: `with_states` adds it."""
         return self._record(item)
 
     def _priority(self, item: Mapping[str, Any]) -> tuple[int, str]:
         """The record's priority and, for a value that is none (read as 0), why."""
-        raw = item.get(self.f_priority) if self.f_priority else None
+        name = self.layout.priority
+        raw = item.get(name) if name else None
         try:
             return check_priority(raw), ""
         except ValueError as exc:
-            return 0, f"record {item['id']} has {self.f_priority}={raw!r}, which {exc}; queued at priority 0"
+            return 0, f"record {item['id']} has {name}={raw!r}, which {exc}; queued at priority 0"
 
     def _record(self, item: Mapping[str, Any]) -> PromptRecord:
-        images = item.get(self.f_images) if self.f_images else None
+        layout = self.layout
+
+        def text(name: str) -> str:
+            return str(item.get(name) or "") if name else ""
+
+        images = item.get(layout.images) if layout.images else None
         priority, priority_problem = self._priority(item)
         return PromptRecord(
             id=str(item["id"]),
-            prompt=str(item.get(self.f_prompt) or ""),
-            negative_prompt=str(item.get(self.f_negative) or ""),
-            image_url=str(item.get(self.f_image_url) or ""),
+            prompt=text(layout.prompt),
+            negative_prompt=text(layout.negative_prompt),
+            image_url=text(layout.image_url),
             images=[str(u) for u in images] if isinstance(images, list) else [],
-            status=str(item.get(self.f_status) or ""),
-            error=str(item.get(self.f_error) or ""),
-            model=str(item.get(self.f_model) or "") if self.f_model else "",
-            ratio=str(item.get(self.f_ratio) or "") if self.f_ratio else "",
-            resolution=str(item.get(self.f_resolution) or "") if self.f_resolution else "",
+            status=layout.read_status(item.get(layout.status)) if layout.status else "",
+            error=text(layout.error),
+            model=text(layout.model),
+            ratio=text(layout.ratio),
+            resolution=text(layout.resolution),
             priority=priority,
             priority_problem=priority_problem,
             updated=str(item.get("updated") or "").replace(" ", "T", 1),
         )
 
+    async def with_states(self, records: list[PromptRecord]) -> list[PromptRecord]:
+        """The records with the states kept in Redis (a collection with no status or no error field; else as
+        they are)."""
+        layout = self.layout
+        if (layout.status and layout.error) or self.marks is None or not records:
+            return records
+        marked = await self.marks.read([r.id for r in records])
+        return [
+            replace(r, status=r.status if layout.status else marked[r.id][0], error=r.error or marked[r.id][1])
+            if r.id in marked
+            else r
+            for r in records
+        ]
+
     async def get_record(self, prompt_id: str) -> PromptRecord:
         """The record with this id; RecordNotFound when there is none."""
         validate_prompt_id(prompt_id)
+        await self.fields()
         status, payload = await self._request("GET", f"{self._records}/{prompt_id}")
         if status == 404:
             raise RecordNotFound(f"no record {prompt_id!r} in collection {self.collection!r}", status=404)
         if status != 200 or not isinstance(payload, dict):
             raise self._fail(f"reading record {prompt_id}", status, payload)
-        return self._record(payload)
+        [record] = await self.with_states([self._record(payload)])
+        return record
 
     async def update_record(self, prompt_id: str, fields: Mapping[str, Any]) -> PromptRecord:
         """Patch some fields of a record; RecordNotFound when it has been deleted."""
         validate_prompt_id(prompt_id)
+        await self._writable()
         status, payload = await self._request("PATCH", f"{self._records}/{prompt_id}", body=dict(fields))
         if status == 404:
             raise RecordNotFound(f"record {prompt_id!r} was deleted from {self.collection!r}", status=404)
         if status != 200 or not isinstance(payload, dict):
             raise self._fail(f"updating record {prompt_id}", status, payload)
-        return self._record(payload)
+        [record] = await self.with_states([self._record(payload)])
+        return record
 
-    async def create_record(self, prompt: str, negative_prompt: str = "") -> PromptRecord:
-        """Add a pending prompt record (used to seed the local stack)."""
-        body = {self.f_prompt: prompt, self.f_negative: negative_prompt}
+    async def create_record(self, prompt: str, negative_prompt: str = "", **extra: Any) -> PromptRecord:
+        """Add a pending prompt record (used to seed the local stack); `extra`: other fields, by name."""
+        layout = await self.fields()
+        body = {layout.prompt: prompt, **extra}
+        if layout.negative_prompt:
+            body[layout.negative_prompt] = negative_prompt
         status, payload = await self._request("POST", self._records, body=body)
         if status != 200 or not isinstance(payload, dict):
             raise self._fail(f"creating a record in {self.collection}", status, payload)
         return self._record(payload)
 
+    async def _write_state(
+        self, prompt_id: str, status: RecordStatus, error: str, fields: dict[str, Any]
+    ) -> PromptRecord:
+        """Write a record's status and error where they live (its fields, or Redis), with other `fields`."""
+        layout = await self._writable()
+        error = error[:ERROR_MAX_CHARS]
+        if layout.writes(status):
+            fields[layout.status] = status.value
+        if layout.error:
+            fields[layout.error] = error
+        marks = self.marks if layout.states_in_redis else None
+        if self.marks is not None and layout.status and not layout.error:
+            await self.marks.set_error(prompt_id, error)
+        # A failure is remembered before its write, a success forgotten after its image URL is written: a record
+        # never reads pending while it failed, nor while its images are being recorded.
+        if marks is not None and status is not RecordStatus.DONE:
+            await marks.set(prompt_id, status, error)
+        # Nothing in the collection to write: the record must still exist.
+        record = await (self.update_record(prompt_id, fields) if fields else self.get_record(prompt_id))
+        if marks is not None and status is RecordStatus.DONE:
+            await marks.set(prompt_id, status)
+            record = replace(record, status=RecordStatus.DONE.value, error="")
+        return record
+
     async def set_status(self, prompt_id: str, status: RecordStatus, error: str = "") -> PromptRecord:
-        return await self.update_record(prompt_id, {self.f_status: status.value, self.f_error: error})
+        return await self._write_state(prompt_id, status, error, {})
 
     async def set_done(self, prompt_id: str, urls: list[str], note: str = "") -> PromptRecord:
         """Mark the record done with its image URLs; `note` (in the error field) says what the call refused."""
-        fields: dict[str, Any] = {
-            self.f_image_url: urls[0],
-            self.f_status: RecordStatus.DONE.value,
-            self.f_error: note,
-        }
-        if self.f_images:
-            fields[self.f_images] = urls
-        return await self.update_record(prompt_id, fields)
+        layout = await self._writable()
+        fields: dict[str, Any] = {layout.image_url: urls[0]}
+        if layout.images:
+            fields[layout.images] = urls
+        return await self._write_state(prompt_id, RecordStatus.DONE, note, fields)
 
     async def set_failed(self, prompt_id: str, error: str) -> PromptRecord:
         """Mark the record failed with the reason; image URLs of an earlier run go, so no field says otherwise."""
-        fields: dict[str, Any] = {self.f_status: RecordStatus.FAILED.value, self.f_error: error, self.f_image_url: ""}
-        if self.f_images:
-            fields[self.f_images] = []
-        return await self.update_record(prompt_id, fields)
+        layout = await self._writable()
+        fields: dict[str, Any] = {layout.image_url: ""}
+        if layout.images:
+            fields[layout.images] = []
+        return await self._write_state(prompt_id, RecordStatus.FAILED, error, fields)
 
     def pending_filter(self) -> str:
-        """Records still waiting for images: no image URL and not failed."""
-        return f'{self.f_image_url} = "" && {self.f_status} != {filter_literal(RecordStatus.FAILED.value)}'
+        """Records still waiting for images (see `FieldLayout.pending`, the one definition)."""
+        return self.layout.pending().filter
 
     def status_filter(self, status: RecordStatus) -> str:
-        return f"{self.f_status} = {filter_literal(status.value)}"
+        """Records in one status as the counts and lists show them (pending: `pending_filter`)."""
+        return self.layout.in_status(status).filter
 
     async def _page(self, record_filter: str, after: str, page_size: int) -> tuple[list[PromptRecord], bool]:
         """One page of records after the id `after`, and whether more may follow."""
@@ -257,7 +356,8 @@ class PocketBaseClient:
         items = payload.get("items") or []
         # PocketBase caps perPage (at MAX_PAGE today): a page as long as the cap it applied may not be the last.
         served = int(payload.get("perPage") or page_size)
-        return [self._record(item) for item in items], bool(items) and len(items) >= min(served, page_size)
+        records = await self.with_states([self._record(item) for item in items])
+        return records, bool(items) and len(items) >= min(served, page_size)
 
     async def iter_pages(self, record_filter: str, *, page_size: int = MAX_PAGE) -> AsyncIterator[list[PromptRecord]]:
         """Every record matching the filter, a page at a time in id order, paged by key (`id > last`) so it
@@ -280,25 +380,28 @@ class PocketBaseClient:
             # A page fetched for a caller that stopped early: its failure is nobody's to report.
             upcoming.add_done_callback(_ignore_outcome)
 
-    def state_filter(self, status: RecordStatus) -> str:
-        """Records in one status as the counts and lists show them; pending: no status and no image URL."""
-        if status is RecordStatus.PENDING:
-            return f'{self.f_image_url} = "" && {self.status_filter(RecordStatus.PENDING)}'
-        return self.status_filter(status)
+    async def iter_rule(self, rule: RecordRule, *, page_size: int = MAX_PAGE) -> AsyncIterator[list[PromptRecord]]:
+        """The records of a rule, a page at a time: filtered by PocketBase, then by the same rule in memory
+        (which also sees the states kept in Redis); a page left empty is skipped."""
+        async for page in self.iter_pages(rule.filter, page_size=page_size):
+            kept = [record for record in page if rule.matches(record)]
+            if kept:
+                yield kept
 
     def search_filter(self, text: str) -> str:
         """Records whose id or prompt contains `text`, taken literally (`%` and `_` are no wildcards)."""
         literal = filter_literal(like_escaped(text))
-        return f"(id ~ {literal} || {self.f_prompt} ~ {literal})"
+        return f"(id ~ {literal} || {self.layout.prompt} ~ {literal})"
 
     async def list_page(self, record_filter: str, *, page: int, per_page: int, search: str = "") -> RecordPage:
         """One page (from 1) of the records matching the filter, in id order; `search`: id or prompt contains it."""
+        await self.fields()
         clauses = f"({record_filter})" + (f" && {self.search_filter(search)}" if search else "")
         params = {"filter": clauses, "sort": "id", "page": str(page), "perPage": str(per_page)}
         status, payload = await self._request("GET", self._records, params=params)
         if status != 200 or not isinstance(payload, dict):
             raise self._fail(f"listing {self.collection}", status, payload)
-        items = [self._record(item) for item in payload.get("items") or []]
+        items = await self.with_states([self._record(item) for item in payload.get("items") or []])
         return RecordPage(items, page, per_page, int(payload.get("totalItems", 0)))
 
     async def recent(self, count: int) -> list[PromptRecord]:
@@ -327,13 +430,6 @@ class PocketBaseClient:
         if status != 200 or not isinstance(payload, dict):
             raise self._fail(f"listing {self.collection}", status, payload)
         return int(payload.get("totalItems", 0))
-
-    async def count_by_status(self) -> dict[str, int]:
-        """How many records are pending, queued, processing, done and failed."""
-        counts = {"pending": await self.count(self.state_filter(RecordStatus.PENDING))}
-        for status in (RecordStatus.QUEUED, RecordStatus.PROCESSING, RecordStatus.DONE, RecordStatus.FAILED):
-            counts[status.value] = await self.count(self.state_filter(status))
-        return counts
 
     async def refresh_token(self) -> None:
         """Renew the superuser token (an expired one can't be renewed: log in again, once)."""

@@ -2,7 +2,8 @@
 
 Jobs can vanish under a record: Redis flushed or restarted without persistence, a write lost while Redis
 refused it, arq giving up on a job. Every RECONCILE_INTERVAL seconds one worker (a Redis lock decides which)
-pages through the records marked `queued` or `processing`, by id and 500 at a time, and checks each page's
+pages through the records marked `queued` or `processing` (in the collection, or in Redis for a collection
+with no status field, see `marks`), by id and 500 at a time, and checks each page's
 jobs in one Redis round trip. A record with no live job is queued again once an earlier sweep, at least
 WORKER_LEASE seconds before, found it without one too: a run still working on it after a flush takes its
 lease back within a quarter of that, so a running prompt is never started twice. No manual command is
@@ -27,6 +28,7 @@ from loguru import logger
 from .control import Control, EnqueueOutcome
 from .models import RecordStatus
 from .periodic import Periodic
+from .record_states import iter_status
 
 PAGE = 500
 UNCLAIMED = "unclaimed:"
@@ -51,12 +53,6 @@ class Reconciler(Periodic):
         self._grace = grace
         self._worker_id = worker_id
         self._free_unclaimed = control.redis.register_script(_FREE_UNCLAIMED)
-
-    def _stranded_filter(self) -> str:
-        pocketbase = self._control.pocketbase
-        queued = pocketbase.status_filter(RecordStatus.QUEUED)
-        processing = pocketbase.status_filter(RecordStatus.PROCESSING)
-        return f"{queued} || {processing}"
 
     async def step(self) -> None:
         await self.sweep()
@@ -83,7 +79,7 @@ class Reconciler(Periodic):
 
     async def _suspects(self) -> AsyncIterator[str]:
         """Records with no live job (by id), and jobs claimed by no run (prefixed UNCLAIMED)."""
-        pages = self._control.pocketbase.iter_pages(self._stranded_filter(), page_size=PAGE)
+        pages = iter_status(self._control.pocketbase, RecordStatus.QUEUED, RecordStatus.PROCESSING, page_size=PAGE)
         async for page in pages:
             ids = [record.id for record in page]
             live = await self._control.live_ids(ids)

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .choices import Choices, check_ark_model, check_model, check_ratio, check_resolution
 from .errors import ConfigError
+from .models import RecordStatus
 
 MIB = 1024 * 1024
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -116,6 +117,8 @@ class Settings(BaseSettings):
     pocketbase_field_resolution: str = "resolution"
     # Optional number field: a record's priority (higher runs first; see `priority`).
     pocketbase_field_priority: str = "priority"
+    # Status values that mean "pending" as well as an empty status (comma-separated); never imagegen's own.
+    pocketbase_pending_values: str = "pending"
     pocketbase_watch: bool = Field(False, description="queue records as they are created (realtime subscription)")
 
     # queue and worker
@@ -226,10 +229,7 @@ class Settings(BaseSettings):
     @field_validator(
         "pocketbase_collection",
         "pocketbase_field_prompt",
-        "pocketbase_field_negative_prompt",
         "pocketbase_field_image_url",
-        "pocketbase_field_status",
-        "pocketbase_field_error",
     )
     @classmethod
     def _identifier(cls, value: str) -> str:
@@ -238,6 +238,9 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
+        "pocketbase_field_negative_prompt",
+        "pocketbase_field_status",
+        "pocketbase_field_error",
         "pocketbase_field_images",
         "pocketbase_field_model",
         "pocketbase_field_ratio",
@@ -249,6 +252,22 @@ class Settings(BaseSettings):
         if value and not _FIELD_NAME.match(value):
             raise ValueError("must be a PocketBase field name, or empty when the collection has no such field")
         return value
+
+    @field_validator("pocketbase_pending_values")
+    @classmethod
+    def _pending_values(cls, value: str) -> str:
+        values = [part.strip() for part in value.split(",") if part.strip()]
+        own = [v for v in values if v in {s.value for s in RecordStatus} - {""}]
+        if own:
+            raise ValueError(
+                f"{', '.join(own)} is a status imagegen writes itself, so it can't mean pending; list only the "
+                "values your app gives new records (e.g. pending,new)"
+            )
+        return ",".join(values)
+
+    def pending_values(self) -> tuple[str, ...]:
+        """POCKETBASE_PENDING_VALUES as a tuple."""
+        return tuple(v for v in self.pocketbase_pending_values.split(",") if v)
 
     @field_validator("web_allowed_hosts")
     @classmethod

@@ -7,9 +7,10 @@ one lease period; a clean stop gives it up at once.
 
 The holder opens PocketBase's realtime stream (server-sent events, `sse`, read chunk by chunk from aiohttp's
 streaming response, so it never blocks the event loop), submits its subscription to the collection and
-queues each record that an event shows `pending` (no status, no image URL) after a create or an update.
-Statuses the worker writes itself (`queued`, `processing`, `done`, `failed`) are not pending, so they never
-loop back into the queue.
+queues each record that an event shows pending (`FieldLayout.pending`, the rule add-pending and the counts
+use: no image URL, status empty or one of POCKETBASE_PENDING_VALUES) after a create or an update. Statuses
+the worker writes itself (`queued`, `processing`, `done`, `failed`) are not pending, so they never loop back
+into the queue; with no status field, the state Redis keeps is checked when the record is read again.
 
 Each event goes through `Control.enqueue`, the rules of `imagegen add`: the record is read again, a done
 record is not queued, a prompt with a live job is not queued twice, and the record is marked `queued` before
@@ -46,7 +47,6 @@ from .control import Control
 from .enqueue import EnqueueOutcome, EnqueueTally
 from .errors import ImagegenError, RealtimeError
 from .lease import RELEASE
-from .models import PromptRecord, RecordStatus
 from .periodic import cancel_and_wait
 from .sse import ServerEvent, SSEParser
 
@@ -73,11 +73,6 @@ if not holder then
 end
 return 0
 """
-
-
-def is_pending(record: PromptRecord) -> bool:
-    """Waiting for its first run: no status and no image URL (what `imagegen status` counts as pending)."""
-    return record.status == RecordStatus.PENDING and not record.image_url
 
 
 class Watcher:
@@ -234,6 +229,7 @@ class Watcher:
 
     async def _subscribe(self, event: ServerEvent) -> None:
         client_id = str(_json(event).get("clientId") or event.id)
+        await self._pocketbase.fields()  # the pending rule of the events needs the collection's fields
         await self._pocketbase.subscribe(client_id, [self._topic])
         if self._lost_logged and self._lost_at is not None:
             logger.info("realtime connection back after {:.1f} s", time.monotonic() - self._lost_at)
@@ -252,7 +248,7 @@ class Watcher:
         if payload.get("action") not in ("create", "update") or not isinstance(item, dict) or "id" not in item:
             return
         record = self._pocketbase.record_from(item)
-        if is_pending(record) and record.id not in self._waiting:
+        if self._pocketbase.layout.pending().matches(record) and record.id not in self._waiting:
             self._waiting.add(record.id)
             self._incoming.put_nowait(record.id)
 
@@ -263,7 +259,7 @@ class Watcher:
             prompt_id = await self._incoming.get()
             self._waiting.discard(prompt_id)
             try:
-                report = await self._control.enqueue(prompt_id)
+                report = await self._control.enqueue(prompt_id, only_pending=True)
             except ImagegenError as exc:
                 # The sweep after the next reconnect (or the next interval) queues it.
                 if not self._enqueue_failing:
@@ -302,7 +298,7 @@ class Watcher:
     async def sweep(self) -> int:
         """Queue every pending record without a live job (bulk, paged by key); returns how many were queued."""
         tally = EnqueueTally()
-        await tally.add_pages(self._control.enqueue_where(self._pocketbase.state_filter(RecordStatus.PENDING)))
+        await tally.add_pages(self._control.enqueue_pending())
         queued = tally.counts.get(EnqueueOutcome.QUEUED.value, 0)
         if queued:
             logger.info("watch sweep queued {} pending records no event had brought ({})", queued, tally.summary())

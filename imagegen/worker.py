@@ -27,7 +27,7 @@ from .ark import ArkClient
 from .connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings, sync_client
 from .control import Control
 from .credits import CreditWatch
-from .errors import ConfigError, PromptFailed
+from .errors import ConfigError, ImagegenError, PromptFailed
 from .exporter import Exporter, metrics_port
 from .heartbeat import Heartbeat
 from .intake import Intake
@@ -36,6 +36,7 @@ from .jobs import JobRunner
 from .keys import RedisKeys
 from .ledger import GenerationLedger
 from .logs import setup_logging
+from .marks import RecordMarks
 from .metrics import WorkerMetrics
 from .models import JOB_NAME, OutcomeStatus
 from .outages import POCKETBASE, STORAGE, Outages
@@ -91,7 +92,8 @@ async def startup(ctx: dict[str, Any]) -> Started:
     keys = RedisKeys(settings.queue_name)
     state = QueueState(ctx["redis"], settings.queue_max_failed, keys)
     gate = PauseGate(state)
-    pocketbase = PocketBaseClient(http, settings)
+    pocketbase = PocketBaseClient(http, settings, RecordMarks(ctx["redis"], keys))
+    await refuse_broken_collection(pocketbase, stack)
     storage = Storage(s3, settings)
     outages = Outages(
         state, gate, settings.outage_pause_after, probes={POCKETBASE: pocketbase.check, STORAGE: storage.check}
@@ -265,11 +267,34 @@ def wait_for_redis(settings: Settings, cap: float = 30.0) -> None:
         delay = min(cap, delay * 2)
 
 
-def startup_failure(message: str) -> NoReturn:
-    """One line in the worker log's format (time, level, pid), then exit code 2: supervisord's error log shows it."""
+def startup_failure(message: str, *more: str) -> NoReturn:
+    """One line in the worker log's format (time, level, pid) per message, then exit code 2: supervisord's error
+    log shows them."""
     now = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    sys.stderr.write(f"{now} | ERROR   | {os.getpid()} | -               | imagegen worker: {message}\n")
+    for line in (message, *more):
+        sys.stderr.write(f"{now} | ERROR   | {os.getpid()} | -               | imagegen worker: {line}\n")
     raise SystemExit(2)
+
+
+async def refuse_broken_collection(pocketbase: PocketBaseClient, stack: AsyncExitStack) -> None:
+    """Stop the worker (exit 2, one line per problem) on a collection whose schema would refuse imagegen's writes
+    after a paid call. A PocketBase that can't be read now is checked again before the first write."""
+    try:
+        report = await pocketbase.schema_report()
+    except ImagegenError as exc:
+        logger.warning("could not check the collection's fields yet ({}); checked again before the first write", exc)
+        return
+    if report.blocking:
+        await stack.aclose()
+        startup_failure(
+            f"collection {pocketbase.collection} would refuse imagegen's writes after a paid call:",
+            *(problem.line() for problem in report.blocking),
+        )
+    for problem in report.problems:
+        if not problem.blocking:
+            logger.warning("collection {}: {}", pocketbase.collection, problem.line())
+    for note in report.notes:
+        logger.info("collection {}: {}", pocketbase.collection, note)
 
 
 def prepare_worker(settings: Settings) -> None:

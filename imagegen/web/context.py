@@ -8,8 +8,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from ..control import Control, connect_queue
-from ..pocketbase import PocketBaseClient
+from ..control import Control, connect_queue, pocketbase_client
 from ..settings import Settings
 from .security import HostRule
 
@@ -21,7 +20,7 @@ class Backends:
 
     def __init__(self, settings: Settings, http: aiohttp.ClientSession) -> None:
         self.settings = settings
-        self._pocketbase = PocketBaseClient(http, settings)
+        self._http = http
         self._control: Control | None = None
         self._lock = asyncio.Lock()
 
@@ -30,7 +29,8 @@ class Backends:
             async with self._lock:
                 if self._control is None:
                     redis = await connect_queue(self.settings)
-                    self._control = Control(self.settings, redis, self._pocketbase)
+                    pocketbase = pocketbase_client(self._http, self.settings, redis)
+                    self._control = Control(self.settings, redis, pocketbase)
         return self._control
 
     async def close(self) -> None:
