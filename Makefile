@@ -12,9 +12,10 @@ setup:
 demo: setup
 	@$(BIN)/python -m imagegen.devstack up
 
-# Two test processes, each with its own Redis, PocketBase and SeaweedFS (most tests wait on a fault window or a
-# worker, not the CPU); a long test never holds the other process up (worksteal). TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+# Three test processes, each with its own Redis, PocketBase and SeaweedFS (most tests wait on a fault window or
+# a worker, not the CPU: on two cores three overlap those waits best); a long test never holds the others up
+# (worksteal). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 test: setup
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=30
 

@@ -4,7 +4,9 @@ Every CHECK_EVERY seconds:
 - with JIMENG_CLAIM_DAILY, the day's free credits of each live account are claimed (`/token/receive`), once a
   day per account across every worker (a marker in Redis, set by whichever worker claims first);
 - each account set aside `out of credits` is asked for its credits (`/token/points`): credits back (bought,
-  or claimed) return it to service before the day turns, and lift an accounts pause.
+  or claimed) return it to service before the day turns, and lift an accounts pause;
+- an account back in service since the last round (its day turned, its cooling ended) is logged once: the
+  setting aside itself is logged by the call that caused it.
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ class CreditWatch(Periodic):
         self._state = state
         self._clock = clock
         self._claim_daily = claim_daily
+        self._aside: set[str] = set()  # fingerprints of the accounts set aside at the last round
 
     async def step(self) -> None:
         health = await self._pool.health()
+        aside = {entry.account.fingerprint for entry in health if entry.until or entry.state is AccountState.EXPIRED}
+        for entry in health:
+            if entry.account.fingerprint in self._aside - aside:
+                logger.info("jimeng {}: back in service ({})", entry.account.label, entry.state.value)
+        self._aside = aside
         back: list[Account] = []
         for entry in health:
             if entry.state is AccountState.EXPIRED:

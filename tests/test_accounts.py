@@ -9,6 +9,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+from loguru import logger
 from pydantic import SecretStr
 
 from imagegen.accounts import COOL_AFTER, AccountPool, AccountState, accounts_of
@@ -281,3 +282,25 @@ async def test_generate_takes_a_usable_account_and_calls_nothing_when_none_is(st
     assert sandbox.calls_by_key() == {JIMENG_KEY: 0, SECOND_KEY: 1}
     [day] = await spend.days(1)
     assert (day.calls, day.reserved) == (1, 0)
+
+
+async def test_an_account_back_in_service_is_logged_once(stack: Stack, redis_client, http):
+    settings = stack.settings(jimeng_api_key=f"{JIMENG_KEY},{SECOND_KEY}")
+    clock = FakeClock(datetime(2026, 11, 28, 12, 0, tzinfo=SHANGHAI))
+    spend = spend_of(settings, redis_client, clock)
+    pool = AccountPool(redis_client, RedisKeys(settings.queue_name), accounts_of(settings.jimeng_keys()), spend)
+    state = queue_state(settings, redis_client)
+    watch = CreditWatch(redis_client, pool, AccountRoutes(http, settings), state, clock, claim_daily=False)
+    refused = JimengError("HTTP 403: the API refused the key", kind=FailureKind.ACCOUNT, status=403)
+    assert await pool.failed(pool.accounts[1], refused) is AccountState.REFUSED
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{message}")
+    try:
+        await watch.step()
+        clock.now += 3601
+        await watch.step()
+        await watch.step()
+    finally:
+        logger.remove(sink)
+    back = [line for line in lines if "back in service" in line]
+    assert back == ["jimeng key 2 of 2 (…0a1b): back in service (healthy)\n"]
