@@ -194,7 +194,7 @@ class Pipeline:
         run.enter(Phase.READY)
         await s.slots.take_call_slot(run)
         # A failure keeps the slot until the job's outcome is decided (see `slots`).
-        generation, elapsed, reservation = await self._call(run, prompt, negative, choices)
+        generation, elapsed, reservation, account = await self._call(run, prompt, negative, choices)
         s.slots.free_call_slot(run)
         # The slot is free the moment the call returned: the next prompt's call starts while this one stores,
         # and the call is counted meanwhile (its place under the limit stays reserved until then).
@@ -206,15 +206,19 @@ class Pipeline:
         logger.bind(prompt_id=prompt_id).info(
             "generated {} images with {} in {:.1f}s{}", len(generation.urls), generation.provider, elapsed, blocked
         )
-        # Remembered first: should Redis fail the count, the job's next run still reuses what was paid for.
-        await s.ledger.save(prompt_id, generation)
-        run.generation_saved = True
-        await asyncio.shield(s.permits.finish(reservation, CallOutcome.IMAGES))
+        try:
+            # Remembered first: should Redis fail the count, the job's next run still reuses what was paid for.
+            await s.ledger.save(prompt_id, generation)
+            run.generation_saved = True
+            await asyncio.shield(s.permits.finish(reservation, CallOutcome.IMAGES))
+        finally:
+            if account is not None:
+                await asyncio.shield(s.accounts.release(account, run.lease.token, images=True))
         return generation
 
     async def _call(
         self, run: JobRun, prompt: str, negative: str, choices: Choices
-    ) -> tuple[GenerationRecord, float, Reservation]:
+    ) -> tuple[GenerationRecord, float, Reservation, Account | None]:
         """The last checks and the paid call, inside a generation slot: its images, the seconds it took and its
         reservation, which the caller settles (a failed call's is settled here).
 
@@ -268,12 +272,13 @@ class Pipeline:
             elapsed = time.monotonic() - t0
             succeeded = True
         finally:
-            if account is not None:
-                await asyncio.shield(s.accounts.release(account, run.lease.token, images=succeeded))
-            # A call with images is counted by the caller once its generation slot is free.
+            # A call with images is counted, and its account's place given back, by the caller once its
+            # generation slot is free.
             if not succeeded:
+                if account is not None:
+                    await asyncio.shield(s.accounts.release(account, run.lease.token, images=False))
                 await asyncio.shield(s.permits.finish(reservation, outcome))
-        return generation, elapsed, reservation
+        return generation, elapsed, reservation, account
 
     async def _choose(self, run: JobRun, wait: float) -> Account | None:
         """Where the call goes, in IMAGE_PROVIDERS' order: a jimeng account (its place in flight taken), or

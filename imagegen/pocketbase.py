@@ -108,6 +108,10 @@ class PocketBaseClient:
             assert self._token is not None
             return self._token
 
+    async def authorization(self) -> str:
+        """The superuser token to send as `Authorization` (logged in first if need be)."""
+        return await self._ensure_token()
+
     async def _request(
         self, method: str, url: str, *, params: Mapping[str, str] | None = None, body: Any = None
     ) -> tuple[int, Any]:
@@ -292,6 +296,13 @@ class PocketBaseClient:
         if status != 200 or not isinstance(payload, dict):
             raise self._fail(f"creating a record in {self.collection}", status, payload)
         return self._record(payload)
+
+    async def delete_record(self, prompt_id: str) -> None:
+        """Remove a record (the local stack's clean-up; a record already gone is fine)."""
+        validate_prompt_id(prompt_id)
+        status, payload = await self._request("DELETE", f"{self._records}/{prompt_id}")
+        if status not in (204, 404):
+            raise self._fail(f"deleting record {prompt_id}", status, payload)
 
     async def _write_state(
         self, prompt_id: str, status: RecordStatus, error: str, fields: dict[str, Any]

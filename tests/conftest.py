@@ -166,10 +166,9 @@ async def clean_state(request: pytest.FixtureRequest) -> AsyncIterator[None]:
         await client.aclose()
     async with aiohttp.ClientSession() as session:
         pb = PocketBaseClient(session, settings)
-        await pb.login()
         async with session.delete(
             f"{settings.pocketbase_url}/api/collections/{settings.pocketbase_collection}/truncate",
-            headers={"Authorization": pb._token or ""},
+            headers={"Authorization": await pb.authorization()},
         ) as response:
             assert response.status == 204, await response.text()
     await _empty_bucket(settings)

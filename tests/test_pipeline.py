@@ -250,7 +250,7 @@ async def test_record_deleted_after_queueing_fails_the_job_and_writes_nothing(
 ):
     record = await records.create("a ghost ship")
     await enqueue(settings, record.id)
-    await pocketbase._request("DELETE", f"{pocketbase._records}/{record.id}")
+    await pocketbase.delete_record(record.id)
     await run_queue(settings)
 
     async with open_control(settings) as control:
@@ -372,7 +372,7 @@ async def test_record_deleted_mid_job_leaves_no_images_behind(
 
     async with worker_running(settings):
         assert await wait_until(processing)
-        await pocketbase._request("DELETE", f"{pocketbase._records}/{record.id}")
+        await pocketbase.delete_record(record.id)
 
         async def finished():
             async with open_control(settings) as control:
