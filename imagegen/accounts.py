@@ -62,6 +62,10 @@ class AccountState(StrEnum):
     DAILY_CAP = "daily cap reached"
 
 
+class NoUsableAccount(Exception):
+    """Every account is set aside or capped for the day (see `AccountPool.unavailable` for the words)."""
+
+
 @dataclass(frozen=True)
 class Account:
     """One key of JIMENG_API_KEY: `index` from 1, `fingerprint` names it in Redis, `label` in words."""
@@ -210,7 +214,8 @@ class AccountPool:
 
     async def take(self, token: str, wait: float) -> Account | None:
         """An account for the call of run `token`, its place in flight taken; None when every usable account
-        stayed at its cap for `wait` seconds. AccountsUnavailable when no account is usable at all."""
+        stayed at its cap for `wait` seconds. NoUsableAccount when no account is usable at all (`unavailable`
+        then says why, for a caller that pauses on it: one falling back to another provider needn't ask)."""
         deadline = time.monotonic() + max(0.0, wait)
         while True:
             args: list[str | int] = [
@@ -227,7 +232,7 @@ class AccountPool:
             if answer[0] == "ok":
                 return self._by_fingerprint[answer[1]]
             if answer[0] == "none":
-                raise await self.unavailable()
+                raise NoUsableAccount
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(0.1)

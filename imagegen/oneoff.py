@@ -22,10 +22,10 @@ from typing import Any
 
 import aiohttp
 
-from .accounts import Account, AccountPool, account_pool
+from .accounts import Account, AccountPool, NoUsableAccount, account_pool
 from .choices import Choices
 from .control import connect_queue
-from .errors import AccountsUnavailable, ImagegenError, JimengError, PromptRejected, QueueError
+from .errors import ImagegenError, JimengError, PromptRejected, QueueError
 from .jimeng import JimengClient
 from .keys import RedisKeys
 from .models import StoredImage, iso_time
@@ -147,10 +147,10 @@ async def generate_once(
         if pool is not None:
             try:
                 account = await pool.take(token, wait=0.0)
-            except AccountsUnavailable:
+            except NoUsableAccount:
                 if counter is not None and reservation is not None:
                     await counter.finish(reservation, None)
-                raise
+                raise await pool.unavailable() from None
         target = Target.of(settings, records=False).describe()
         counted = f", counted on {target}" if counter is not None else f" (not counted: {target} unreachable)"
         announce(

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 import aiohttp
 from loguru import logger
 
-from .accounts import Account, AccountPool
+from .accounts import Account, AccountPool, NoUsableAccount
 from .ark import LINK_LIFETIME as ARK_LINK_LIFETIME
 from .ark import PROVIDER as ARK_PROVIDER
 from .ark import ArkClient
 from .choices import Choices
 from .download import inline_source
 from .errors import (
-    AccountsUnavailable,
     DailyLimitReached,
     DownloadError,
     FailureKind,
@@ -289,9 +288,9 @@ class Pipeline:
                 return None
             try:
                 account = await s.accounts.take(run.lease.token, wait)
-            except AccountsUnavailable:
+            except NoUsableAccount:
                 if s.ark is None:
-                    raise
+                    raise await s.accounts.unavailable() from None
                 continue
             if account is None:
                 raise JobInterrupted(
