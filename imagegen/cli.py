@@ -24,6 +24,7 @@ from imagegen.clients.pocketbase import PocketBaseClient
 from imagegen.errors import ConfigError, DailyLimitReached, ImagegenError
 from imagegen.logs import setup_logging
 from imagegen.models import iso_time
+from imagegen.ops.answers import AccountsAnswer, EnqueueResultAnswer, QueueAnswer, TaskAnswer
 from imagegen.ops.collection_setup import setup_collection
 from imagegen.ops.control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from imagegen.progress import Progress
@@ -125,7 +126,10 @@ async def _emit_reports(
     async for page in pages:
         tally.add(page)
         if as_json and page:
-            click.echo(opening + ", ".join(json.dumps(r.to_json(), ensure_ascii=False) for r in page), nl=False)
+            click.echo(
+                opening + ", ".join(json.dumps(EnqueueResultAnswer.of(r).to_json(), ensure_ascii=False) for r in page),
+                nl=False,
+            )
             opening = ", "
         elif show_each and page and not as_json:
             meter.clear()
@@ -227,7 +231,7 @@ def retry_failed(ctx: click.Context, as_json: bool, show_each: bool, dry_run: bo
 
 
 def _format_report(report: JobReport) -> str:
-    data: dict[str, Any] = report.to_json()
+    data: dict[str, Any] = TaskAnswer.of(report).to_json()
     lines = [
         f"id:        {report.prompt_id}",
         f"state:     {report.state.value}",
@@ -273,7 +277,7 @@ def inspect(ctx: click.Context, prompt_id: str, as_json: bool) -> None:
 
     async def action(control: Control) -> int:
         report = await control.inspect(prompt_id)
-        document = {**report.to_json(), "target": target_json(control)}
+        document = {**TaskAnswer.of(report).to_json(), "target": target_json(control)}
         click.echo(json.dumps(document, ensure_ascii=False) if as_json else _format_report(report))
         if report.record_unavailable:
             click.echo(f"imagegen: the record could not be read: {report.record_unavailable}", err=True)
@@ -317,7 +321,7 @@ def resume(ctx: click.Context) -> None:
 
 
 def _format_status(report: StatusReport) -> str:
-    data = report.to_json()
+    data = QueueAnswer.of(report).to_json()
     records = data["records"]
     lines = [
         "jobs:      " + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in data["jobs"].items()),
@@ -376,7 +380,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         else:
             report = await control.status()
             code = EXIT_SERVICE if report.records_error else EXIT_OK
-        document = {**report.to_json(), "target": target_json(control)}
+        document = {**QueueAnswer.of(report).to_json(), "target": target_json(control)}
         click.echo(json.dumps(document, ensure_ascii=False) if as_json else _format_status(report))
         if report.records_error:
             click.echo(f"imagegen: record counts unavailable: {report.records_error}", err=True)
@@ -439,7 +443,7 @@ def accounts(ctx: click.Context, as_json: bool) -> None:
             ]
         if as_json:
             document = {
-                "accounts": [health.to_json() for health in found],
+                **AccountsAnswer.of(found).to_json(),
                 "target": target_json(control, records=False),
             }
             click.echo(json.dumps(document, ensure_ascii=False))

@@ -219,6 +219,25 @@ async def records(pocketbase: PocketBaseClient) -> RecordFactory:
     return RecordFactory(pocketbase)
 
 
+async def revoke_superuser_tokens(http: aiohttp.ClientSession, settings: Settings) -> str:
+    """Make PocketBase refuse every superuser token it issued so far, as it refuses one past its lifetime.
+
+    PocketBase signs a token with its account's token key, which a password change renews: the password is set
+    to itself. Returns a fresh token, issued before the change and so refused too."""
+    base, password = settings.pocketbase_url, settings.pocketbase_password.get_secret_value()
+    login = {"identity": settings.pocketbase_email, "password": password}
+    async with http.post(f"{base}/api/collections/_superusers/auth-with-password", json=login) as response:
+        assert response.status == 200, await response.text()
+        auth = await response.json()
+    same = {"password": password, "passwordConfirm": password}
+    url = f"{base}/api/collections/_superusers/records/{auth['record']['id']}"
+    async with http.patch(url, json=same, headers={"Authorization": auth["token"]}) as response:
+        assert response.status == 200, await response.text()
+    async with http.get(f"{base}/api/collections/_superusers/records", headers={"Authorization": auth["token"]}) as r:
+        assert r.status in (401, 403), "PocketBase still takes a token issued before the password change"
+    return str(auth["token"])
+
+
 def run_cli(stack: Stack, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
     """`imagegen ...` as a real subprocess, in a directory with no .env, with the stack's settings."""
     return subprocess.run(

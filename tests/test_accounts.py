@@ -14,6 +14,7 @@ from pydantic import SecretStr
 
 from imagegen.clients.jimeng import AccountRoutes
 from imagegen.errors import FailureKind, JimengError
+from imagegen.ops.answers import AccountsAnswer
 from imagegen.queue.accounts import COOL_AFTER, AccountPool, AccountState, accounts_of
 from imagegen.queue.keys import RedisKeys
 from imagegen.worker.credits import CreditWatch
@@ -186,7 +187,7 @@ async def test_transient_failures_in_a_row_cool_an_account_and_a_success_ends_th
     assert await pool.take("run-c", wait=0) is first  # cooled down: back, and it has fewer calls in flight
     moderated = JimengError("blocked", kind=FailureKind.PERMANENT, code=-2006, moderated=True)
     assert await pool.failed(second, moderated) is None  # the prompt's fault, not the account's
-    shown = json.dumps([h.to_json() for h in await pool.health()])
+    shown = AccountsAnswer.of(await pool.health()).model_dump_json()
     assert all(secret not in shown for secret in (JIMENG_KEY, SECOND_KEY))
 
 

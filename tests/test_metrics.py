@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imagegen.clients.storage import open_s3_client
 from imagegen.dev.localstack import free_port
+from imagegen.ops.answers import TaskAnswer
 from imagegen.ops.control import open_control
 from imagegen.web import create_app
 
@@ -154,8 +155,8 @@ async def test_inspect_shows_the_stage_a_job_is_in_and_the_time_each_stage_took(
             stack.jimeng.sandbox.holding = False
         await enqueue(settings, flaky.id)
         await wait_for_records(records.client, [record.id, flaky.id])
-        report = (await control.inspect(record.id)).to_json()
-        retried = (await control.inspect(flaky.id)).to_json()
+        report = TaskAnswer.of(await control.inspect(record.id)).to_json()
+        retried = TaskAnswer.of(await control.inspect(flaky.id)).to_json()
 
     assert report["stage"] == "done"
     spent = {timing["stage"]: timing["seconds"] for timing in report["stages"]}

@@ -10,18 +10,22 @@ from imagegen.clients.storage import Storage, open_s3_client
 from imagegen.errors import FailureKind, PocketBaseError, RecordNotFound, StorageError
 from imagegen.models import RecordStatus
 from imagegen.ops.control import open_control
+from imagegen.settings import Settings
 
-from .conftest import RecordFactory, Stack, queue_state
+from .conftest import RecordFactory, Stack, queue_state, revoke_superuser_tokens
 from .test_pipeline import bucket_keys, enqueue, run_queue, wait_until, worker_running
 
 MIB = 1024 * 1024
 
 
-async def test_expired_token_triggers_one_fresh_login(pocketbase: PocketBaseClient, records: RecordFactory):
+async def test_expired_token_triggers_one_fresh_login(
+    pocketbase: PocketBaseClient, records: RecordFactory, http: aiohttp.ClientSession, settings: Settings
+):
     record = await records.create("token test")
-    pocketbase._token = "expired-or-forged-token"
+    refused = await pocketbase.authorization()
+    await revoke_superuser_tokens(http, settings)
     assert (await pocketbase.get_record(record.id)).prompt == "token test"
-    assert pocketbase._token != "expired-or-forged-token"
+    assert await pocketbase.authorization() != refused
 
 
 async def test_paging_walks_every_pending_record_once(pocketbase: PocketBaseClient, records: RecordFactory):

@@ -47,10 +47,6 @@ from .metrics import QueueFigures
 from .record_states import count_by_status, iter_status
 
 
-def pause_json(info: PauseInfo) -> dict[str, str]:
-    return {"reason": info.reason, "since": iso_time(info.since), "source": info.source}
-
-
 @dataclass
 class JobReport:
     """Everything `imagegen inspect` shows about one prompt."""
@@ -71,41 +67,6 @@ class JobReport:
     record_unavailable: str = ""  # why the record could not be read (PocketBase down)
     stage: StageView | None = None  # where the job is and how long each stage took (`stages`)
     priority: int | None = None  # the priority its job was queued with, while the job is in the queue
-
-    def to_json(self) -> dict[str, Any]:
-        def iso(value: datetime | None) -> str | None:
-            return value.isoformat() if value else None
-
-        stage = self.stage.to_json() if self.stage is not None else {"stage": None, "stage_since": None, "stages": []}
-        if stage["stage_since"] is not None:
-            stage["stage_since"] = iso_time(stage["stage_since"])
-        for timing in stage["stages"]:
-            timing["started"] = iso_time(timing["started"])
-        return {
-            "id": self.prompt_id,
-            "state": self.state.value,
-            "tries": self.tries,
-            "priority": self.priority,
-            **stage,
-            "enqueued_at": iso(self.enqueued_at),
-            "started_at": iso(self.started_at),
-            "finished_at": iso(self.finished_at),
-            "scheduled_for": iso(self.scheduled_for),
-            "duration_seconds": (
-                (self.finished_at - self.started_at).total_seconds() if self.finished_at and self.started_at else None
-            ),
-            "error": self.error,
-            "record_unavailable": self.record_unavailable or None,
-            "record": None
-            if self.record_status is None
-            else {
-                "status": self.record_status or "pending",
-                "prompt": self.prompt,
-                "imageUrl": self.image_url,
-                "images": self.images,
-                "error": self.record_error,
-            },
-        }
 
 
 @contextmanager
@@ -160,27 +121,6 @@ class StatusReport:
                 entry["error"] = outage.get("error", "")
                 entry["workers"] += 1
         return [{**o, "since": iso_time(o["since"])} for o in found.values()]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "jobs": {
-                "queued": self.queued,
-                "deferred": self.deferred,
-                "in_progress": self.in_progress,
-                "waiting": self.waiting,
-            },
-            "records": self.records,
-            "records_error": self.records_error or None,
-            "paused": None if self.paused is None else pause_json(self.paused),
-            "outages": self.outages(),
-            "consecutive_failures": self.consecutive_failures,
-            "max_failed": self.max_failed,
-            "spend": self.spend,
-            "accounts": [health.to_json() for health in self.accounts],
-            "workers": self.workers,
-            "last_worker_seen": None if self.last_worker_seen is None else iso_time(self.last_worker_seen),
-            "warnings": [warning] if (warning := self.worker_warning()) else [],
-        }
 
 
 class Control:
@@ -265,7 +205,12 @@ class Control:
         report = await self.status()
         with redis_errors(self.settings):
             finished = await self.outcomes.totals()
-        jobs = report.to_json()["jobs"]
+        jobs = {
+            "queued": report.queued,
+            "deferred": report.deferred,
+            "in_progress": report.in_progress,
+            "waiting": report.waiting,
+        }
         return QueueFigures(
             jobs=jobs,
             paused=report.paused is not None,
@@ -498,6 +443,5 @@ __all__ = [
     "StatusReport",
     "connect_queue",
     "open_control",
-    "pause_json",
     "pocketbase_client",
 ]

@@ -12,9 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
-from imagegen.models import PromptRecord, RecordStatus, iso_time
+from imagegen.models import PromptRecord, RecordStatus
 
 from .control import Control, redis_errors
 from .record_states import list_status
@@ -56,19 +55,6 @@ class TaskItem:
     worker: str | None = None
     updated: str | None = None  # records: when PocketBase last changed them (ISO 8601), where it says
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "prompt": self.prompt,
-            "status": self.status,
-            "error": self.error,
-            "images": self.images,
-            "scheduled_for": None if self.scheduled_for is None else iso_time(self.scheduled_for),
-            "phase": self.phase,
-            "worker": self.worker,
-            "updated": self.updated,
-        }
-
     @classmethod
     def of_record(cls, record: PromptRecord) -> TaskItem:
         images = record.images or ([record.image_url] if record.image_url else [])
@@ -82,15 +68,6 @@ class TaskPage:
     per_page: int
     total: int
     items: list[TaskItem]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "state": self.state.value,
-            "page": self.page,
-            "per_page": self.per_page,
-            "total": self.total,
-            "items": [item.to_json() for item in self.items],
-        }
 
 
 async def list_tasks(control: Control, state: TaskState, *, page: int, per_page: int, search: str = "") -> TaskPage:

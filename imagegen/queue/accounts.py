@@ -102,20 +102,6 @@ class AccountHealth:
     streak: int
     credits: int | None = None  # from the proxy's /token/points, when asked (`imagegen accounts`)
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "account": self.account.label,
-            "fingerprint": self.account.fingerprint,
-            "state": self.state.value,
-            "until": self.until,
-            "since": self.since,
-            "reason": self.reason,
-            "in_flight": self.in_flight,
-            "calls_today": self.calls_today,
-            "transient_streak": self.streak,
-            "credits": self.credits,
-        }
-
 
 # ARGV: prefix, token, ttl ms, cap, daily cap, day, now ms (the deployment's clock: `Spend.clock`), then the
 # fingerprints in order.

@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
@@ -121,9 +120,6 @@ class EnqueueReport:
     outcome: EnqueueOutcome
     detail: str = ""
 
-    def to_json(self) -> dict[str, str]:
-        return {"id": self.prompt_id, "outcome": self.outcome.value, "detail": self.detail}
-
 
 @dataclass
 class EnqueueTally:
@@ -142,11 +138,6 @@ class EnqueueTally:
     @property
     def any_bad(self) -> bool:
         return any(self.counts.get(outcome.value) for outcome in BAD_OUTCOMES)
-
-    def to_json(self, reports: Iterable[EnqueueReport] | None = None) -> dict[str, Any]:
-        """The counts, and the given reports one by one (what `--json` and the web API print)."""
-        data: dict[str, Any] = {"counts": self.counts}
-        return data if reports is None else {"results": [r.to_json() for r in reports], **data}
 
     async def add_pages(self, pages: AsyncIterator[list[EnqueueReport]]) -> EnqueueTally:
         """Count every page of a bulk enqueue; nothing but the counts is kept."""

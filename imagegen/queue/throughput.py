@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from imagegen.models import OutcomeStatus, iso_time
+from imagegen.models import OutcomeStatus
 
 from .keys import RedisKeys
 
@@ -48,15 +48,6 @@ class Throughput:
         """Failed among finished jobs (0..1); None when nothing finished."""
         finished = self.done + self.failed
         return self.failed / finished if finished else None
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "window_minutes": len(self.minutes),
-            "done": self.done,
-            "failed": self.failed,
-            "failure_rate": self.failure_rate,
-            "minutes": [{"minute": iso_time(m.minute * 60), "done": m.done, "failed": m.failed} for m in self.minutes],
-        }
 
 
 class OutcomeCounter:

@@ -15,7 +15,23 @@ from aiohttp import web
 from imagegen.access import token_refusal
 from imagegen.errors import ImagegenError, InvalidRequest, RecordNotFound
 from imagegen.models import JobState, validate_prompt_id
-from imagegen.ops.control import EnqueueOutcome, EnqueueTally, pause_json, redis_errors
+from imagegen.ops.answers import (
+    AccountsAnswer,
+    ActivityAnswer,
+    Answer,
+    EnqueueCountsAnswer,
+    EnqueueResultAnswer,
+    EnqueueResultsAnswer,
+    HealthAnswer,
+    PauseAnswer,
+    PausedAnswer,
+    QueueSummaryAnswer,
+    ResumedAnswer,
+    TaskAnswer,
+    TaskPageAnswer,
+    TaskUnreadableAnswer,
+)
+from imagegen.ops.control import EnqueueOutcome, EnqueueTally, redis_errors
 from imagegen.ops.listing import list_tasks, recent_activity
 from imagegen.ops.metrics import CONTENT_TYPE, queue_metrics
 
@@ -32,8 +48,10 @@ TASK_ID = "{id:[a-z0-9]{15}}"
 routes = web.RouteTableDef()
 
 
-def reply(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda value: json.dumps(value, ensure_ascii=False))
+def reply(data: Answer | dict[str, Any], status: int = 200) -> web.Response:
+    """An answer as JSON (the OpenAPI document itself is the one plain mapping)."""
+    body = data.to_json() if isinstance(data, Answer) else data
+    return web.json_response(body, status=status, dumps=lambda value: json.dumps(value, ensure_ascii=False))
 
 
 async def json_body(request: web.Request, *, optional: bool = False) -> Any:
@@ -78,9 +96,10 @@ async def healthz(request: web.Request) -> web.Response:
             async with asyncio.timeout(HEALTH_TIMEOUT):
                 await control.redis.ping()
     except (ImagegenError, TimeoutError) as exc:
-        details = {"redis": "unreachable", "error": str(exc) or "no answer in time"} if detailed else {}
-        return reply({"ok": False, "status": "unavailable", **details}, 503)
-    return reply({"ok": True, "status": "ok", **({"redis": "ok"} if detailed else {})})
+        error = str(exc) or "no answer in time"
+        answer = HealthAnswer(ok=False, status="unavailable", redis="unreachable", error=error)
+        return reply(answer if detailed else HealthAnswer(ok=False, status="unavailable"), 503)
+    return reply(HealthAnswer(ok=True, status="ok", redis="ok" if detailed else None))
 
 
 @routes.get("/metrics")
@@ -103,14 +122,14 @@ async def queue_summary(request: web.Request) -> web.Response:
     control = await control_of(request)
     report = await control.status()
     throughput = await control.throughput()
-    return reply({**report.to_json(), "throughput": throughput.to_json()})
+    return reply(QueueSummaryAnswer.of_both(report, throughput))
 
 
 @routes.get("/api/accounts")
 async def accounts(request: web.Request) -> web.Response:
     """The jimeng accounts: each one's state, calls today and in flight (never its key)."""
     control = await control_of(request)
-    return reply({"accounts": [health.to_json() for health in await control.accounts_health()]})
+    return reply(AccountsAnswer.of(await control.accounts_health()))
 
 
 @routes.post("/api/queue/pause")
@@ -118,7 +137,7 @@ async def pause(request: web.Request) -> web.Response:
     body = parse(PauseQueue, await json_body(request, optional=True))
     control = await control_of(request)
     info = await control.pause(body.reason or DEFAULT_PAUSE_REASON)
-    return reply({"paused": pause_json(info)})
+    return reply(PausedAnswer(paused=PauseAnswer.of(info)))
 
 
 @routes.post("/api/queue/resume")
@@ -126,7 +145,7 @@ async def resume(request: web.Request) -> web.Response:
     parse(NoOptions, await json_body(request, optional=True))
     control = await control_of(request)
     lifted = await control.resume()
-    return reply({"resumed": lifted is not None, "was_paused": None if lifted is None else pause_json(lifted)})
+    return reply(ResumedAnswer(resumed=lifted is not None, was_paused=PauseAnswer.maybe(lifted)))
 
 
 @routes.get("/api/tasks")
@@ -134,7 +153,7 @@ async def tasks(request: web.Request) -> web.Response:
     query = parse(TaskQuery, dict(request.query))
     control = await control_of(request)
     page = await list_tasks(control, query.state, page=query.page, per_page=query.per_page, search=query.q)
-    return reply(page.to_json())
+    return reply(TaskPageAnswer.of(page))
 
 
 @routes.get("/api/activity")
@@ -143,7 +162,7 @@ async def activity(request: web.Request) -> web.Response:
     query = parse(ActivityQuery, dict(request.query))
     control = await control_of(request)
     items = await recent_activity(control, query.limit)
-    return reply({"limit": query.limit, "items": [item.to_json() for item in items]})
+    return reply(ActivityAnswer.of(query.limit, items))
 
 
 @routes.post("/api/tasks")
@@ -154,21 +173,21 @@ async def create_tasks(request: web.Request) -> web.Response:
     reports = [await control.enqueue(prompt_id, force=body.force, priority=body.priority) for prompt_id in body.ids]
     tally = EnqueueTally()
     tally.add(reports)
-    return reply(tally.to_json(reports))
+    return reply(EnqueueResultsAnswer.of(tally, reports))
 
 
 @routes.post("/api/tasks/enqueue-pending")
 async def enqueue_pending(request: web.Request) -> web.Response:
     parse(NoOptions, await json_body(request, optional=True))
     control = await control_of(request)
-    return reply((await EnqueueTally().add_pages(control.enqueue_pending())).to_json())
+    return reply(EnqueueCountsAnswer.of(await EnqueueTally().add_pages(control.enqueue_pending())))
 
 
 @routes.post("/api/tasks/retry-failed")
 async def retry_failed(request: web.Request) -> web.Response:
     parse(NoOptions, await json_body(request, optional=True))
     control = await control_of(request)
-    return reply((await EnqueueTally().add_pages(control.retry_failed())).to_json())
+    return reply(EnqueueCountsAnswer.of(await EnqueueTally().add_pages(control.retry_failed())))
 
 
 @routes.get(f"/api/tasks/{TASK_ID}")
@@ -178,12 +197,11 @@ async def task(request: web.Request) -> web.Response:
     control = await control_of(request)
     report = await control.inspect(prompt_id)
     if report.record_unavailable:
-        return reply(
-            {"error": f"the record could not be read: {report.record_unavailable}", "task": report.to_json()}, 503
-        )
+        error = f"the record could not be read: {report.record_unavailable}"
+        return reply(TaskUnreadableAnswer(error=error, task=TaskAnswer.of(report)), 503)
     if report.record_status is None and report.state is JobState.UNKNOWN:
         raise RecordNotFound(f"no job and no record with id {prompt_id!r}")
-    return reply(report.to_json())
+    return reply(TaskAnswer.of(report))
 
 
 @routes.post(f"/api/tasks/{TASK_ID}/retry")
@@ -195,4 +213,4 @@ async def retry(request: web.Request) -> web.Response:
     report = await control.enqueue(prompt_id)
     if report.outcome is EnqueueOutcome.NOT_FOUND:
         raise RecordNotFound(report.detail)
-    return reply(report.to_json())
+    return reply(EnqueueResultAnswer.of(report))
