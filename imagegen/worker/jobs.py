@@ -212,7 +212,7 @@ class JobRunner:
             raise Requeue("paused", defer=PAUSED_RECHECK)
         run.enter(Phase.PREPARING)
         await run.lease.ensure()
-        run.attempt = await self._state.begin_attempt(prompt_id)
+        run.began_attempt(await self._state.begin_attempt(prompt_id))
         if run.attempt > self._settings.queue_attempts:
             # Only runs that died or were cut off get here (each used an attempt); one may have finished first.
             record = await s.outages.call(POCKETBASE, lambda: s.pocketbase.get_record(prompt_id), run)
@@ -285,7 +285,7 @@ class JobRunner:
     async def _give_back(self, run: JobRun) -> None:
         if run.attempt:
             await self._state.give_back_attempt(run.prompt_id)
-            run.attempt = 0
+            run.gave_back_attempt()
 
     async def _note(self, run: JobRun, status: RecordStatus, note: str) -> None:
         """Best effort: tell the record why its job waits; the job goes on existing either way.

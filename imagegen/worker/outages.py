@@ -90,7 +90,7 @@ class Outages:
                     raise
                 self._went_down(down, exc)
                 if run is not None:
-                    run.outage = down
+                    run.waits_for(down)
                     run.check_stop()
                     if run.remaining() <= delay + 1:
                         raise ServiceDown(
@@ -101,9 +101,9 @@ class Outages:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_DELAY)
                 continue
-            if run is not None and run.outage is not None:
-                await self.came_back(run.outage)
-                run.outage = None
+            waited_for = run.service_back() if run is not None else None
+            if waited_for is not None:
+                await self.came_back(waited_for)
             await self.came_back(service)
             return value
 

@@ -149,7 +149,7 @@ class Pipeline:
         generation = await s.ledger.load(prompt_id)
         if generation is not None:
             untouched = False
-            run.generation_saved = True
+            run.generation_remembered()
             run.enter(Phase.STORING)
             log.info(
                 "reusing the generation of an earlier attempt ({} images, {} stored, links {:.0f} s old)",
@@ -177,7 +177,7 @@ class Pipeline:
                 # Expired for real: paying again is the only way, and at most once per job.
                 log.warning("image links are {:.0f} s old, past {}; generating again", age, named)
                 await s.ledger.forget(prompt_id)
-                run.generation_saved = False
+                run.generation_remembered(False)
                 run.enter(Phase.PREPARING)
                 generation = await self._generate(run, prompt, record.negative_prompt, choices, result)
                 regenerated = True
@@ -209,7 +209,7 @@ class Pipeline:
         try:
             # Remembered first: should Redis fail the count, the job's next run still reuses what was paid for.
             await s.ledger.save(prompt_id, generation)
-            run.generation_saved = True
+            run.generation_remembered()
             await asyncio.shield(s.permits.finish(reservation, CallOutcome.IMAGES))
         finally:
             if account is not None:
@@ -396,7 +396,7 @@ class Pipeline:
             await s.ledger.forget(prompt_id)
             log.warning("record was deleted during the job; its images were removed")
             raise
-        run.committed = True
+        run.commit()
         await s.ledger.forget(prompt_id)
         result.timings["patch"] = time.monotonic() - t0
 

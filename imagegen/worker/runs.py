@@ -42,7 +42,8 @@ _STAGE_OF = {
 
 @dataclass(eq=False)
 class JobRun:
-    """One execution of one job."""
+    """One execution of one job. Its state changes only through the methods below, each named for the event
+    that changes it; the other modules read it through the properties."""
 
     job_id: str
     prompt_id: str
@@ -50,16 +51,88 @@ class JobRun:
     task: asyncio.Task[Any]
     deadline: float  # event-loop time of the job's own deadline
     registry: Runs
-    phase: Phase = Phase.PREPARING
-    attempt: int = 0  # 0 until the run has begun an attempt
-    outage: str | None = None  # the service this run is waiting for
-    generation_saved: bool = False  # its paid generation is remembered in Redis
-    committed: bool = False  # the record is marked done: nothing may mark it otherwise
-    holds_call_slot: bool = False  # one of the worker's generation slots
-    handed_back: bool = False  # its paid call returned and its arq job slot went to the next prompt
-    interrupted: bool = False
     started: float = field(default_factory=time.time)
     clock: StageClock = field(default_factory=lambda: StageClock(time.time()))
+    _phase: Phase = Phase.PREPARING
+    _attempt: int = 0  # 0 until the run has begun an attempt
+    _outage: str | None = None  # the service this run is waiting for
+    _generation_saved: bool = False  # its paid generation is remembered in Redis
+    _committed: bool = False  # the record is marked done: nothing may mark it otherwise
+    _holds_call_slot: bool = False  # one of the worker's generation slots
+    _handed_back: bool = False  # its paid call returned and its arq job slot went to the next prompt
+    _interrupted: bool = False
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
+
+    @property
+    def outage(self) -> str | None:
+        return self._outage
+
+    @property
+    def generation_saved(self) -> bool:
+        return self._generation_saved
+
+    @property
+    def committed(self) -> bool:
+        return self._committed
+
+    @property
+    def holds_call_slot(self) -> bool:
+        return self._holds_call_slot
+
+    @property
+    def handed_back(self) -> bool:
+        return self._handed_back
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted
+
+    def began_attempt(self, attempt: int) -> None:
+        """The attempt this run counts as (`QueueState.begin_attempt`)."""
+        self._attempt = attempt
+
+    def gave_back_attempt(self) -> None:
+        """Its attempt was handed back: the run used none."""
+        self._attempt = 0
+
+    def waits_for(self, service: str) -> None:
+        self._outage = service
+
+    def service_back(self) -> str | None:
+        """The service it waited for answers again; returns which (None: it waited for none)."""
+        service, self._outage = self._outage, None
+        return service
+
+    def generation_remembered(self, saved: bool = True) -> None:
+        """Its paid generation is remembered in Redis (False: forgotten, to pay again for expired links)."""
+        self._generation_saved = saved
+
+    def commit(self) -> None:
+        """The record is marked done: from now on nothing may mark it otherwise."""
+        self._committed = True
+
+    def took_call_slot(self) -> None:
+        self._holds_call_slot = True
+
+    def freed_call_slot(self) -> bool:
+        """Lets go of its generation slot; True when it held one."""
+        held, self._holds_call_slot = self._holds_call_slot, False
+        return held
+
+    def lent_job_slot(self) -> None:
+        self._handed_back = True
+
+    def job_slot_returned(self) -> bool:
+        """Its lent arq job slot is taken back; True when it had lent one."""
+        lent, self._handed_back = self._handed_back, False
+        return lent
 
     @property
     def interruptible(self) -> bool:
@@ -77,7 +150,7 @@ class JobRun:
         self.check_stop()
 
     def set_phase(self, phase: Phase) -> None:
-        self.phase = phase
+        self._phase = phase
         stage = _STAGE_OF.get(phase)
         if stage is not None:
             self.clock.enter(stage)
@@ -88,7 +161,7 @@ class JobRun:
             raise JobInterrupted("the worker is stopping; queued again")
 
     def interrupt(self) -> None:
-        self.interrupted = True
+        self._interrupted = True
         self.task.cancel()
 
     def describe(self) -> dict[str, Any]:

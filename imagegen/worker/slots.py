@@ -60,11 +60,10 @@ class Slots:
     async def take_call_slot(self, run: JobRun) -> None:
         """Wait for a generation slot; the run holds it until `free_call_slot` or the end of its job."""
         await self._calls.acquire()
-        run.holds_call_slot = True
+        run.took_call_slot()
 
     def free_call_slot(self, run: JobRun) -> None:
-        if run.holds_call_slot:
-            run.holds_call_slot = False
+        if run.freed_call_slot():
             self._calls.release()
 
     @asynccontextmanager
@@ -77,15 +76,14 @@ class Slots:
         """The run's paid call returned: let arq take another job now, unless storing is already at its limit."""
         if self._room is None or run.handed_back or self.storing >= self._backlog:
             return
-        run.handed_back = True
+        run.lent_job_slot()
         self.storing += 1
         self._room.lend_job_slot()
 
     def job_ended(self, run: JobRun) -> None:
         """The run's job is over, its outcome decided: free whatever it still holds."""
         self.free_call_slot(run)
-        if self._room is None or not run.handed_back:
+        if self._room is None or not run.job_slot_returned():
             return
-        run.handed_back = False
         self.storing -= 1
         self._room.return_job_slot()
