@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -44,22 +43,9 @@ async def worker_running(settings: Settings, clock: Callable[[], float] | None =
     try:
         yield worker
     finally:
-        # Let jobs arq has just picked reach the job function first: a cancel inside arq's own start of a job
-        # leaves its hour-long in-progress mark behind (a worker's reconcile sweep frees it; a test can't wait).
-        worker.allow_pick_jobs = False
-        await wait_until(lambda: _jobs_entered(worker), deadline=10)
-        # Cancel what runs, as a stop past its grace would; arq's close() gives up (skipping the shutdown
-        # hook that stops the heartbeat and the sweep) when a job task it gathers ended cancelled.
-        worker.handle_sig(signal.SIGUSR1)
-        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
-        worker.tasks.clear()
+        await worker.stop_now()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await worker.close()
-
-
-async def _jobs_entered(worker: ImagegenWorker) -> bool:
-    return all(task.done() or job_id in worker.job_tasks for job_id, task in worker.tasks.items())
 
 
 async def wait_until(condition, deadline: float = 30):

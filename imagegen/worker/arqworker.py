@@ -28,6 +28,7 @@ with one line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -61,7 +62,17 @@ OVERRIDDEN = {
     "handle_sig": ("self", "signum"),
     "handle_sig_wait_for_completion": ("self", "signum"),
 }
-ATTRIBUTES = ("max_jobs", "job_counter", "sem", "ctx", "allow_pick_jobs", "tasks", "poll_delay_s")
+ATTRIBUTES = (
+    "max_jobs",
+    "job_counter",
+    "sem",
+    "ctx",
+    "allow_pick_jobs",
+    "tasks",
+    "job_tasks",
+    "main_task",
+    "poll_delay_s",
+)
 ARGUMENTS = (
     "functions",
     "queue_name",
@@ -220,6 +231,28 @@ class ImagegenWorker(Worker):
             running,
             self._grace,
         )
+
+    async def stop_now(self, settle: float = 10.0) -> None:
+        """Stop a worker this process runs itself (`async_run` in a task) at once, as a stop past its grace
+        would, and close it: no job is picked any more; the jobs arq has just picked first reach the job
+        function (a cancel inside arq's own start of a job would leave its hour-long in-progress mark behind),
+        for at most `settle` seconds; then every running job is cancelled, each going back to the queue."""
+        self.allow_pick_jobs = False
+        loop = asyncio.get_running_loop()
+        end = loop.time() + settle
+        while loop.time() < end:
+            picked = [task for job_id, task in self.tasks.items() if not task.done() and job_id not in self.job_tasks]
+            if not picked:
+                break
+            await asyncio.wait(picked, timeout=0.02)
+        self.handle_sig(signal.SIGUSR1)
+        # arq's close() gives up (skipping the shutdown hook) when a job task it gathers ended cancelled.
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        self.tasks.clear()
+        if self.main_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.main_task
+        await self.close()
 
 
 def run_worker(settings: Settings, *, burst: bool = False) -> int:
