@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from arq import Retry
 from loguru import logger
 
+from imagegen.clients.pocketbase import PocketBaseClient
 from imagegen.errors import (
     AccountsUnavailable,
     FailureKind,
@@ -44,13 +45,14 @@ from imagegen.models import JobOutcome, OutcomeStatus, RecordStatus
 from imagegen.ops.metrics import WorkerMetrics
 from imagegen.queue.lease import PromptLease, lease_ttl
 from imagegen.queue.stages import Stage, StageLog
-from imagegen.queue.state import QueueState, Verdict
+from imagegen.queue.state import PauseGate, QueueState, Verdict
 from imagegen.queue.throughput import OutcomeCounter
 from imagegen.settings import FINISH_RESERVE, Settings
 
-from .outages import POCKETBASE, outage_service
-from .pipeline import Pipeline, Services
+from .outages import POCKETBASE, Outages, outage_service
+from .pipeline import Pipeline
 from .runs import JobRun, Phase, Runs
+from .slots import Slots
 
 PAUSED_RECHECK = 1.0
 OUTAGE_RECHECK = 5.0
@@ -91,16 +93,29 @@ class JobRunner:
     """Runs prompt jobs with the failure policy above; one per worker process."""
 
     def __init__(
-        self, services: Services, pipeline: Pipeline, state: QueueState, runs: Runs, metrics: WorkerMetrics
+        self,
+        settings: Settings,
+        *,
+        pipeline: Pipeline,
+        pocketbase: PocketBaseClient,
+        gate: PauseGate,
+        outages: Outages,
+        slots: Slots,
+        state: QueueState,
+        runs: Runs,
+        metrics: WorkerMetrics,
     ) -> None:
-        self._s = services
-        self._settings = services.settings
+        self._settings = settings
         self._pipeline = pipeline
+        self._pocketbase = pocketbase
+        self._gate = gate
+        self._outages = outages
+        self._slots = slots
         self._state = state
         self._runs = runs
         self._metrics = metrics
         self._outcomes = OutcomeCounter(state.redis, state.keys)
-        self._stages = StageLog(state.redis, state.keys, services.settings.queue_keep_result)
+        self._stages = StageLog(state.redis, state.keys, settings.queue_keep_result)
 
     async def run(
         self, job_id: str, prompt_id: str, force: bool, *, queued_since: float | None = None, fresh: bool = True
@@ -121,7 +136,7 @@ class JobRunner:
             raise
         finally:
             self._runs.close(run)
-            self._s.slots.job_ended(run)
+            self._slots.job_ended(run)
             await asyncio.shield(self._end(run, outcome, fresh))
             await asyncio.shield(self._release(lease))
         return outcome.to_dict()
@@ -197,7 +212,7 @@ class JobRunner:
         )
 
     async def _work(self, run: JobRun, force: bool) -> JobOutcome:
-        s, prompt_id = self._s, run.prompt_id
+        prompt_id = run.prompt_id
         log = logger.bind(prompt_id=prompt_id)
         run.check_stop()
         if not await run.lease.claim():
@@ -208,14 +223,14 @@ class JobRunner:
         if verdict is not None:
             return await self._write_verdict(run, verdict)
         run.enter(Phase.WAITING)
-        if not await s.gate.wait_open(pause_wait_limit(self._settings)):
+        if not await self._gate.wait_open(pause_wait_limit(self._settings)):
             raise Requeue("paused", defer=PAUSED_RECHECK)
         run.enter(Phase.PREPARING)
         await run.lease.ensure()
         run.began_attempt(await self._state.begin_attempt(prompt_id))
         if run.attempt > self._settings.queue_attempts:
             # Only runs that died or were cut off get here (each used an attempt); one may have finished first.
-            record = await s.outages.call(POCKETBASE, lambda: s.pocketbase.get_record(prompt_id), run)
+            record = await self._outages.call(POCKETBASE, lambda: self._pocketbase.get_record(prompt_id), run)
             if record.is_done and not force:
                 await self._state.forget_attempts(prompt_id)
                 return JobOutcome(OutcomeStatus.DONE, run.attempt, skipped=True)
@@ -255,11 +270,11 @@ class JobRunner:
         if isinstance(exc, QueuePaused):
             await self._wait_for_resume(run, str(exc))
         if isinstance(exc, AccountsUnavailable):
-            info = await self._s.gate.close(str(exc), source="accounts", until=exc.until)
+            info = await self._gate.close(str(exc), source="accounts", until=exc.until)
             log.error("queue paused: {}", info.reason)
             await self._wait_for_resume(run, f"waiting: queue paused ({exc})")
         if exc.kind is FailureKind.ACCOUNT:
-            info = await self._s.gate.close(str(exc), source="auto")
+            info = await self._gate.close(str(exc), source="auto")
             log.error("queue paused: {}", info.reason)
             await self._wait_for_resume(run, f"waiting: queue paused ({exc})")
         attempts = self._settings.queue_attempts
@@ -297,7 +312,7 @@ class JobRunner:
             if not await run.lease.claim():
                 return
             async with asyncio.timeout(NOTE_TIMEOUT):
-                await self._s.pocketbase.set_status(run.prompt_id, status, note[:4000])
+                await self._pocketbase.set_status(run.prompt_id, status, note[:4000])
         except RecordNotFound:
             logger.bind(prompt_id=run.prompt_id).warning("record was deleted; nothing to mark")
         except (ImagegenError, TimeoutError) as exc:
@@ -308,7 +323,7 @@ class JobRunner:
         if exhausted:
             paused = await self._state.record_exhausted(error)
             if paused is not None:
-                self._s.gate.invalidate()
+                self._gate.invalidate()
                 logger.error("queue paused: {}", paused.reason)
         return await self._write_verdict(run, verdict)
 
@@ -319,9 +334,9 @@ class JobRunner:
         try:
             await run.lease.ensure()
             async with asyncio.timeout(FINISH_RESERVE / 2):
-                await self._s.outages.call(
+                await self._outages.call(
                     POCKETBASE,
-                    lambda: self._s.pocketbase.set_failed(prompt_id, verdict.error[:4000]),
+                    lambda: self._pocketbase.set_failed(prompt_id, verdict.error[:4000]),
                 )
         except LeaseLost as exc:
             return await self._decide(run, exc)

@@ -162,7 +162,17 @@ async def startup(ctx: dict[str, Any]) -> Started:
         stack.push_async_callback(watcher.stop)
     ctx["exit_stack"] = stack
     ctx["services"] = services
-    ctx["runner"] = JobRunner(services, Pipeline(services), state, runs, metrics)
+    ctx["runner"] = JobRunner(
+        settings,
+        pipeline=Pipeline(services),
+        pocketbase=pocketbase,
+        gate=gate,
+        outages=outages,
+        slots=slots,
+        state=state,
+        runs=runs,
+        metrics=metrics,
+    )
     intake.start()
     stack.push_async_callback(intake.stop)
     # A worker that starts with a usable account (a key replaced since the pause) lifts an accounts pause.
