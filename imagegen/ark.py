@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
+from .accounts import fingerprint
 from .choices import Choices, is_ark_model
 from .errors import ArkError, ConfigError, FailureKind, excerpt
 from .jimeng import parse_retry_after
@@ -260,6 +261,7 @@ class ArkClient:
         self._session = session
         self._url = f"{settings.ark_base_url}/images/generations"
         self._key = settings.ark_api_key
+        self.fingerprint = fingerprint(settings.ark_api_key)  # the account its calls count under
         self._model = settings.ark_model
         self._watermark = settings.ark_watermark
         self._response_format = settings.ark_response_format

@@ -5,8 +5,9 @@ Every CHECK_EVERY seconds:
   day per account across every worker (a marker in Redis, set by whichever worker claims first);
 - each account set aside `out of credits` is asked for its credits (`/token/points`): credits back (bought,
   or claimed) return it to service before the day turns, and lift an accounts pause;
-- an account back in service since the last round (its day turned, its cooling ended) is logged once: the
-  setting aside itself is logged by the call that caused it.
+- each change of an account's standing since it was last told is logged once across every worker
+  (`AccountPool.announce`): a return to service (credits back, its day turned, its cooling or refusal over, a
+  resume), a key replaced in JIMENG_API_KEY; the setting aside itself is logged by the call that caused it.
 """
 
 from __future__ import annotations
@@ -44,28 +45,22 @@ class CreditWatch(Periodic):
         self._state = state
         self._clock = clock
         self._claim_daily = claim_daily
-        self._aside: set[str] = set()  # fingerprints of the accounts set aside at the last round
 
     async def step(self) -> None:
-        health = await self._pool.health()
-        aside = {entry.account.fingerprint for entry in health if entry.until or entry.state is AccountState.EXPIRED}
-        for entry in health:
-            if entry.account.fingerprint in self._aside - aside:
-                logger.info("jimeng {}: back in service ({})", entry.account.label, entry.state.value)
-        self._aside = aside
-        back: list[Account] = []
-        for entry in health:
+        back: dict[str, str] = {}  # fingerprint: what brought the account back
+        for entry in await self._pool.health():
             if entry.state is AccountState.EXPIRED:
                 continue
             if self._claim_daily and await self._claim(entry.account) and entry.state is AccountState.NO_CREDITS:
-                back.append(entry.account)
+                back[entry.account.fingerprint] = "the day's free credits claimed"
             elif entry.state is AccountState.NO_CREDITS and (await self._routes.points(entry.account.key) or 0) > 0:
-                logger.info("jimeng {}: credits are back", entry.account.label)
-                back.append(entry.account)
+                back[entry.account.fingerprint] = "its credits are back"
         if back:
-            await self._pool.reinstate(*back)
-            if await self._state.lift_limit_pause(self._clock(), accounts_usable=True):
-                logger.info("queue resumed: a jimeng account has credits again")
+            await self._pool.reinstate(*(a for a in self._pool.accounts if a.fingerprint in back))
+        for level, line in await self._pool.announce(back):
+            logger.log(level, line)
+        if back and await self._state.lift_limit_pause(self._clock(), accounts_usable=True):
+            logger.info("queue resumed: a jimeng account has credits again")
 
     async def _claim(self, account: Account) -> bool:
         """Claim the day's free credits once a day; whether they were claimed now."""

@@ -41,6 +41,8 @@ def obj(properties: dict[str, Any], *required: str) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": list(required or properties)}
 
 
+CALL_COUNTS = {"calls": INT, "images": INT, "moderated": INT, "failed": INT, "reserved": INT}
+
 SCHEMAS: dict[str, Any] = {
     "Error": obj({"error": STRING}),
     "Health": {
@@ -155,25 +157,41 @@ SCHEMAS: dict[str, Any] = {
             "minutes": {"type": "array", "items": ref("MinuteCount")},
         }
     ),
+    "AccountSpend": {
+        **obj({"account": NULLABLE_STRING, **CALL_COUNTS}),
+        "description": "One account's calls today, by the fingerprint of its key (never the key); null for calls "
+        "counted without an account (by a version before accounts were counted).",
+    },
+    "ProviderSpend": {
+        **obj(
+            {
+                "provider": {"enum": ["jimeng", "ark"]},
+                "limit": {"type": ["integer", "null"]},
+                **CALL_COUNTS,
+                "accounts": {"type": "array", "items": ref("AccountSpend")},
+            }
+        ),
+        "description": "One provider's paid calls today against its own daily limit (JIMENG_DAILY_LIMIT, "
+        "ARK_DAILY_LIMIT; null: none), and per account.",
+    },
     "Spend": {
         **obj(
             {
                 "day": {"type": "string", "format": "date"},
                 "timezone": STRING,
                 "limit": {"type": ["integer", "null"]},
-                "calls": INT,
-                "images": INT,
-                "moderated": INT,
-                "failed": INT,
-                "reserved": INT,
+                **CALL_COUNTS,
+                "providers": {"type": "array", "items": ref("ProviderSpend")},
             }
         ),
-        "description": "Today's paid jimeng calls (in JIMENG_DAILY_LIMIT_TZ) by outcome, against JIMENG_DAILY_LIMIT "
-        "(null: none); `reserved` are calls in flight or of a worker that died during its call.",
+        "description": "Today's paid calls (in JIMENG_DAILY_LIMIT_TZ) by outcome, of every provider and per "
+        "provider; `limit` is JIMENG_DAILY_LIMIT (null: none); `reserved` are calls in flight or of a worker that "
+        "died during its call.",
     },
     "Account": {
         **obj(
             {
+                "provider": {"enum": ["jimeng", "ark"]},
                 "account": STRING,
                 "fingerprint": STRING,
                 "state": {"enum": [state.value for state in AccountState]},
@@ -187,8 +205,9 @@ SCHEMAS: dict[str, Any] = {
             }
         ),
         "description": "One jimeng account of JIMENG_API_KEY, named by its position and last four characters "
-        "(never the key); `until`/`since` in epoch seconds while it is set aside; `credits` only where asked of "
-        "the proxy (`imagegen accounts`).",
+        "(never the key), or Ark's key (ARK_API_KEY, when ark is in IMAGE_PROVIDERS: healthy, or `daily cap "
+        "reached` at ARK_DAILY_LIMIT); `until`/`since` in epoch seconds while it is set aside; `credits` only "
+        "where asked of the proxy (`imagegen accounts`).",
     },
     "Queue": {
         **obj(
@@ -309,9 +328,9 @@ def paths() -> dict[str, dict[str, Any]]:
         "/api/queue": {"get": operation("Queue summary", response("the summary", "Queue"), errors())},
         "/api/accounts": {
             "get": operation(
-                "The jimeng accounts of JIMENG_API_KEY and their states",
+                "The accounts of every provider and their states",
                 {
-                    "description": "every account, in JIMENG_API_KEY's order",
+                    "description": "every jimeng account, in JIMENG_API_KEY's order, then Ark's",
                     "content": {
                         "application/json": {"schema": obj({"accounts": {"type": "array", "items": ref("Account")}})}
                     },
