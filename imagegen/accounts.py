@@ -175,11 +175,10 @@ return {'ok', best}
 """.replace("{ttl}", str(ACCOUNT_CALLS_TTL))
 
 # KEYS: the account's hash; ARGV: state, until ms (0: until the key changes), reason, now ms.
-# Sets it aside unless it already is (the first reason and time stay: several calls may fail at once). The
-# call that sets it aside logs it, so the state counts as told (`announce`).
+# Sets it aside unless it already is (the first reason and time stay: several calls may fail at once).
 _SET_ASIDE = """
 if redis.call('hexists', KEYS[1], 'state') == 1 then return 0 end
-redis.call('hset', KEYS[1], 'state', ARGV[1], 'until', ARGV[2], 'since', ARGV[4], 'reason', ARGV[3], 'told', ARGV[1])
+redis.call('hset', KEYS[1], 'state', ARGV[1], 'until', ARGV[2], 'since', ARGV[4], 'reason', ARGV[3])
 return 1
 """
 
@@ -362,10 +361,11 @@ class AccountPool:
         return found
 
     async def announce(self, why: dict[str, str] | None = None) -> list[tuple[str, str]]:
-        """One line for each change of an account's standing since it was last told, across every worker: a
-        return to service (its cooling over, its day turned, its credits back, reinstated), a key replaced at its
-        position, a setting aside no call has told (a call that sets an account aside tells it itself).
-        `why` may say, by fingerprint, what brought an account back. Each line with its log level."""
+        """One line for each change of an account's standing since it was last told, told once across every
+        worker and `generate` (whichever asks first): set aside (the call that did it asks at once, the credit
+        watch every round), back in service (its cooling over, its day turned, its credits back, a resume), a
+        key replaced at its position. `why` may say, by fingerprint, what brought an account back. Each line
+        with its log level."""
         health = await self.health()
         args: list[str | int] = [self._keys.prefix]
         for entry in health:
@@ -383,7 +383,7 @@ class AccountPool:
                 because = f" ({reason})" if reason else ""
                 lines.append(("INFO", f"jimeng {label}: back in service{because}, was {before}"))
             else:
-                aside = f"jimeng {label}: {now}{_until(entry)}{f' ({entry.reason})' if entry.reason else ''}"
+                aside = f"jimeng {label} set aside: {now}{_until(entry)}{f' ({entry.reason})' if entry.reason else ''}"
                 lines.append(("WARNING", aside))
         return lines
 

@@ -7,7 +7,8 @@ Every CHECK_EVERY seconds:
   or claimed) return it to service before the day turns, and lift an accounts pause;
 - each change of an account's standing since it was last told is logged once across every worker
   (`AccountPool.announce`): a return to service (credits back, its day turned, its cooling or refusal over, a
-  resume), a key replaced in JIMENG_API_KEY; the setting aside itself is logged by the call that caused it.
+  resume), a key replaced in JIMENG_API_KEY, and a setting aside (which the call that caused it has most
+  likely told already).
 """
 
 from __future__ import annotations

@@ -336,7 +336,9 @@ class Pipeline:
         state = await pool.failed(account, exc)
         if state is None:
             return
-        logger.warning("jimeng {} set aside: {} ({})", account.label, state.value, exc.message)
+        # Told once across every worker, though several calls may have met the same dead account at once.
+        for level, line in await pool.announce():
+            logger.log(level, line)
         if exc.kind is not FailureKind.ACCOUNT:
             return  # cooling after transient failures: this prompt's attempt was a real one
         if await pool.usable():

@@ -378,7 +378,7 @@ class Settings(BaseSettings):
 
     @property
     def daily_limit_zone(self) -> ZoneInfo:
-        """The time zone whose midnight starts a new day of JIMENG_DAILY_LIMIT (and of the spend counts)."""
+        """The time zone whose midnight starts a new day of JIMENG_DAILY_LIMIT and ARK_DAILY_LIMIT (and of spend)."""
         return ZoneInfo(self.jimeng_daily_limit_tz)
 
     def jimeng_keys(self) -> list[SecretStr]:

@@ -322,7 +322,15 @@ async def test_each_change_of_an_accounts_standing_is_logged_once_across_workers
         assert await pool.failed(pool.accounts[0], refused) is AccountState.REFUSED
         assert await pool.failed(pool.accounts[1], empty) is AccountState.NO_CREDITS
         assert await pool.failed(pool.accounts[2], expired) is AccountState.EXPIRED
-        # The calls that set them aside told it; the watches don't again.
+        # Set aside by calls that told nobody (a worker's call tells it at once): the first watch tells each.
+        told = await rounds()
+        assert [(line.split(": ", 1)[0], line.rsplit(" (", 1)[1]) for line in told] == [
+            ("WARNING jimeng key 1 of 3 (…77c1) set aside", "HTTP 403: the API refused the key)"),
+            ("WARNING jimeng key 2 of 3 (…0a1b) set aside", "error -2009: out of credits)"),
+            ("WARNING jimeng key 3 of 3 (…9z8y) set aside", "error -2002: the session has expired)"),
+        ]
+        assert "refused until " in told[0] and "out of credits until " in told[1]
+        assert "expired: replace its session id in JIMENG_API_KEY" in told[2]
         assert await rounds() == []
 
         clock.now += 3601  # the refusal is over
