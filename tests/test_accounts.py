@@ -345,8 +345,8 @@ async def test_each_change_of_an_accounts_standing_is_logged_once_across_workers
         renewed = f"{JIMENG_KEY},{SECOND_KEY},pool-key-renewed-4c4c"
         sandbox.add_account("pool-key-renewed-4c4c")
         watches = [watch_of(pool_of(renewed)) for _ in range(2)]
-        told = "INFO jimeng key 3 of 3 (…4c4c): a new key in this place (the key before was expired)"
-        assert await rounds() == [told]
+        replaced = "INFO jimeng key 3 of 3 (…4c4c): a new key in this place (the key before was expired)"
+        assert await rounds() == [replaced]
         assert await rounds() == []
     finally:
         logger.remove(sink)
