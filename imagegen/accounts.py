@@ -107,7 +107,9 @@ class AccountHealth:
     in_flight: int
     calls_today: int
     streak: int
-    credits: int | None = None  # from the proxy's /token/points, when asked (`imagegen accounts`)
+    # From the proxy's /token/points: as a worker's credit watch last saw them (every CHECK_EVERY seconds), or
+    # asked now (`imagegen accounts`); None when not known.
+    credits: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -313,6 +315,15 @@ class AccountPool:
                 return AccountState.COOLING
         return None
 
+    async def note_credits(self, credits: dict[str, int]) -> None:
+        """Remember the credits the proxy reported, by fingerprint: `health` shows them until the next report."""
+        if not credits:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for fingerprint, points in credits.items():
+                pipe.hset(f"{self._keys.prefix}account:{fingerprint}", "credits", str(points))
+            await pipe.execute()
+
     async def reinstate(self, *accounts: Account) -> None:
         """These accounts (default: every one) usable again (`imagegen resume`, credits seen back): the next
         call tells whether they really are."""
@@ -356,6 +367,8 @@ class AccountPool:
                     in_flight,
                     today,
                     int(raw.get("streak") or 0),
+                    # An expired session's last credits say nothing of the account any more.
+                    int(raw["credits"]) if raw.get("credits") and state is not AccountState.EXPIRED else None,
                 )
             )
         return found

@@ -3,8 +3,9 @@
 Every CHECK_EVERY seconds:
 - with JIMENG_CLAIM_DAILY, the day's free credits of each live account are claimed (`/token/receive`), once a
   day per account across every worker (a marker in Redis, set by whichever worker claims first);
-- each account set aside `out of credits` is asked for its credits (`/token/points`): credits back (bought,
-  or claimed) return it to service before the day turns, and lift an accounts pause;
+- each live account is asked for its credits (`/token/points`), kept as its last known credits (status, the
+  API and the dashboard show them); an account set aside `out of credits` whose credits are back (bought, or
+  claimed) returns to service before the day turns, and lifts an accounts pause;
 - each change of an account's standing since it was last told is logged once across every worker
   (`AccountPool.announce`): a return to service (credits back, its day turned, its cooling or refusal over, a
   resume), a key replaced in JIMENG_API_KEY, and a setting aside (which the call that caused it has most
@@ -49,13 +50,20 @@ class CreditWatch(Periodic):
 
     async def step(self) -> None:
         back: dict[str, str] = {}  # fingerprint: what brought the account back
+        known: dict[str, int] = {}  # fingerprint: credits the proxy reports
         for entry in await self._pool.health():
             if entry.state is AccountState.EXPIRED:
                 continue
-            if self._claim_daily and await self._claim(entry.account) and entry.state is AccountState.NO_CREDITS:
-                back[entry.account.fingerprint] = "the day's free credits claimed"
-            elif entry.state is AccountState.NO_CREDITS and (await self._routes.points(entry.account.key) or 0) > 0:
-                back[entry.account.fingerprint] = "its credits are back"
+            fingerprint = entry.account.fingerprint
+            claimed = self._claim_daily and await self._claim(entry.account)
+            points = await self._routes.points(entry.account.key)
+            if points is not None:
+                known[fingerprint] = points
+            if entry.state is AccountState.NO_CREDITS and claimed:
+                back[fingerprint] = "the day's free credits claimed"
+            elif entry.state is AccountState.NO_CREDITS and (points or 0) > 0:
+                back[fingerprint] = "its credits are back"
+        await self._pool.note_credits(known)
         if back:
             await self._pool.reinstate(*(a for a in self._pool.accounts if a.fingerprint in back))
         for level, line in await self._pool.announce(back):

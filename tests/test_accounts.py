@@ -340,6 +340,8 @@ async def test_each_change_of_an_accounts_standing_is_logged_once_across_workers
             "INFO jimeng key 2 of 3 (…0a1b): back in service (its credits are back), was out of credits",
         ]
         assert await rounds() == []
+        # Each live account's credits as the watch last read them (the sandbox says 100 for "no limit").
+        assert [h.credits for h in await pool.health()] == [100, 5, None]
 
         # The expired session replaced in JIMENG_API_KEY: the workers restarted with the new key say it once.
         renewed = f"{JIMENG_KEY},{SECOND_KEY},pool-key-renewed-4c4c"

@@ -273,11 +273,14 @@ async def test_the_accounts_card_shows_an_account_set_aside_with_until_when(page
     await expect(row.locator("td:nth-child(4)")).to_have_text("healthy")
     await expect(row).not_to_have_class(re.compile(r"\baccount-aside\b"))
 
+    await expect(row.locator("td:nth-child(6)")).to_have_text("–")  # no credits read yet
+
     empty = JimengError("error -2009: out of credits", kind=FailureKind.ACCOUNT, code=-2009)
     assert await pool.failed(account, empty) is AccountState.NO_CREDITS
-    # The card follows without a reload: provider, label, fingerprint, the state with when it ends, calls.
+    await pool.note_credits({account.fingerprint: 0})  # as a worker's credit watch reads them
+    # The card follows without a reload: provider, label, fingerprint, the state with when it ends, calls, credits.
     await expect(row.locator("td")).to_have_text(
-        ["jimeng", account.label, account.fingerprint, re.compile(r"^out of credits until .+"), "0", "–"]
+        ["jimeng", account.label, account.fingerprint, re.compile(r"^out of credits until .+"), "0", "0"]
     )
     midnight = spend.day_end(spend.day()) * 1000  # the day turns in JIMENG_DAILY_LIMIT_TZ (UTC here)
     until = await page.evaluate("(ms) => new Date(ms).toLocaleString()", midnight)

@@ -206,8 +206,9 @@ SCHEMAS: dict[str, Any] = {
         ),
         "description": "One jimeng account of JIMENG_API_KEY, named by its position and last four characters "
         "(never the key), or Ark's key (ARK_API_KEY, when ark is in IMAGE_PROVIDERS: healthy, or `daily cap "
-        "reached` at ARK_DAILY_LIMIT); `until`/`since` in epoch seconds while it is set aside; `credits` only "
-        "where asked of the proxy (`imagegen accounts`).",
+        "reached` at ARK_DAILY_LIMIT); `until`/`since` in epoch seconds while it is set aside; `credits` as "
+        "the workers' credit watch last read them from the proxy (every 5 minutes; null: not known, and always "
+        "for Ark).",
     },
     "Queue": {
         **obj(
