@@ -137,17 +137,25 @@ class CallPermits:
         return WAIT_STEP if code < 0 else code / 1000
 
     async def take(
-        self, token: str, can_wait: float, prompt_id: str = "-", providers: Sequence[str] = ("jimeng",)
+        self,
+        token: str,
+        can_wait: float,
+        prompt_id: str = "-",
+        providers: Sequence[str] = ("jimeng",),
+        *,
+        places_only: bool = False,
     ) -> Reservation | None:
         """Wait up to `can_wait` seconds until a call may start, reserved under the first of `providers` whose
         daily limit has room; None when none could in time. The reservation returned must go to `finish`
-        whatever happens next. Raises DailyLimitReached when every one's limit is used up (nothing held)."""
+        whatever happens next. Raises DailyLimitReached when every one's limit is used up (nothing held).
+        `places_only`: only a place under a limit is taken (the permit and rate slot are held already)."""
         loop = asyncio.get_running_loop()
         end = loop.time() + can_wait
         told = False
+        held = {"cap": 0, "rate": 0} if places_only else {}
         try:
             # A wait may cross midnight: each try reserves under the day it starts in.
-            while not isinstance(taken := await self.try_take(token, providers), Reservation):
+            while not isinstance(taken := await self.try_take(token, providers, **held), Reservation):
                 if loop.time() + taken > end:
                     return None
                 if taken >= 1 and not told:
@@ -170,8 +178,8 @@ class CallPermits:
         """The call of `reservation` goes elsewhere: its place under the first of `providers` whose limit has
         room, its permit and rate slot kept. Raises DailyLimitReached (its old place released either way)."""
         await self._release(reservation)
-        taken = await self.try_take(reservation.token, providers, cap=0, rate=0)
-        assert isinstance(taken, Reservation), "with no cap and no rate a place is taken at once"
+        taken = await self.take(reservation.token, 0.0, providers=providers, places_only=True)
+        assert taken is not None, "with no cap and no rate a place is taken at once, or none is left"
         return taken
 
     async def _release(self, reservation: Reservation) -> None:

@@ -334,3 +334,35 @@ async def test_counts_written_before_providers_and_accounts_count_as_jimengs_and
     assert [(a.account, a.calls) for a in ark.accounts] == [("0123456789ab", 1)]
     text = run_cli(stack, "spend", "--days", "1", JIMENG_DAILY_LIMIT="4").stdout
     assert "(no account recorded)" in text
+
+
+async def test_a_reservation_moved_to_the_next_provider_keeps_its_permit_and_leaves_no_place_behind(
+    stack: Stack, redis_client
+):
+    # A call reserved under jimeng whose pool turns out to have no usable account goes to Ark.
+    settings = stack.settings(
+        jimeng_daily_limit=3, ark_daily_limit=1, image_providers="jimeng,ark", ark_api_key="ark-key-1234"
+    )
+    spend = spend_of(settings, redis_client)
+    permits = CallPermits(redis_client, RedisKeys(settings.queue_name), 2, 0, 10, spend)
+
+    async def reserved() -> tuple[int, int]:
+        jimeng, ark = (await spend.today()).providers
+        return jimeng.reserved, ark.reserved
+
+    first = await permits.take("token-1", 0, providers=["jimeng", "ark"])
+    assert first is not None and first.provider == "jimeng" and await reserved() == (1, 0)
+    moved = await permits.move(first, ["ark"])
+    assert moved.provider == "ark" and await reserved() == (0, 1)
+    assert await permits.in_use() == 1  # its permit stays with it
+
+    second = await permits.take("token-2", 0, providers=["jimeng", "ark"])
+    assert second is not None
+    with pytest.raises(DailyLimitReached, match=r"daily limit of 1 ark calls reached .* \(ARK_DAILY_LIMIT\)"):
+        await permits.move(second, ["ark"])
+    assert await reserved() == (0, 1)
+    await permits.finish(moved, CallOutcome.IMAGES)
+    await permits.finish(second, None)
+    assert await reserved() == (0, 0) and await permits.in_use() == 0
+    jimeng, ark = (await spend.today()).providers
+    assert (jimeng.calls, ark.calls) == (0, 1)
