@@ -13,9 +13,9 @@ import pytest
 from arq.worker import Worker
 
 import imagegen
-from imagegen.arqworker import OVERRIDDEN, START_LINE, ImagegenWorker, check_arq
+from imagegen.dev.localstack import free_port
 from imagegen.errors import ConfigError
-from imagegen.localstack import free_port
+from imagegen.worker.arqworker import OVERRIDDEN, START_LINE, ImagegenWorker, check_arq
 
 from .conftest import (
     ARQ_WORKER,
@@ -31,7 +31,7 @@ from .conftest import (
 from .test_pipeline import wait_until
 
 PACKAGE = Path(imagegen.__file__).parent
-SEAM = PACKAGE / "arqworker.py"
+SEAM = PACKAGE / "worker" / "arqworker.py"
 COMMANDS = {"imagegen worker": IMAGEGEN_WORKER, "arq imagegen.WorkerSettings": ARQ_WORKER}
 
 

@@ -12,12 +12,12 @@ import pytest
 from loguru import logger
 from pydantic import SecretStr
 
-from imagegen.accounts import fingerprint
-from imagegen.ark_sandbox import ERRORS, ArkSandboxConfig, ArkSandboxThread
-from imagegen.download import sniff_image_type
+from imagegen.clients.download import sniff_image_type
+from imagegen.dev.ark_sandbox import ERRORS, ArkSandboxConfig, ArkSandboxThread
 from imagegen.errors import ConfigError, FailureKind
+from imagegen.queue.accounts import fingerprint
+from imagegen.queue.state import PauseInfo
 from imagegen.settings import Settings, load_settings
-from imagegen.state import PauseInfo
 
 from .conftest import JIMENG_KEY, RecordFactory, Stack, queue_state, run_cli, wait_for_records
 from .test_ark import ACCOUNT, PERMANENT, ROWS, TRANSIENT

@@ -11,9 +11,9 @@ from contextlib import asynccontextmanager
 import pytest
 from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 
-from imagegen.accounts import AccountPool, AccountState, accounts_of
 from imagegen.errors import FailureKind, JimengError
-from imagegen.keys import RedisKeys
+from imagegen.queue.accounts import AccountPool, AccountState, accounts_of
+from imagegen.queue.keys import RedisKeys
 
 from .conftest import JIMENG_KEY, RecordFactory, Stack, run_cli
 from .test_pipeline import wait_until
