@@ -8,7 +8,6 @@ Expected failures print one line, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import sys
 from collections import Counter
@@ -18,17 +17,16 @@ from typing import Any, NoReturn
 import aiohttp
 import click
 
-from imagegen.clients.jimeng import AccountRoutes
 from imagegen.clients.layout import FieldLayout
 from imagegen.clients.pocketbase import PocketBaseClient
 from imagegen.errors import ConfigError, DailyLimitReached, ImagegenError
 from imagegen.logs import setup_logging
-from imagegen.models import iso_time
+from imagegen.ops.accounts_report import account_lines, accounts_summary, accounts_with_credits, format_accounts
 from imagegen.ops.answers import AccountsAnswer, EnqueueResultAnswer, QueueAnswer, TaskAnswer
 from imagegen.ops.collection_setup import setup_collection
 from imagegen.ops.control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
 from imagegen.progress import Progress
-from imagegen.queue.accounts import AccountHealth, AccountState
+from imagegen.queue.accounts import AccountState
 from imagegen.queue.priority import PRIORITY_RULE, check_priority
 from imagegen.queue.spend import DaySpend, total
 from imagegen.settings import Settings, load_settings, require
@@ -320,7 +318,7 @@ def resume(ctx: click.Context) -> None:
     with_control(ctx, action, as_json=False, needs_pocketbase=False)
 
 
-def _format_status(report: StatusReport) -> str:
+def _format_status(report: StatusReport, providers: list[str]) -> str:
     data = QueueAnswer.of(report).to_json()
     records = data["records"]
     lines = [
@@ -340,16 +338,10 @@ def _format_status(report: StatusReport) -> str:
             f"({outage['workers']} worker(s) waiting): {outage['error']}"
         )
     lines.append(f"failures:  {report.consecutive_failures} in a row (pause at {report.max_failed})")
-    spend = data["spend"]
-    limit = f"of {spend['limit']} a day (JIMENG_DAILY_LIMIT)" if spend["limit"] else "(no daily limit)"
-    reserved = f", {spend['reserved']} in flight or unsettled" if spend["reserved"] else ""
-    lines.append(
-        f"spend:     {spend['calls']} jimeng calls today ({spend['day']} {spend['timezone']}) {limit}: "
-        f"{spend['images']} images, {spend['moderated']} moderated, {spend['failed']} failed{reserved}"
-    )
-    lines.append("accounts:  " + _accounts_summary(report.accounts))
+    lines += _spend_today(data["spend"], providers)
+    lines.append("accounts:  " + accounts_summary(report.accounts))
     if len(report.accounts) > 1 or any(health.state is not AccountState.HEALTHY for health in report.accounts):
-        lines += [f"  {line}" for line in _account_lines(report.accounts)]
+        lines += [f"  {line}" for line in account_lines(report.accounts)]
     lines.append(f"workers:   {len(report.workers)} live")
     if not report.workers and report.last_worker_seen is not None:
         lines[-1] += f" (the last one seen {data['last_worker_seen']})"
@@ -381,7 +373,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
             report = await control.status()
             code = EXIT_SERVICE if report.records_error else EXIT_OK
         document = {**QueueAnswer.of(report).to_json(), "target": target_json(control)}
-        click.echo(json.dumps(document, ensure_ascii=False) if as_json else _format_status(report))
+        shown = _format_status(report, control.settings.providers())
+        click.echo(json.dumps(document, ensure_ascii=False) if as_json else shown)
         if report.records_error:
             click.echo(f"imagegen: record counts unavailable: {report.records_error}", err=True)
         return code
@@ -389,42 +382,63 @@ def status(ctx: click.Context, as_json: bool) -> None:
     with_control(ctx, action, as_json=as_json, needs_pocketbase=False, reads_records=True)
 
 
-def _format_spend(days: list[DaySpend], sums: dict[str, int], limit: int, zone: str) -> str:
-    header = f"{'day':<12}{'calls':>7}{'images':>8}{'moderated':>11}{'failed':>8}{'reserved':>10}"
+SPEND_COLUMNS = ("calls", "images", "moderated", "failed", "reserved")
+
+
+def _format_spend(days: list[DaySpend], sums: dict[str, Any], limits: dict[str, int], zone: str) -> str:
+    """One row per day and its total, and under each the providers that had calls, and their accounts."""
+    header = f"{'day':<26}{'calls':>7}{'images':>8}{'moderated':>11}{'failed':>8}{'reserved':>10}"
 
     def row(label: str, counts: dict[str, Any]) -> str:
         return (
-            f"{label:<12}{counts['calls']:>7}{counts['images']:>8}{counts['moderated']:>11}"
+            f"{label:<26}{counts['calls']:>7}{counts['images']:>8}{counts['moderated']:>11}"
             f"{counts['failed']:>8}{counts['reserved']:>10}"
         )
 
-    lines = [header, *(row(day.day.isoformat(), day.to_json()) for day in days), row("total", sums)]
-    lines.append(
-        f"days in {zone}; "
-        + (f"JIMENG_DAILY_LIMIT {limit} calls a day" if limit else "no daily limit (JIMENG_DAILY_LIMIT=0)")
+    lines = [header]
+    for day in days:
+        lines.append(row(day.day.isoformat(), day.to_json()))
+        for provider in day.providers:
+            if provider.calls or provider.reserved:
+                lines.append(row(f"  {provider.provider}", provider.counts_json()))
+                lines += [row(f"    {_spend_account(a.account)}", a.counts_json()) for a in provider.accounts]
+    lines.append(row("total", sums))
+    lines += [row(f"  {name}", counts) for name, counts in sums["providers"].items() if counts["calls"]]
+    named = ", ".join(
+        f"{name.upper()}_DAILY_LIMIT {limit} calls a day" if limit else f"no {name.upper()}_DAILY_LIMIT"
+        for name, limit in limits.items()
     )
+    lines.append(f"days in {zone}; {named}")
     return "\n".join(lines)
 
 
-def _accounts_summary(accounts: list[AccountHealth]) -> str:
-    states = Counter(health.state.value for health in accounts)
-    return f"{len(accounts)} jimeng keys: " + ", ".join(f"{n} {state}" for state, n in states.items())
+def _spend_account(fingerprint: str | None) -> str:
+    """An account of the spend counts: its fingerprint, or what calls counted without one were."""
+    return fingerprint or "(no account recorded)"
 
 
-def _account_lines(accounts: list[AccountHealth]) -> list[str]:
+def _spend_today(spend: dict[str, Any], configured: list[str]) -> list[str]:
+    """status's spend lines: each provider in use or with calls today against its limit, then its accounts."""
     lines = []
-    for health in accounts:
-        when = ""
-        if health.until:
-            when = f" until {iso_time(health.until)}"
-        elif health.since:
-            when = f" since {iso_time(health.since)}"
-        reason = f": {health.reason}" if health.reason else ""
-        credits = f", {health.credits} credits" if health.credits is not None else ""
-        lines.append(
-            f"{health.account.label}  {health.state.value}{when}, {health.calls_today} calls today, "
-            f"{health.in_flight} in flight{credits}{reason}"
+    for provider in spend["providers"]:
+        name = provider["provider"]
+        if name not in configured and not provider["calls"]:
+            continue
+        limit = (
+            f"of {provider['limit']} a day ({name.upper()}_DAILY_LIMIT)"
+            if provider["limit"]
+            else f"(no {name.upper()}_DAILY_LIMIT)"
         )
+        reserved = f", {provider['reserved']} in flight or unsettled" if provider["reserved"] else ""
+        lines.append(
+            f"spend:     {provider['calls']} {name} calls today ({spend['day']} {spend['timezone']}) {limit}: "
+            f"{provider['images']} images, {provider['moderated']} moderated, {provider['failed']} failed{reserved}"
+        )
+        lines += [
+            f"  {_spend_account(account['account'])}  {account['calls']} calls: {account['images']} images, "
+            f"{account['moderated']} moderated, {account['failed']} failed"
+            for account in provider["accounts"]
+        ]
     return lines
 
 
@@ -432,15 +446,10 @@ def _account_lines(accounts: list[AccountHealth]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def accounts(ctx: click.Context, as_json: bool) -> None:
-    """The jimeng accounts of JIMENG_API_KEY: each one's state, calls today, in flight, and its credits."""
+    """The accounts of every provider: each jimeng key's state, calls today, in flight and credits; Ark's key."""
 
     async def action(control: Control) -> int:
-        async with aiohttp.ClientSession() as http:
-            routes = AccountRoutes(http, control.settings)
-            found = [
-                dataclasses.replace(health, credits=await routes.points(health.account.key))
-                for health in await control.accounts.health()
-            ]
+        found = await accounts_with_credits(control)
         if as_json:
             document = {
                 **AccountsAnswer.of(found).to_json(),
@@ -448,7 +457,7 @@ def accounts(ctx: click.Context, as_json: bool) -> None:
             }
             click.echo(json.dumps(document, ensure_ascii=False))
         else:
-            click.echo("\n".join([_accounts_summary(found), *_account_lines(found)]))
+            click.echo(format_accounts(found))
         return EXIT_OK
 
     with_control(ctx, action, as_json=as_json, needs_pocketbase=False)
@@ -459,23 +468,25 @@ def accounts(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 def spend(ctx: click.Context, days: int, as_json: bool) -> None:
-    """Paid jimeng calls per day by outcome (images, moderated, failed), today first, and their total."""
+    """Paid calls per day by outcome (images, moderated, failed), provider and account, today first, and their
+    total."""
 
     async def action(control: Control) -> int:
         found = await control.spend(days)
         sums = total(found)
-        limit, zone = control.settings.jimeng_daily_limit, control.settings.jimeng_daily_limit_tz
+        limits, zone = control.settings.daily_limits(), control.settings.jimeng_daily_limit_tz
         if as_json:
             document = {
                 "timezone": zone,
-                "limit": limit or None,
+                "limit": limits["jimeng"] or None,
+                "limits": {name: limit or None for name, limit in limits.items()},
                 "days": [d.to_json() for d in found],
                 "total": sums,
                 "target": target_json(control, records=False),
             }
             click.echo(json.dumps(document, ensure_ascii=False))
         else:
-            click.echo(_format_spend(found, sums, limit, zone))
+            click.echo(_format_spend(found, sums, limits, zone))
         return EXIT_OK
 
     with_control(ctx, action, as_json=as_json, needs_pocketbase=False)

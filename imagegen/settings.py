@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     jimeng_link_lifetime: int = Field(7200, ge=1, description="seconds the API's image links stay valid")
     jimeng_max_inflight: int = Field(0, ge=0, description="concurrent calls across every worker; 0 no cap")
     jimeng_rate_limit: int = Field(0, ge=0, description="calls started per minute across every worker; 0 none")
-    jimeng_daily_limit: int = Field(0, ge=0, description="calls per day across every worker and `generate`; 0 none")
+    jimeng_daily_limit: int = Field(0, ge=0, description="jimeng calls a day, every worker and `generate`; 0 none")
     jimeng_daily_limit_tz: str = Field("UTC", description="IANA time zone whose midnight starts a day of the limit")
     # The accounts of JIMENG_API_KEY (comma-separated keys): caps of each one, across every worker.
     jimeng_account_concurrency: int = Field(0, ge=0, description="calls at once per account; 0 no cap")
@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     ark_response_format: Literal["url", "b64_json"] = "url"
     ark_max_images: int = Field(1, ge=1, le=15, description="1: one image a call; more: up to this many, as a group")
     ark_timeout: int = Field(600, gt=0, description="seconds")
+    ark_daily_limit: int = Field(0, ge=0, description="Ark calls per day across every worker; 0 none")
 
     # object storage (Volcengine TOS or any S3-compatible store)
     tos_bucket: str = ""
@@ -353,6 +354,12 @@ class Settings(BaseSettings):
         """IMAGE_PROVIDERS in order."""
         return self.image_providers.split(",")
 
+    def daily_limits(self) -> dict[str, int]:
+        """Each provider's daily limit (0: none), IMAGE_PROVIDERS first in their order, then the others (a
+        provider left out may still have counts: `imagegen generate` calls jimeng, an earlier setting Ark)."""
+        limits = {"jimeng": self.jimeng_daily_limit, "ark": self.ark_daily_limit}
+        return {name: limits[name] for name in [*self.providers(), *limits] if name in limits}
+
     @property
     def call_timeout(self) -> float:
         """Seconds the longest paid call of the configured providers may take."""
@@ -371,7 +378,7 @@ class Settings(BaseSettings):
 
     @property
     def daily_limit_zone(self) -> ZoneInfo:
-        """The time zone whose midnight starts a new day of JIMENG_DAILY_LIMIT (and of the spend counts)."""
+        """The time zone whose midnight starts a new day of JIMENG_DAILY_LIMIT and ARK_DAILY_LIMIT (and of spend)."""
         return ZoneInfo(self.jimeng_daily_limit_tz)
 
     def jimeng_keys(self) -> list[SecretStr]:

@@ -285,23 +285,71 @@ async def test_generate_takes_a_usable_account_and_calls_nothing_when_none_is(st
     assert (day.calls, day.reserved) == (1, 0)
 
 
-async def test_an_account_back_in_service_is_logged_once(stack: Stack, redis_client, http):
-    settings = stack.settings(jimeng_api_key=f"{JIMENG_KEY},{SECOND_KEY}")
+async def test_each_change_of_an_accounts_standing_is_logged_once_across_workers(stack: Stack, redis_client, http):
+    sandbox = stack.jimeng.sandbox
+    sandbox.add_account(SECOND_KEY, credits=0)
+    sandbox.add_account(THIRD_KEY)
+    settings = stack.settings(jimeng_api_key=f"{JIMENG_KEY},{SECOND_KEY},{THIRD_KEY}")
     clock = FakeClock(datetime(2026, 11, 28, 12, 0, tzinfo=SHANGHAI))
-    spend = spend_of(settings, redis_client, clock)
-    pool = AccountPool(redis_client, RedisKeys(settings.queue_name), accounts_of(settings.jimeng_keys()), spend)
+    keys = RedisKeys(settings.queue_name)
+
     state = queue_state(settings, redis_client)
-    watch = CreditWatch(redis_client, pool, AccountRoutes(http, settings), state, clock, claim_daily=False)
-    refused = JimengError("HTTP 403: the API refused the key", kind=FailureKind.ACCOUNT, status=403)
-    assert await pool.failed(pool.accounts[1], refused) is AccountState.REFUSED
+
+    def pool_of(api_key: str) -> AccountPool:
+        spend = spend_of(stack.settings(jimeng_api_key=api_key), redis_client, clock)
+        return AccountPool(redis_client, keys, accounts_of(stack.settings(jimeng_api_key=api_key).jimeng_keys()), spend)
+
+    def watch_of(pool: AccountPool) -> CreditWatch:
+        return CreditWatch(redis_client, pool, AccountRoutes(http, settings), state, clock, claim_daily=False)
+
+    # Two workers, each with its own watch over the same accounts.
+    pools = [pool_of(settings.jimeng_api_key.get_secret_value()) for _ in range(2)]
+    watches = [watch_of(pool) for pool in pools]
     lines: list[str] = []
-    sink = logger.add(lines.append, format="{message}")
+    sink = logger.add(lines.append, format="{level} {message}")
+
+    async def rounds() -> list[str]:
+        lines.clear()
+        for watch in watches:
+            await watch.step()
+        return [line.strip() for line in lines]
+
     try:
-        await watch.step()
-        clock.now += 3601
-        await watch.step()
-        await watch.step()
+        assert await rounds() == []  # every account in service from the start: nothing to tell
+        pool = pools[0]
+        refused = JimengError("HTTP 403: the API refused the key", kind=FailureKind.ACCOUNT, status=403)
+        empty = JimengError("error -2009: out of credits", kind=FailureKind.ACCOUNT, code=-2009)
+        expired = JimengError("error -2002: the session has expired", kind=FailureKind.ACCOUNT, code=-2002)
+        assert await pool.failed(pool.accounts[0], refused) is AccountState.REFUSED
+        assert await pool.failed(pool.accounts[1], empty) is AccountState.NO_CREDITS
+        assert await pool.failed(pool.accounts[2], expired) is AccountState.EXPIRED
+        # Set aside by calls that told nobody (a worker's call tells it at once): the first watch tells each.
+        told = await rounds()
+        assert [(line.split(": ", 1)[0], line.rsplit(" (", 1)[1]) for line in told] == [
+            ("WARNING jimeng key 1 of 3 (…77c1) set aside", "HTTP 403: the API refused the key)"),
+            ("WARNING jimeng key 2 of 3 (…0a1b) set aside", "error -2009: out of credits)"),
+            ("WARNING jimeng key 3 of 3 (…9z8y) set aside", "error -2002: the session has expired)"),
+        ]
+        assert "refused until " in told[0] and "out of credits until " in told[1]
+        assert "expired: replace its session id in JIMENG_API_KEY" in told[2]
+        assert await rounds() == []
+
+        clock.now += 3601  # the refusal is over
+        sandbox.set_credits(SECOND_KEY, 5)  # credits bought before the day turns
+        assert sorted(await rounds()) == [
+            "INFO jimeng key 1 of 3 (…77c1): back in service, was refused",
+            "INFO jimeng key 2 of 3 (…0a1b): back in service (its credits are back), was out of credits",
+        ]
+        assert await rounds() == []
+        # Each live account's credits as the watch last read them (the sandbox says 100 for "no limit").
+        assert [h.credits for h in await pool.health()] == [100, 5, None]
+
+        # The expired session replaced in JIMENG_API_KEY: the workers restarted with the new key say it once.
+        renewed = f"{JIMENG_KEY},{SECOND_KEY},pool-key-renewed-4c4c"
+        sandbox.add_account("pool-key-renewed-4c4c")
+        watches = [watch_of(pool_of(renewed)) for _ in range(2)]
+        replaced = "INFO jimeng key 3 of 3 (…4c4c): a new key in this place (the key before was expired)"
+        assert await rounds() == [replaced]
+        assert await rounds() == []
     finally:
         logger.remove(sink)
-    back = [line for line in lines if "back in service" in line]
-    assert back == ["jimeng key 2 of 2 (…0a1b): back in service (healthy)\n"]

@@ -64,6 +64,16 @@ def test_local_stack_turns_the_sample_prompts_into_hosted_images(tmp_path: Path)
             with urllib.request.urlopen(url, timeout=10) as response:
                 assert sniff_image_type(response.read(16)) is not None
         assert (tmp_path / "logs" / "worker-0-out.log").read_text().count("job done: 4 images") == 7
+        # The accounts, as `imagegen accounts` shows them: a pool of three sandbox keys whose expired one was set
+        # aside by the call that met it (its prompt went on to another key), and Ark behind the pool.
+        shown = up.stdout.split("\nAccounts (imagegen accounts), providers in order: jimeng,ark\n", 1)
+        assert len(shown) == 2, up.stdout
+        accounts = shown[1].split("\n\n", 1)[0].splitlines()
+        assert accounts[0] == "  3 jimeng keys: 2 healthy, 1 expired; 1 ark key: 1 healthy", accounts
+        for position, line in enumerate(accounts[1:3], start=1):
+            assert re.fullmatch(rf"  key {position} of 3 \(…\w{{4}}\)  healthy, \d+ calls today, .*", line)
+        assert re.fullmatch(r"  key 3 of 3 \(…\w{4}\)  expired since \S+, \d calls today, .*-2002.*", accounts[3])
+        assert re.fullmatch(r"  ARK_API_KEY \(…\w{4}\)  healthy, 0 calls today, 0 in flight", accounts[4])
 
         # Its last lines: the dashboard, which answers while the stack runs, and commands that work as printed.
         last = up.stdout.strip().splitlines()[-4:]

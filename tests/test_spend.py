@@ -5,26 +5,30 @@ reservations given back when no call was made, and `imagegen generate` counted a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+from pydantic import SecretStr
 
 from imagegen.dev.localstack import free_port
 from imagegen.errors import DailyLimitReached
 from imagegen.models import RecordStatus
+from imagegen.queue.accounts import fingerprint
 from imagegen.queue.keys import RedisKeys
 from imagegen.queue.permits import CallPermits
 from imagegen.queue.spend import CallOutcome, Spend
 from imagegen.queue.state import QueueState
 from imagegen.settings import Settings
 
-from .conftest import RecordFactory, Stack, after_target, queue_state, run_cli, wait_for_records
+from .conftest import JIMENG_KEY, RecordFactory, Stack, after_target, queue_state, run_cli, wait_for_records
 from .test_generate import assert_error_line
 from .test_pipeline import enqueue, run_queue, wait_until, worker_running
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
+FP = fingerprint(SecretStr(JIMENG_KEY))  # the test key's account, as spend names it
 
 
 class FakeClock:
@@ -42,7 +46,7 @@ class FakeClock:
 
 def spend_of(settings: Settings, redis_client, clock=None) -> Spend:
     zone = settings.daily_limit_zone
-    return Spend(redis_client, RedisKeys(settings.queue_name), settings.jimeng_daily_limit, zone, clock or _now)
+    return Spend(redis_client, RedisKeys(settings.queue_name), settings.daily_limits(), zone, clock or _now)
 
 
 def _now() -> float:
@@ -84,16 +88,11 @@ async def test_the_daily_limit_stops_at_exactly_n_calls_across_three_workers(
     assert set(statuses) - {"done"} <= {"pending", "queued"}, statuses
     status = json.loads(run_cli(stack, "status", "--json", JIMENG_DAILY_LIMIT=str(limit)).stdout)
     assert status["paused"]["source"] == "limit"
-    assert status["spend"] == {
-        "day": today,
-        "timezone": "UTC",
-        "limit": limit,
-        "calls": limit,
-        "images": limit,
-        "moderated": 0,
-        "failed": 0,
-        "reserved": 0,
-    }
+    counts = {"calls": limit, "images": limit, "moderated": 0, "failed": 0, "reserved": 0}
+    [jimeng, ark] = status["spend"].pop("providers")
+    assert status["spend"] == {"day": today, "timezone": "UTC", "limit": limit, **counts}
+    assert jimeng == {"provider": "jimeng", "limit": limit, **counts, "accounts": [{"account": FP, **counts}]}
+    assert ark == {"provider": "ark", "limit": None, **dict.fromkeys(counts, 0), "accounts": []}
     text = run_cli(stack, "status", JIMENG_DAILY_LIMIT=str(limit)).stdout
     assert f"spend:     {limit} jimeng calls today ({today} UTC) of {limit} a day (JIMENG_DAILY_LIMIT)" in text
 
@@ -176,31 +175,43 @@ async def test_calls_are_counted_by_outcome_and_shown_by_spend_and_status(
     report = json.loads(result.stdout)
     today = datetime.now(ZoneInfo("UTC")).date()
     assert report["timezone"] == "UTC" and report["limit"] is None
+    assert report["limits"] == {"jimeng": None, "ark": None}
     assert len(report["days"]) == 7
+    counts = {"calls": 5, "images": 1, "moderated": 2, "failed": 2, "reserved": 0}
     assert report["days"][0] == {
         "day": today.isoformat(),
-        "calls": 5,
-        "images": 1,
-        "moderated": 2,
-        "failed": 2,
-        "reserved": 0,
+        **counts,
+        "providers": [
+            {"provider": "jimeng", "limit": None, **counts, "accounts": [{"account": FP, **counts}]},
+            {"provider": "ark", "limit": None, **dict.fromkeys(counts, 0), "accounts": []},
+        ],
     }
     assert all(day["calls"] == 0 for day in report["days"][1:])
-    assert report["total"] == {"calls": 5, "images": 1, "moderated": 2, "failed": 2, "reserved": 0}
+    zero = dict.fromkeys(counts, 0)
+    assert report["total"] == {**counts, "providers": {"jimeng": counts, "ark": zero}}
 
     text = run_cli(stack, "spend", "--days", "2")
     assert text.returncode == 0, text.stderr
     lines = after_target(stack, text).splitlines()
-    assert lines[0].split() == ["day", "calls", "images", "moderated", "failed", "reserved"]
-    assert lines[1].split() == [today.isoformat(), "5", "1", "2", "2", "0"]
-    assert len(lines) == 5 and lines[3].split() == ["total", "5", "1", "2", "2", "0"]
-    assert "no daily limit" in lines[4]
+    assert [line.split() for line in lines] == [
+        ["day", "calls", "images", "moderated", "failed", "reserved"],
+        [today.isoformat(), "5", "1", "2", "2", "0"],
+        ["jimeng", "5", "1", "2", "2", "0"],
+        [FP, "5", "1", "2", "2", "0"],
+        [(today - timedelta(days=1)).isoformat(), "0", "0", "0", "0", "0"],
+        ["total", "5", "1", "2", "2", "0"],
+        ["jimeng", "5", "1", "2", "2", "0"],
+        ["days", "in", "UTC;", "no", "JIMENG_DAILY_LIMIT,", "no", "ARK_DAILY_LIMIT"],
+    ]
 
     status = json.loads(run_cli(stack, "status", "--json").stdout)
     assert status["spend"]["calls"] == 5 and status["spend"]["limit"] is None
-    assert "5 jimeng calls today" in run_cli(stack, "status").stdout
+    shown = run_cli(stack, "status").stdout
+    assert f"spend:     5 jimeng calls today ({today.isoformat()} UTC) (no JIMENG_DAILY_LIMIT): 1 images" in shown
+    assert f"  {FP}  5 calls: 1 images, 2 moderated, 2 failed" in shown
+    assert "ark calls today" not in shown  # not a provider here, and no calls
     # The counts expire by themselves, long after any report needs them.
-    ttl = await redis_client.ttl(RedisKeys(settings.queue_name).spend(today.isoformat()))
+    ttl = await redis_client.ttl(RedisKeys(settings.queue_name).spend(today.isoformat(), "jimeng"))
     assert 399 * 24 * 3600 < ttl <= 400 * 24 * 3600
 
 
@@ -262,7 +273,8 @@ async def test_reservations_never_pass_the_limit_and_are_released_when_no_call_f
     cut_off.cancel()
     with pytest.raises(asyncio.CancelledError):
         await cut_off
-    assert not await redis_client.sismember(keys.spend_reserved(spend.day().isoformat()), "token-cut")
+    _, reserved = spend.day_keys(spend.day(), "jimeng")
+    assert not await redis_client.sismember(reserved, "token-cut")
     assert (await spend.today()).reserved == before
 
 
@@ -278,14 +290,10 @@ async def test_generate_counts_its_call_and_refuses_once_the_limit_is_reached(st
     assert stack.jimeng.sandbox.stats()["total_calls"] == 2
     spend = json.loads(run_cli(stack, "spend", "--json", "--days", "1", JIMENG_DAILY_LIMIT="2").stdout)
     assert spend["limit"] == 2
-    assert spend["days"][0] | {"day": None} == {
-        "day": None,
-        "calls": 2,
-        "images": 1,
-        "moderated": 1,
-        "failed": 0,
-        "reserved": 0,
-    }
+    counts = {"calls": 2, "images": 1, "moderated": 1, "failed": 0, "reserved": 0}
+    [jimeng, _] = spend["days"][0].pop("providers")
+    assert spend["days"][0] | {"day": None} == {"day": None, **counts}
+    assert jimeng["accounts"] == [{"account": FP, **counts}]
     # A limit that can't be checked is not spent around.
     dead = run_cli(stack, "generate", "a kite without redis", REDIS_PORT=str(free_port()), JIMENG_DAILY_LIMIT="2")
     assert dead.returncode == 3
@@ -297,3 +305,64 @@ def test_a_time_zone_that_does_not_exist_is_one_line(stack: Stack):
     result = run_cli(stack, "spend", JIMENG_DAILY_LIMIT_TZ="Mars/Olympus")
     assert result.returncode == 2
     assert_error_line(result.stderr, "JIMENG_DAILY_LIMIT_TZ: must be an IANA time zone name")
+
+
+async def test_counts_written_before_providers_and_accounts_count_as_jimengs_and_under_its_limit(
+    stack: Stack, redis_client
+):
+    # A deployment upgraded mid-day: the day's counts so far are in the hash older versions wrote.
+    settings = stack.settings(jimeng_daily_limit=4, image_providers="jimeng,ark", ark_api_key="ark-key-1234")
+    keys = RedisKeys(settings.queue_name)
+    spend = spend_of(settings, redis_client)
+    await redis_client.hset(f"{keys.prefix}spend:{spend.day().isoformat()}", mapping={"images": 2, "failed": 1})
+    permits = CallPermits(redis_client, keys, 0, 0, 10, spend)
+
+    first = await permits.take("token-1", 0, providers=["jimeng", "ark"])
+    second = await permits.take("token-2", 0, providers=["jimeng", "ark"])
+    assert first is not None and second is not None
+    # One place was left under jimeng's limit of four; the next call goes to Ark.
+    assert (first.provider, second.provider) == ("jimeng", "ark")
+    await permits.finish(dataclasses.replace(first, account=FP), CallOutcome.IMAGES)
+    await permits.finish(dataclasses.replace(second, account="0123456789ab"), CallOutcome.IMAGES)
+    with pytest.raises(DailyLimitReached, match="daily limit of 4 jimeng calls reached"):
+        await permits.take("token-3", 0)
+
+    today = await spend.today()
+    jimeng, ark = today.providers
+    assert (today.calls, jimeng.calls, jimeng.images, jimeng.failed, ark.calls) == (5, 4, 3, 1, 1)
+    assert [(a.account, a.calls) for a in jimeng.accounts] == [(FP, 1), ("", 3)]
+    assert [(a.account, a.calls) for a in ark.accounts] == [("0123456789ab", 1)]
+    text = run_cli(stack, "spend", "--days", "1", JIMENG_DAILY_LIMIT="4").stdout
+    assert "(no account recorded)" in text
+
+
+async def test_a_reservation_moved_to_the_next_provider_keeps_its_permit_and_leaves_no_place_behind(
+    stack: Stack, redis_client
+):
+    # A call reserved under jimeng whose pool turns out to have no usable account goes to Ark.
+    settings = stack.settings(
+        jimeng_daily_limit=3, ark_daily_limit=1, image_providers="jimeng,ark", ark_api_key="ark-key-1234"
+    )
+    spend = spend_of(settings, redis_client)
+    permits = CallPermits(redis_client, RedisKeys(settings.queue_name), 2, 0, 10, spend)
+
+    async def reserved() -> tuple[int, int]:
+        jimeng, ark = (await spend.today()).providers
+        return jimeng.reserved, ark.reserved
+
+    first = await permits.take("token-1", 0, providers=["jimeng", "ark"])
+    assert first is not None and first.provider == "jimeng" and await reserved() == (1, 0)
+    moved = await permits.move(first, ["ark"])
+    assert moved.provider == "ark" and await reserved() == (0, 1)
+    assert await permits.in_use() == 1  # its permit stays with it
+
+    second = await permits.take("token-2", 0, providers=["jimeng", "ark"])
+    assert second is not None
+    with pytest.raises(DailyLimitReached, match=r"daily limit of 1 ark calls reached .* \(ARK_DAILY_LIMIT\)"):
+        await permits.move(second, ["ark"])
+    assert await reserved() == (0, 1)
+    await permits.finish(moved, CallOutcome.IMAGES)
+    await permits.finish(second, None)
+    assert await reserved() == (0, 0) and await permits.in_use() == 0
+    jimeng, ark = (await spend.today()).providers
+    assert (jimeng.calls, ark.calls) == (0, 1)

@@ -11,8 +11,13 @@ from contextlib import asynccontextmanager
 import pytest
 from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 
-from .conftest import RecordFactory, Stack, run_cli
+from imagegen.errors import FailureKind, JimengError
+from imagegen.queue.accounts import AccountPool, AccountState, accounts_of
+from imagegen.queue.keys import RedisKeys
+
+from .conftest import JIMENG_KEY, RecordFactory, Stack, run_cli
 from .test_pipeline import wait_until
+from .test_spend import spend_of
 from .test_web_serve import TOKEN, Served, served
 
 __all__ = ["served"]  # the fixture, used here by name
@@ -79,7 +84,7 @@ async def test_dashboard_counts_thumbnails_pause_resume_and_retry(
     await count(page, "pending", 1)
     await expect(page.locator("#workers")).to_have_text("1")
     await expect(page.locator("#hour-figures")).to_contain_text("2 done, 0 failed")
-    await expect(page.locator("#spend-today")).to_have_text("2")  # jimeng calls today, no daily limit
+    await expect(page.locator("#spend-today")).to_have_text("jimeng 2")  # paid calls today, no daily limit
 
     # A done job's view: its prompt and four thumbnails that really load from the S3 server.
     await page.click("#tabs button[data-state=done]")
@@ -133,7 +138,7 @@ async def test_dashboard_counts_thumbnails_pause_resume_and_retry(
     assert await wait_until(lambda: _done(pocketbase, refused.id), deadline=10)
     await expect(page.locator("#hour-figures")).to_contain_text("4 done, 1 failed")
     # Five calls in all today: four delivered images, one refused by moderation.
-    await expect(page.locator("#spend-today")).to_have_text("5")
+    await expect(page.locator("#spend-today")).to_have_text("jimeng 5")
     await expect(page.locator("#spend-today")).to_have_attribute(
         "title", re.compile(r"4 images, 1 moderated, 0 failed$")
     )
@@ -257,3 +262,30 @@ async def _status_is(pocketbase, prompt_id: str, status: str) -> bool:
 
 async def _calls_at_least(sandbox, prompt: str, count: int) -> bool:
     return bool(sandbox.calls(prompt) >= count)
+
+
+async def test_the_accounts_card_shows_an_account_set_aside_with_until_when(page: Page, stack: Stack, redis_client):
+    settings = stack.settings()
+    spend = spend_of(settings, redis_client)
+    pool = AccountPool(redis_client, RedisKeys(settings.queue_name), accounts_of(settings.jimeng_keys()), spend)
+    [account] = pool.accounts
+    row = page.locator(f'#account-rows tr[data-fingerprint="{account.fingerprint}"]')
+    await expect(row.locator("td:nth-child(4)")).to_have_text("healthy")
+    await expect(row).not_to_have_class(re.compile(r"\baccount-aside\b"))
+
+    await expect(row.locator("td:nth-child(6)")).to_have_text("–")  # no credits read yet
+
+    empty = JimengError("error -2009: out of credits", kind=FailureKind.ACCOUNT, code=-2009)
+    assert await pool.failed(account, empty) is AccountState.NO_CREDITS
+    await pool.note_credits({account.fingerprint: 0})  # as a worker's credit watch reads them
+    # The card follows without a reload: provider, label, fingerprint, the state with when it ends, calls, credits.
+    await expect(row.locator("td")).to_have_text(
+        ["jimeng", account.label, account.fingerprint, re.compile(r"^out of credits until .+"), "0", "0"]
+    )
+    midnight = spend.day_end(spend.day()) * 1000  # the day turns in JIMENG_DAILY_LIMIT_TZ (UTC here)
+    until = await page.evaluate("(ms) => new Date(ms).toLocaleString()", midnight)
+    await expect(row.locator("td:nth-child(4)")).to_have_text(f"out of credits until {until}")
+    await expect(row.locator("td:nth-child(4)")).to_have_attribute("title", "error -2009: out of credits")
+    await expect(row).to_have_class(re.compile(r"\baccount-aside\b"))
+    await expect(page.locator("#accounts-summary")).to_have_text("1 in all, 1 set aside")
+    assert JIMENG_KEY not in await page.content()

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from imagegen.choices import Choices, is_ark_model
 from imagegen.errors import ArkError, ConfigError, FailureKind, excerpt
+from imagegen.queue.accounts import fingerprint
 from imagegen.settings import Settings
 
 from .jimeng import parse_retry_after
@@ -261,6 +262,7 @@ class ArkClient:
         self._session = session
         self._url = f"{settings.ark_base_url}/images/generations"
         self._key = settings.ark_api_key
+        self.fingerprint = fingerprint(settings.ark_api_key)  # the account its calls count under
         self._model = settings.ark_model
         self._watermark = settings.ark_watermark
         self._response_format = settings.ark_response_format

@@ -1,12 +1,14 @@
 """The local default stack: everything imagegen needs on this machine, run by supervisord.
 
 `python -m imagegen.dev.devstack up` starts what `.env` does not configure (Redis, PocketBase with the prompts
-collection, a SeaweedFS S3 server, the jimeng sandbox) plus the worker, watching a local collection
+collection, a SeaweedFS S3 server, the jimeng sandbox with a pool of POOL_SIZE keys whose last session has
+expired, and the Ark sandbox as the fallback provider) plus the worker, watching a local collection
 (POCKETBASE_WATCH, unless `.env` says otherwise), and the dashboard (`imagegen serve`); it seeds sample prompts
 into a local PocketBase, queues every pending record and prints each record with its image URL. Then, on a
 local PocketBase, it creates one more record through PocketBase's REST API and shows the watching worker bring
-it to `done` with no command. Its last lines are the dashboard's URL and the commands for status, inspect and
-stop, as they run from the project directory.
+it to `done` with no command, and prints the accounts as `imagegen accounts` does (the expired key set aside
+by the one call that met it, Ark behind the pool). Its last lines are the dashboard's URL and the commands for
+status, inspect and stop, as they run from the project directory.
 `python -m imagegen.dev.devstack down` stops it all; the data stays in `.stack/` for the next `up`.
 """
 
@@ -17,9 +19,11 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +37,11 @@ from imagegen.clients.pocketbase import PocketBaseClient
 from imagegen.errors import ImagegenError
 from imagegen.logs import setup_logging
 from imagegen.models import PromptRecord, RecordStatus
+from imagegen.ops.accounts_report import accounts_with_credits, format_accounts
 from imagegen.ops.control import EnqueueOutcome, EnqueueTally, open_control
 from imagegen.settings import Settings, load_settings
 
+from .ark_sandbox import ARK_SANDBOX_KEY_ENV
 from .jimeng_sandbox import SANDBOX_KEY_ENV
 from .localstack import (
     LocalStackError,
@@ -61,6 +67,7 @@ WATCH_PROMPT = "a hot air balloon over a lavender field at sunset, created throu
 WAIT_SECONDS = 900
 DASHBOARD_PORT = 8300  # WEB_PORT's default: the demo's dashboard takes it when it is free
 DASHBOARD_WAIT = 30.0
+POOL_SIZE = 3  # sandbox jimeng keys in the demo's pool; the last one's session has expired
 
 
 @dataclass
@@ -106,8 +113,16 @@ def _configured(env_file: Path) -> set[str]:
 def _load_state(paths: StackPaths) -> dict[str, str]:
     if paths.ports_file.exists():
         state: dict[str, str] = json.loads(paths.ports_file.read_text())
-        if "web_port" not in state:  # a stack made before the demo served its dashboard
-            state["web_port"] = str(free_port(preferred=DASHBOARD_PORT))
+        # A stack made before the demo served its dashboard, or before it had a pool of keys and Ark.
+        added: dict[str, Callable[[], str]] = {
+            "web_port": lambda: str(free_port(preferred=DASHBOARD_PORT)),
+            "jimeng_pool": lambda: _sandbox_pool(state["jimeng_key"]),
+            "ark_port": lambda: str(free_port()),
+            "ark_key": lambda: "sandbox-ark-" + secrets.token_hex(8),
+        }
+        missing = {name: make() for name, make in added.items() if name not in state}
+        if missing:
+            state |= missing
             paths.ports_file.write_text(json.dumps(state, indent=2))
         return state
     state = {
@@ -121,11 +136,19 @@ def _load_state(paths: StackPaths) -> dict[str, str]:
         "s3_access_key": "imagegen-local",
         "s3_secret_key": secrets.token_hex(16),
         "jimeng_key": "sandbox-" + secrets.token_hex(8),
+        "ark_port": str(free_port()),
+        "ark_key": "sandbox-ark-" + secrets.token_hex(8),
     }
+    state["jimeng_pool"] = _sandbox_pool(state["jimeng_key"])
     paths.state.mkdir(parents=True, exist_ok=True)
     paths.ports_file.write_text(json.dumps(state, indent=2))
     paths.ports_file.chmod(0o600)
     return state
+
+
+def _sandbox_pool(first: str) -> str:
+    """The sandbox's pool of jimeng keys: `first` and POOL_SIZE - 1 more, the last one's session expired."""
+    return ",".join([first, *("sandbox-" + secrets.token_hex(8) for _ in range(POOL_SIZE - 1))])
 
 
 def plan_stack(paths: StackPaths, configured: set[str]) -> tuple[list[ServiceSpec], dict[str, str]]:
@@ -189,13 +212,15 @@ def plan_stack(paths: StackPaths, configured: set[str]) -> tuple[list[ServiceSpe
             "1.5",
             "--image-size",
             "512",
+            "--expired",
+            str(POOL_SIZE),
         ]
         specs.append(
             ServiceSpec(
                 name="jimeng-sandbox",
                 argv=argv,
-                # Only what it needs; the key by environment, so it shows neither in `ps` nor in the caller's env.
-                env=child_env(**{SANDBOX_KEY_ENV: state["jimeng_key"]}),
+                # Only what it needs; the keys by environment, so they show neither in `ps` nor in the caller's env.
+                env=child_env(**{SANDBOX_KEY_ENV: state["jimeng_pool"]}),
                 cwd=paths.root,
                 log_path=paths.state / "logs" / "jimeng-sandbox.log",
                 probe=lambda: _http_ok(f"http://127.0.0.1:{port}/_sandbox/stats"),
@@ -204,8 +229,37 @@ def plan_stack(paths: StackPaths, configured: set[str]) -> tuple[list[ServiceSpe
                 url=f"http://127.0.0.1:{port}/v1",
             )
         )
-        env |= {"JIMENG_API_KEY": state["jimeng_key"], "JIMENG_API_URL": f"http://127.0.0.1:{port}/v1"}
+        env |= {"JIMENG_API_KEY": state["jimeng_pool"], "JIMENG_API_URL": f"http://127.0.0.1:{port}/v1"}
+    if not {"ARK_API_KEY", "IMAGE_PROVIDERS"} & configured:
+        specs.append(_ark_sandbox(paths, state))
+        env |= {
+            "IMAGE_PROVIDERS": "jimeng,ark",
+            "ARK_API_KEY": state["ark_key"],
+            "ARK_BASE_URL": f"http://127.0.0.1:{state['ark_port']}/api/v3",
+        }
     return specs, env
+
+
+def _ark_sandbox(paths: StackPaths, state: dict[str, str]) -> ServiceSpec:
+    """The Ark sandbox, the pool's fallback: calls go to it when no jimeng account is left."""
+    port = state["ark_port"]
+    return ServiceSpec(
+        name="ark-sandbox",
+        argv=[sys.executable, "-m", "imagegen.dev.ark_sandbox", "--host", "127.0.0.1", "--port", port],
+        env=child_env(**{ARK_SANDBOX_KEY_ENV: state["ark_key"]}),
+        cwd=paths.root,
+        log_path=paths.state / "logs" / "ark-sandbox.log",
+        probe=lambda: _listening(int(port)),
+        start_timeout=20,
+        stop_timeout=5,
+        url=f"http://127.0.0.1:{port}/api/v3",
+    )
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _http_ok(url: str) -> bool:
@@ -389,6 +443,15 @@ async def print_records(records: list[PromptRecord]) -> None:
                 click.echo(f"    {url}  ({await describe_url(http, url)})")
 
 
+async def print_accounts(settings: Settings) -> None:
+    """The accounts as `imagegen accounts` shows them: on the local stack, the pool of sandbox keys (its dead
+    one set aside by the call that met it) and Ark behind them."""
+    async with open_control(settings) as control:
+        found = await accounts_with_credits(control)
+    click.echo(f"\nAccounts (imagegen accounts), providers in order: {settings.image_providers}")
+    click.echo("\n".join(f"  {line}" for line in format_accounts(found).splitlines()))
+
+
 @click.group()
 def main() -> None:
     """The local default stack for imagegen."""
@@ -429,6 +492,7 @@ def up(workers: int, wait: float) -> None:
         if settings.pocketbase_watch and "POCKETBASE_EMAIL" not in configured:
             watched.append(asyncio.run(watch_demo(settings, wait)))
             asyncio.run(print_records(watched))
+        asyncio.run(print_accounts(settings))
     except ImagegenError as exc:
         raise click.ClickException(str(exc)) from None
     shown = records + watched

@@ -297,13 +297,12 @@ class ThroughputAnswer(Answer):
         )
 
 
-class SpendAnswer(Answer):
-    """Today's paid jimeng calls (in JIMENG_DAILY_LIMIT_TZ) by outcome, against JIMENG_DAILY_LIMIT (null: none);
-    `reserved` are calls in flight or of a worker that died during its call."""
+Provider = Literal["jimeng", "ark"]
 
-    day: str = Field(json_schema_extra={"format": "date"})
-    timezone: str
-    limit: int | None
+
+class CallCountsAnswer(Answer):
+    """Paid calls by outcome; `reserved` are calls in flight or of a worker that died during its call."""
+
     calls: int
     images: int
     moderated: int
@@ -311,10 +310,39 @@ class SpendAnswer(Answer):
     reserved: int
 
 
-class AccountAnswer(Answer):
-    """One jimeng account of JIMENG_API_KEY, named by its position and last four characters (never the key);
-    `until`/`since` in epoch seconds while it is set aside; `credits` only where asked of the proxy."""
+class AccountSpendAnswer(CallCountsAnswer):
+    """One account's calls today, by the fingerprint of its key (never the key); null for calls counted without
+    an account (by a version before accounts were counted)."""
 
+    account: str | None
+
+
+class ProviderSpendAnswer(CallCountsAnswer):
+    """One provider's paid calls today against its own daily limit (JIMENG_DAILY_LIMIT, ARK_DAILY_LIMIT; null:
+    none), and per account."""
+
+    provider: Provider
+    limit: int | None
+    accounts: list[AccountSpendAnswer]
+
+
+class SpendAnswer(CallCountsAnswer):
+    """Today's paid calls (in JIMENG_DAILY_LIMIT_TZ) by outcome, of every provider and per provider; `limit`
+    is JIMENG_DAILY_LIMIT (null: none)."""
+
+    day: str = Field(json_schema_extra={"format": "date"})
+    timezone: str
+    limit: int | None
+    providers: list[ProviderSpendAnswer]
+
+
+class AccountAnswer(Answer):
+    """One jimeng account of JIMENG_API_KEY, named by its position and last four characters (never the key), or
+    Ark's key (ARK_API_KEY, when ark is in IMAGE_PROVIDERS: healthy, or `daily cap reached` at ARK_DAILY_LIMIT);
+    `until`/`since` in epoch seconds while it is set aside; `credits` as the workers' credit watch last read
+    them from the proxy (every 5 minutes; null: not known, and always for Ark)."""
+
+    provider: Provider
     account: str
     fingerprint: str
     state: AccountState
@@ -329,6 +357,7 @@ class AccountAnswer(Answer):
     @classmethod
     def of(cls, health: AccountHealth) -> AccountAnswer:
         return cls(
+            provider=health.account.provider,
             account=health.account.label,
             fingerprint=health.account.fingerprint,
             state=health.state,
@@ -343,7 +372,7 @@ class AccountAnswer(Answer):
 
 
 class AccountsAnswer(Answer):
-    """Every account, in JIMENG_API_KEY's order."""
+    """Every jimeng account, in JIMENG_API_KEY's order, then Ark's."""
 
     accounts: list[AccountAnswer]
 

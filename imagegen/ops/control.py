@@ -31,7 +31,7 @@ from imagegen.models import (
     iso_time,
     validate_prompt_id,
 )
-from imagegen.queue.accounts import AccountHealth, account_pool
+from imagegen.queue.accounts import AccountHealth, account_pool, ark_health
 from imagegen.queue.connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
 from imagegen.queue.enqueue import EnqueueOutcome, EnqueueReport, EnqueueTally, JobQueue
 from imagegen.queue.keys import RedisKeys
@@ -135,7 +135,7 @@ class Control:
         self.jobs = JobQueue(redis, settings.queue_name, self.keys)
         self.outcomes = OutcomeCounter(redis, self.keys)
         self.stages = StageLog(redis, self.keys, settings.queue_keep_result)
-        self.spending = Spend(redis, self.keys, settings.jimeng_daily_limit, settings.daily_limit_zone)
+        self.spending = Spend(redis, self.keys, settings.daily_limits(), settings.daily_limit_zone)
         self.accounts = account_pool(redis, self.keys, settings, self.spending)
 
     async def pause(self, reason: str) -> PauseInfo:
@@ -150,9 +150,17 @@ class Control:
             return await self.state.resume()
 
     async def accounts_health(self) -> list[AccountHealth]:
-        """Each jimeng account of JIMENG_API_KEY with its state (see `accounts`)."""
+        """Each jimeng account of JIMENG_API_KEY with its state (see `accounts`), then Ark's when it is a
+        provider."""
         with redis_errors(self.settings):
-            return await self.accounts.health()
+            return await self._accounts_health()
+
+    async def _accounts_health(self) -> list[AccountHealth]:
+        found = await self.accounts.health()
+        key = self.settings.ark_api_key
+        if key is not None and "ark" in self.settings.providers():
+            found.append(ark_health(key, (await self.spending.today()).provider("ark")))
+        return found
 
     async def throughput(self) -> Throughput:
         """Jobs done and failed in each minute of the last hour."""
@@ -188,7 +196,7 @@ class Control:
                 max_failed=self.settings.queue_max_failed,
                 workers=workers,
                 spend=limit_json(self.spending, await self.spending.today()),
-                accounts=await self.accounts.health(),
+                accounts=await self._accounts_health(),
                 last_worker_seen=await self.state.last_worker_seen(),
                 queue_name=self.settings.queue_name,
             )

@@ -99,8 +99,8 @@ class WorkerMetrics:
         )
         self.provider_calls = Counter(
             "imagegen_provider_calls",
-            "Paid calls by provider (jimeng, ark), account (a fingerprint of its key, never the key; empty for "
-            "Ark) and result: images, moderated, failed.",
+            "Paid calls by provider (jimeng, ark), account (a fingerprint of the key called with, never the key) "
+            "and result: images, moderated, failed.",
             ["provider", "account", "result"],
             registry=self.registry,
         )

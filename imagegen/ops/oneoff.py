@@ -17,7 +17,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -31,7 +31,7 @@ from imagegen.models import StoredImage, iso_time
 from imagegen.queue.accounts import Account, AccountPool, NoUsableAccount, account_pool
 from imagegen.queue.keys import RedisKeys
 from imagegen.queue.permits import CallPermits
-from imagegen.queue.spend import CallOutcome, Clock, Spend, call_outcome
+from imagegen.queue.spend import CallOutcome, Clock, Reservation, Spend, call_outcome
 from imagegen.settings import Settings, require
 from imagegen.target import Target
 
@@ -122,8 +122,26 @@ async def _open_counter(
         return None
     resources.push_async_callback(redis.aclose)
     keys = RedisKeys(settings.queue_name)
-    spend = Spend(redis, keys, settings.jimeng_daily_limit, settings.daily_limit_zone, clock)
+    spend = Spend(redis, keys, settings.daily_limits(), settings.daily_limit_zone, clock)
     return CallPermits(redis, keys, 0, 0, settings.worker_lease, spend), account_pool(redis, keys, settings, spend)
+
+
+async def _take_account(
+    pool: AccountPool | None, counter: CallPermits | None, reservation: Reservation | None, token: str
+) -> tuple[Account | None, Reservation | None]:
+    """The workers' usable account with the fewest calls in flight, and the reservation counted under it;
+    without Redis, no account (the first key is sent)."""
+    if pool is None:
+        return None, reservation
+    try:
+        account = await pool.take(token, wait=0.0)
+    except NoUsableAccount:
+        if counter is not None and reservation is not None:
+            await counter.finish(reservation, None)
+        raise await pool.unavailable() from None
+    if reservation is None or account is None:
+        return account, reservation
+    return account, replace(reservation, account=account.fingerprint)
 
 
 async def generate_once(
@@ -143,15 +161,7 @@ async def generate_once(
         counter, pool = opened if opened is not None else (None, None)
         token = secrets.token_hex(12)
         reservation = await counter.take(token, 0.0) if counter is not None else None
-        # The workers' usable account with the fewest calls in flight; without Redis, the first key.
-        account: Account | None = None
-        if pool is not None:
-            try:
-                account = await pool.take(token, wait=0.0)
-            except NoUsableAccount:
-                if counter is not None and reservation is not None:
-                    await counter.finish(reservation, None)
-                raise await pool.unavailable() from None
+        account, reservation = await _take_account(pool, counter, reservation, token)
         target = Target.of(settings, records=False).describe()
         counted = f", counted on {target}" if counter is not None else f" (not counted: {target} unreachable)"
         announce(

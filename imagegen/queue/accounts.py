@@ -41,7 +41,7 @@ from imagegen.errors import AccountsUnavailable, FailureKind, JimengError
 from imagegen.settings import Settings
 
 from .keys import RedisKeys
-from .spend import Spend
+from .spend import ProviderSpend, Spend
 
 COOL_AFTER = 3
 COOL_FIRST = 30.0
@@ -51,6 +51,7 @@ ACCOUNT_CALLS_TTL = 3 * 86_400
 CLAIM_MARKER_TTL = 2 * 86_400
 EXPIRED_CODE = -2002
 NO_CREDITS_CODE = -2009
+IN_SERVICE = "in service"  # an account's standing when it is not set aside (`announce`)
 
 
 class AccountState(StrEnum):
@@ -69,23 +70,30 @@ class NoUsableAccount(Exception):
 
 @dataclass(frozen=True)
 class Account:
-    """One key of JIMENG_API_KEY: `index` from 1, `fingerprint` names it in Redis, `label` in words."""
+    """One key of JIMENG_API_KEY (or ARK_API_KEY, `provider` ark): `index` from 1, `fingerprint` names it in
+    Redis, `label` in words."""
 
     index: int
     total: int
     key: SecretStr
     fingerprint: str
+    provider: str = "jimeng"
 
     @property
     def label(self) -> str:
-        return f"key {self.index} of {self.total} (…{self.key.get_secret_value()[-4:]})"
+        end = self.key.get_secret_value()[-4:]
+        if self.provider != "jimeng":
+            return f"{self.provider.upper()}_API_KEY (…{end})"
+        return f"key {self.index} of {self.total} (…{end})"
+
+
+def fingerprint(key: SecretStr) -> str:
+    """The short name of an account in Redis, the spend counts, metrics and pages: never the key itself."""
+    return hashlib.sha256(key.get_secret_value().encode()).hexdigest()[:12]
 
 
 def accounts_of(keys: list[SecretStr]) -> list[Account]:
-    return [
-        Account(index, len(keys), key, hashlib.sha256(key.get_secret_value().encode()).hexdigest()[:12])
-        for index, key in enumerate(keys, start=1)
-    ]
+    return [Account(index, len(keys), key, fingerprint(key)) for index, key in enumerate(keys, start=1)]
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,9 @@ class AccountHealth:
     in_flight: int
     calls_today: int
     streak: int
-    credits: int | None = None  # from the proxy's /token/points, when asked (`imagegen accounts`)
+    # From the proxy's /token/points: as a worker's credit watch last saw them (every CHECK_EVERY seconds), or
+    # asked now (`imagegen accounts`); None when not known.
+    credits: int | None = None
 
 
 # ARGV: prefix, token, ttl ms, cap, daily cap, day, now ms (the deployment's clock: `Spend.clock`), then the
@@ -160,6 +170,39 @@ redis.call('hset', KEYS[1], 'state', ARGV[1], 'until', ARGV[2], 'since', ARGV[4]
 return 1
 """
 
+# ARGV: prefix, then for each account its position, fingerprint and standing (IN_SERVICE or the state it is set
+# aside in). Records each account's standing as told, and the fingerprint at each position; returns, for every
+# change not told yet, its position, what changed ('standing' or 'key') and the standing before ('' when none).
+# One script: whichever worker runs it first tells a change, and no other worker tells it again.
+_ANNOUNCE = """
+local prefix, out = ARGV[1], {}
+local positions = prefix .. 'account-positions'
+for i = 2, #ARGV, 3 do
+  local position, fp, standing = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local info = prefix .. 'account:' .. fp
+  local before = redis.call('hget', positions, position)
+  if before ~= fp then
+    redis.call('hset', positions, position, fp)
+    if before then
+      local old = redis.call('hget', prefix .. 'account:' .. before, 'told') or ''
+      table.insert(out, position)
+      table.insert(out, 'key')
+      table.insert(out, old)
+    end
+  end
+  local told = redis.call('hget', info, 'told')
+  if told ~= standing then
+    redis.call('hset', info, 'told', standing)
+    if told or standing ~= '{in_service}' then
+      table.insert(out, position)
+      table.insert(out, 'standing')
+      table.insert(out, told or '')
+    end
+  end
+end
+return out
+""".replace("{in_service}", IN_SERVICE)
+
 
 class AccountPool:
     """The accounts of one deployment: which one takes a call, and what a call's failure does to it."""
@@ -185,6 +228,7 @@ class AccountPool:
         self._call_ttl_ms = int(call_ttl * 1000)
         self._take = redis.register_script(_TAKE)
         self._set_aside = redis.register_script(_SET_ASIDE)
+        self._announce = redis.register_script(_ANNOUNCE)
 
     def _info(self, account: Account) -> str:
         return f"{self._keys.prefix}account:{account.fingerprint}"
@@ -257,6 +301,15 @@ class AccountPool:
                 return AccountState.COOLING
         return None
 
+    async def note_credits(self, credits: dict[str, int]) -> None:
+        """Remember the credits the proxy reported, by fingerprint: `health` shows them until the next report."""
+        if not credits:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for fingerprint, points in credits.items():
+                pipe.hset(f"{self._keys.prefix}account:{fingerprint}", "credits", str(points))
+            await pipe.execute()
+
     async def reinstate(self, *accounts: Account) -> None:
         """These accounts (default: every one) usable again (`imagegen resume`, credits seen back): the next
         call tells whether they really are."""
@@ -300,9 +353,38 @@ class AccountPool:
                     in_flight,
                     today,
                     int(raw.get("streak") or 0),
+                    # An expired session's last credits say nothing of the account any more.
+                    int(raw["credits"]) if raw.get("credits") and state is not AccountState.EXPIRED else None,
                 )
             )
         return found
+
+    async def announce(self, why: dict[str, str] | None = None) -> list[tuple[str, str]]:
+        """One line for each change of an account's standing since it was last told, told once across every
+        worker and `generate` (whichever asks first): set aside (the call that did it asks at once, the credit
+        watch every round), back in service (its cooling over, its day turned, its credits back, a resume), a
+        key replaced at its position. `why` may say, by fingerprint, what brought an account back. Each line
+        with its log level."""
+        health = await self.health()
+        args: list[str | int] = [self._keys.prefix]
+        for entry in health:
+            args += [entry.account.index, entry.account.fingerprint, standing(entry)]
+        answer = [part.decode() if isinstance(part, bytes) else str(part) for part in await self._announce(args=args)]
+        lines = []
+        for start in range(0, len(answer), 3):
+            position, what, before = answer[start : start + 3]
+            entry = health[int(position) - 1]
+            now, label, reason = standing(entry), entry.account.label, (why or {}).get(entry.account.fingerprint)
+            if what == "key":
+                was = f" (the key before was {before})" if before and before != IN_SERVICE else ""
+                lines.append(("INFO", f"jimeng {label}: a new key in this place{was}"))
+            elif now == IN_SERVICE:
+                because = f" ({reason})" if reason else ""
+                lines.append(("INFO", f"jimeng {label}: back in service{because}, was {before}"))
+            else:
+                aside = f"jimeng {label} set aside: {now}{_until(entry)}{f' ({entry.reason})' if entry.reason else ''}"
+                lines.append(("WARNING", aside))
+        return lines
 
     async def _others_usable(self, account: Account) -> bool:
         usable = (AccountState.HEALTHY, AccountState.BUSY)
@@ -336,6 +418,25 @@ def account_pool(redis: Redis, keys: RedisKeys, settings: Settings, spend: Spend
         daily_limit=settings.jimeng_account_daily_limit,
         call_ttl=settings.jimeng_timeout_seconds + 60,
     )
+
+
+def ark_health(key: SecretStr, today: ProviderSpend) -> AccountHealth:
+    """The one account of ARK_API_KEY as `imagegen accounts` shows it: Ark keeps no health of its own here (an
+    account error of Ark pauses the queue), so it is healthy, or at its cap once ARK_DAILY_LIMIT is used up;
+    its calls today are those the spend counts (with the reserved ones)."""
+    account = Account(1, 1, key, fingerprint(key), provider=today.provider)
+    calls = sum(a.calls for a in today.accounts if a.account == account.fingerprint)
+    capped = bool(today.limit) and today.calls + today.reserved >= today.limit
+    state = AccountState.DAILY_CAP if capped else AccountState.HEALTHY
+    return AccountHealth(account, state, None, None, "", today.reserved, calls, 0)
+
+
+def standing(health: AccountHealth) -> str:
+    """An account's standing as `announce` tells it: the state it is set aside in, or IN_SERVICE (healthy, or
+    only busy or at its own daily cap)."""
+    if health.state in (AccountState.HEALTHY, AccountState.BUSY, AccountState.DAILY_CAP):
+        return IN_SERVICE
+    return health.state.value
 
 
 def _until(health: AccountHealth) -> str:

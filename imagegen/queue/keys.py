@@ -70,13 +70,11 @@ class RedisKeys:
         """Counts of jobs that ended done or failed in one minute (minutes since the epoch), for throughput."""
         return f"{self.prefix}outcomes:{minute}"
 
-    def spend(self, day: str) -> str:
-        """The paid jimeng calls of one day (YYYY-MM-DD in JIMENG_DAILY_LIMIT_TZ), by outcome (a hash; `spend`)."""
-        return f"{self.prefix}spend:{day}"
-
-    def spend_reserved(self, day: str) -> str:
-        """The tokens of calls reserved under one day's JIMENG_DAILY_LIMIT and not yet counted (a set)."""
-        return f"{self.prefix}spend:{day}:reserved"
+    def spend(self, day: str, provider: str) -> str:
+        """The paid calls of one provider's day (YYYY-MM-DD in JIMENG_DAILY_LIMIT_TZ), by outcome and account (a
+        hash; `spend`); its reserved calls are the set at this name plus `:reserved`. jimeng's keep the name they
+        had before there were other providers."""
+        return f"{self.prefix}spend:{day}" if provider == "jimeng" else f"{self.prefix}spend:{day}:{provider}"
 
     def worker(self, worker_id: str) -> str:
         """A live worker's heartbeat, expiring when it stops beating."""

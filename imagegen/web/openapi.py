@@ -160,8 +160,8 @@ def paths() -> dict[str, dict[str, Any]]:
         "/api/queue": {"get": operation("Queue summary", response("the summary", QueueSummaryAnswer), errors())},
         "/api/accounts": {
             "get": operation(
-                "The jimeng accounts of JIMENG_API_KEY and their states",
-                response("every account, in JIMENG_API_KEY's order", AccountsAnswer),
+                "The accounts of every provider and their states",
+                response("every jimeng account, in JIMENG_API_KEY's order, then Ark's", AccountsAnswer),
                 errors(),
             )
         },

@@ -127,7 +127,7 @@ async def queue_summary(request: web.Request) -> web.Response:
 
 @routes.get("/api/accounts")
 async def accounts(request: web.Request) -> web.Response:
-    """The jimeng accounts: each one's state, calls today and in flight (never its key)."""
+    """The accounts of every provider: each one's state, calls today and in flight (never its key)."""
     control = await control_of(request)
     return reply(AccountsAnswer.of(await control.accounts_health()))
 

@@ -3,10 +3,13 @@
 Every CHECK_EVERY seconds:
 - with JIMENG_CLAIM_DAILY, the day's free credits of each live account are claimed (`/token/receive`), once a
   day per account across every worker (a marker in Redis, set by whichever worker claims first);
-- each account set aside `out of credits` is asked for its credits (`/token/points`): credits back (bought,
-  or claimed) return it to service before the day turns, and lift an accounts pause;
-- an account back in service since the last round (its day turned, its cooling ended) is logged once: the
-  setting aside itself is logged by the call that caused it.
+- each live account is asked for its credits (`/token/points`), kept as its last known credits (status, the
+  API and the dashboard show them); an account set aside `out of credits` whose credits are back (bought, or
+  claimed) returns to service before the day turns, and lifts an accounts pause;
+- each change of an account's standing since it was last told is logged once across every worker
+  (`AccountPool.announce`): a return to service (credits back, its day turned, its cooling or refusal over, a
+  resume), a key replaced in JIMENG_API_KEY, and a setting aside (which the call that caused it has most
+  likely told already).
 """
 
 from __future__ import annotations
@@ -45,28 +48,29 @@ class CreditWatch(Periodic):
         self._state = state
         self._clock = clock
         self._claim_daily = claim_daily
-        self._aside: set[str] = set()  # fingerprints of the accounts set aside at the last round
 
     async def step(self) -> None:
-        health = await self._pool.health()
-        aside = {entry.account.fingerprint for entry in health if entry.until or entry.state is AccountState.EXPIRED}
-        for entry in health:
-            if entry.account.fingerprint in self._aside - aside:
-                logger.info("jimeng {}: back in service ({})", entry.account.label, entry.state.value)
-        self._aside = aside
-        back: list[Account] = []
-        for entry in health:
+        back: dict[str, str] = {}  # fingerprint: what brought the account back
+        known: dict[str, int] = {}  # fingerprint: credits the proxy reports
+        for entry in await self._pool.health():
             if entry.state is AccountState.EXPIRED:
                 continue
-            if self._claim_daily and await self._claim(entry.account) and entry.state is AccountState.NO_CREDITS:
-                back.append(entry.account)
-            elif entry.state is AccountState.NO_CREDITS and (await self._routes.points(entry.account.key) or 0) > 0:
-                logger.info("jimeng {}: credits are back", entry.account.label)
-                back.append(entry.account)
+            fingerprint = entry.account.fingerprint
+            claimed = self._claim_daily and await self._claim(entry.account)
+            points = await self._routes.points(entry.account.key)
+            if points is not None:
+                known[fingerprint] = points
+            if entry.state is AccountState.NO_CREDITS and claimed:
+                back[fingerprint] = "the day's free credits claimed"
+            elif entry.state is AccountState.NO_CREDITS and (points or 0) > 0:
+                back[fingerprint] = "its credits are back"
+        await self._pool.note_credits(known)
         if back:
-            await self._pool.reinstate(*back)
-            if await self._state.lift_limit_pause(self._clock(), accounts_usable=True):
-                logger.info("queue resumed: a jimeng account has credits again")
+            await self._pool.reinstate(*(a for a in self._pool.accounts if a.fingerprint in back))
+        for level, line in await self._pool.announce(back):
+            logger.log(level, line)
+        if back and await self._state.lift_limit_pause(self._clock(), accounts_usable=True):
+            logger.info("queue resumed: a jimeng account has credits again")
 
     async def _claim(self, account: Account) -> bool:
         """Claim the day's free credits once a day; whether they were claimed now."""

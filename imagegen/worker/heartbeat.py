@@ -74,7 +74,7 @@ class Heartbeat(Periodic):
         await self._state.heartbeat(self.worker_id, info, ttl=self._interval * 3)
         await self._outages.lift_recovered_pause()
         if await self._state.lift_limit_pause(self._clock()):
-            logger.info("queue resumed: a new day of JIMENG_DAILY_LIMIT has begun")
+            logger.info("queue resumed: a new day of the daily limits (JIMENG_DAILY_LIMIT, ARK_DAILY_LIMIT) has begun")
 
     async def stop(self) -> None:
         await super().stop()

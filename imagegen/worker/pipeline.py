@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 from loguru import logger
@@ -30,6 +30,7 @@ from imagegen.clients.provider import ImageLink
 from imagegen.clients.storage import Storage
 from imagegen.clients.transfer import store_image
 from imagegen.errors import (
+    AccountsUnavailable,
     DailyLimitReached,
     DownloadError,
     FailureKind,
@@ -240,7 +241,9 @@ class Pipeline:
             )
         await run.lease.ensure()
         try:
-            reservation = await s.permits.take(run.lease.token, run.remaining() - needed, prompt_id)
+            reservation = await s.permits.take(
+                run.lease.token, run.remaining() - needed, prompt_id, s.settings.providers()
+            )
         except DailyLimitReached as exc:
             info = await s.gate.close(exc.message, source="limit", until=exc.until)
             raise QueuePaused(f"waiting: queue paused ({info.reason})") from None
@@ -253,7 +256,7 @@ class Pipeline:
         succeeded = False
         account: Account | None = None
         try:
-            account = await self._choose(run, run.remaining() - needed)
+            reservation, account = await self._choose(run, run.remaining() - needed, reservation)
             run.check_stop()
             # No await between the stop check and the call: a stop either sends this run back or waits for it.
             run.enter(Phase.GENERATING)
@@ -264,11 +267,11 @@ class Pipeline:
                 generation = await self._ask(account, prompt, negative, choices)
             except ProviderError as exc:
                 outcome = call_outcome(exc)
-                s.metrics.call_ended(exc, *provider_labels(account))
+                s.metrics.call_ended(exc, reservation.provider, reservation.account)
                 if account is not None and isinstance(exc, JimengError):
                     await self._judge_account(account, exc)
                 raise
-            s.metrics.call_ended(None, *provider_labels(account))
+            s.metrics.call_ended(None, reservation.provider, reservation.account)
             elapsed = time.monotonic() - t0
             succeeded = True
         finally:
@@ -280,25 +283,34 @@ class Pipeline:
                 await asyncio.shield(s.permits.finish(reservation, outcome))
         return generation, elapsed, reservation, account
 
-    async def _choose(self, run: JobRun, wait: float) -> Account | None:
-        """Where the call goes, in IMAGE_PROVIDERS' order: a jimeng account (its place in flight taken), or
-        None for Ark. With no jimeng account left and Ark behind it, the call goes to Ark."""
+    async def _choose(self, run: JobRun, wait: float, reservation: Reservation) -> tuple[Reservation, Account | None]:
+        """Where the call goes: the provider `reservation` was taken under (the first in IMAGE_PROVIDERS' order
+        under its daily limit) and for jimeng a usable account, its place in flight taken (None for Ark). With no
+        jimeng account left, the reservation moves on to the next provider; the reservation returned names the
+        account the call is counted under."""
         s = self._s
-        for name in s.settings.providers():
-            if name == ARK_PROVIDER:
-                return None
+        providers = s.settings.providers()
+        while reservation.provider != ARK_PROVIDER:
             try:
                 account = await s.accounts.take(run.lease.token, wait)
             except NoUsableAccount:
-                if s.ark is None:
+                rest = providers[providers.index(reservation.provider) + 1 :]
+                if not rest:
                     raise await s.accounts.unavailable() from None
+                try:
+                    reservation = await s.permits.move(reservation, rest)
+                except DailyLimitReached as exc:
+                    # No account, and the rest at their limits: back with an account or the next day.
+                    accounts = await s.accounts.unavailable()
+                    until = min(t for t in (accounts.until, exc.until) if t)
+                    raise AccountsUnavailable(f"{accounts.message}; {exc.message}", until=until) from None
                 continue
             if account is None:
                 raise JobInterrupted(
                     f"every jimeng account stayed at JIMENG_ACCOUNT_CONCURRENCY={s.accounts.concurrency}; queued again"
                 )
-            return account
-        raise AssertionError("IMAGE_PROVIDERS is never empty")
+            return replace(reservation, account=account.fingerprint), account
+        return replace(reservation, account=s.ark.fingerprint if s.ark is not None else ""), None
 
     async def _ask(self, account: Account | None, prompt: str, negative: str, choices: Choices) -> GenerationRecord:
         """The paid call itself, to the account's jimeng or to Ark; what it delivered, to be remembered."""
@@ -325,7 +337,9 @@ class Pipeline:
         state = await pool.failed(account, exc)
         if state is None:
             return
-        logger.warning("jimeng {} set aside: {} ({})", account.label, state.value, exc.message)
+        # Told once across every worker, though several calls may have met the same dead account at once.
+        for level, line in await pool.announce():
+            logger.log(level, line)
         if exc.kind is not FailureKind.ACCOUNT:
             return  # cooling after transient failures: this prompt's attempt was a real one
         if await pool.usable():
@@ -414,8 +428,3 @@ def blocked_note(result: PipelineResult) -> str:
         return ""
     total = len(result.images) + len(result.blocked)
     return f"{len(result.blocked)} of {total} images blocked by content moderation: {'; '.join(result.blocked)}"
-
-
-def provider_labels(account: Account | None) -> tuple[str, str]:
-    """The metric labels of a call: its provider, and the fingerprint of its jimeng account (none for Ark)."""
-    return ("jimeng", account.fingerprint) if account is not None else (ARK_PROVIDER, "")

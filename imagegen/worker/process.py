@@ -100,7 +100,7 @@ async def startup(ctx: dict[str, Any]) -> Started:
         state, gate, settings.outage_pause_after, probes={POCKETBASE: pocketbase.check, STORAGE: storage.check}
     )
     clock: Clock = ctx.get("clock") or time.time
-    spend = Spend(ctx["redis"], keys, settings.jimeng_daily_limit, settings.daily_limit_zone, clock)
+    spend = Spend(ctx["redis"], keys, settings.daily_limits(), settings.daily_limit_zone, clock)
     permits = CallPermits(
         ctx["redis"], keys, settings.jimeng_max_inflight, settings.jimeng_rate_limit, settings.worker_lease, spend
     )
@@ -186,12 +186,12 @@ async def startup(ctx: dict[str, Any]) -> Started:
         since = datetime.fromtimestamp(paused.since).astimezone().isoformat(timespec="seconds")
         logger.warning("the queue is paused since {}: {}; `imagegen resume` continues", since, paused.reason)
     logger.info(
-        "worker ready: queue {}, concurrency {} (jimeng calls across workers: {}, a day: {}), jimeng {} ({} {}), "
+        "worker ready: queue {}, concurrency {} (calls across workers: {}, a day: {}), jimeng {} ({} {}), "
         "bucket {}, pocketbase {}/{}{}",
         settings.queue_name,
         settings.queue_concurrency,
         settings.jimeng_max_inflight or "no cap",
-        settings.jimeng_daily_limit or "no limit",
+        ", ".join(f"{name} {limit or 'no limit'}" for name, limit in settings.daily_limits().items()),
         settings.jimeng_api_url,
         settings.jimeng_ratio,
         settings.jimeng_resolution,

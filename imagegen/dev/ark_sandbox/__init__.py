@@ -2,6 +2,6 @@
 requested size as expiring links or base64, group and partial answers, scripted failures, counters per prompt."""
 
 from .modes import ERRORS
-from .server import ArkSandbox, ArkSandboxConfig, ArkSandboxThread
+from .server import ARK_SANDBOX_KEY_ENV, ArkSandbox, ArkSandboxConfig, ArkSandboxThread
 
-__all__ = ["ERRORS", "ArkSandbox", "ArkSandboxConfig", "ArkSandboxThread"]
+__all__ = ["ARK_SANDBOX_KEY_ENV", "ERRORS", "ArkSandbox", "ArkSandboxConfig", "ArkSandboxThread"]

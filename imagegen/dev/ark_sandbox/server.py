@@ -30,6 +30,8 @@ from imagegen.models import ImageType
 from .modes import ERRORS, count_marker, is_known, markers, outcome_marker
 
 API_PATH = "/api/v3"
+# The environment variable that gives the sandbox process its key (kept off command lines).
+ARK_SANDBOX_KEY_ENV = "IMAGEGEN_ARK_SANDBOX_API_KEY"
 RECEIVED_KEPT = 1000
 # Images kept to serve by link, oldest dropped first (a long-running fake stays bounded).
 HOSTED_KEPT = 500
@@ -305,6 +307,13 @@ class ArkSandbox:
         return web.Response(body=image.data, content_type=ImageType.JPEG.value)
 
 
+async def start_site(sandbox: ArkSandbox, host: str, port: int) -> web.AppRunner:
+    """Serve the sandbox on host:port (0: a free port); its `base_url` is then the ARK_BASE_URL to use."""
+    runner, bound = await serve_app(sandbox.app, host, port)
+    sandbox.base_url = f"http://{host}:{bound}{API_PATH}"
+    return runner
+
+
 class ArkSandboxThread(AppThread):
     """`with ArkSandboxThread(config) as fake:` serves on 127.0.0.1 and a free port; `fake.base_url` is the
     ARK_BASE_URL to use, `fake.sandbox` the state (counters, scripts, received bodies)."""
@@ -314,9 +323,7 @@ class ArkSandboxThread(AppThread):
         super().__init__(self._serve, "Ark sandbox", host, port)
 
     async def _serve(self, host: str, port: int) -> web.AppRunner:
-        runner, bound = await serve_app(self.sandbox.app, host, port)
-        self.sandbox.base_url = f"http://{host}:{bound}{API_PATH}"
-        return runner
+        return await start_site(self.sandbox, host, port)
 
     @property
     def base_url(self) -> str:

@@ -1,9 +1,14 @@
-"""Serving a sandbox's aiohttp application: on a port (`serve_app`), or in a background thread with its own
-event loop for synchronous callers and tests (`AppThread`). Shared by the jimeng and Ark sandboxes."""
+"""Serving a sandbox's aiohttp application: on a port (`serve_app`), as a process until SIGTERM
+(`serve_process`), or in a background thread with its own event loop for synchronous callers and tests
+(`AppThread`). Shared by the jimeng and Ark sandboxes."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
+import signal
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -22,6 +27,40 @@ async def serve_app(app: web.Application, host: str, port: int) -> tuple[web.App
     site = web.TCPSite(runner, host, port)
     await site.start()
     return runner, int(runner.addresses[0][1])
+
+
+def sandbox_parser(prog: str, description: str | None, key_env: str, port: int) -> argparse.ArgumentParser:
+    """The options every sandbox process takes: where to listen and the bearer key, by default from `key_env`
+    (an option's value shows in `ps`, the environment's doesn't)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument(
+        "--api-key", default=os.environ.get(key_env), help=f"the bearer key clients must send (default: ${key_env})"
+    )
+    return parser
+
+
+def serve_process(start: Starter, name: str, host: str, port: int) -> None:
+    """Run `start(host, port)` in this process until SIGTERM or SIGINT, saying where it listens; a port that
+    can't be taken is one line and exit status 1."""
+
+    async def serve() -> None:
+        runner = await start(host, port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        print(f"{name} listening on {host}:{runner.addresses[0][1]}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        sys.exit(f"{name}: cannot listen on {host}:{port} ({exc.strerror}); pick another --port")
 
 
 class AppThread:

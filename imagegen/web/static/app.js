@@ -89,8 +89,12 @@ function renderQueue(queue) {
   for (const [name, value] of Object.entries(queue.jobs)) setNumber(`jobs-${name}`, value);
   setNumber("workers", queue.workers.length);
   $("streak").textContent = `${queue.consecutive_failures} / ${queue.max_failed}`;
+  // Each provider with calls or a daily limit today: "jimeng 4 / 10 · ark 2".
   const spend = queue.spend;
-  $("spend-today").textContent = spend.limit === null ? String(spend.calls) : `${spend.calls} / ${spend.limit}`;
+  const shown = spend.providers.filter((p) => p.calls || p.limit !== null);
+  $("spend-today").textContent = shown.length
+    ? shown.map((p) => `${p.provider} ${p.calls}${p.limit === null ? "" : ` / ${p.limit}`}`).join(" · ")
+    : "0";
   $("spend-today").title = `${spend.day} (${spend.timezone}): ${spend.images} images, ${spend.moderated} moderated, ${spend.failed} failed`;
 
   const paused = queue.paused;
@@ -251,6 +255,34 @@ function renderThumbs(box, entries, empty) {
     box.appendChild(link);
   }
   if (!wanted.length && empty) box.appendChild(el("span", empty, "muted"));
+}
+
+// One account's state in words: "out of credits until 00:00:00", "expired since 12:01:02", "healthy".
+function accountState(account) {
+  if (account.until) return `${account.state} until ${new Date(account.until * 1000).toLocaleString()}`;
+  if (account.since) return `${account.state} since ${new Date(account.since * 1000).toLocaleString()}`;
+  return account.state;
+}
+
+// The accounts card: every provider's accounts, the ones set aside marked (never a key: fingerprints only).
+function renderAccounts(accounts) {
+  const rows = accounts.map((account) => {
+    const row = el("tr");
+    row.dataset.fingerprint = account.fingerprint;
+    if (account.state !== "healthy" && account.state !== "at its cap") row.className = "account-aside";
+    row.appendChild(el("td", account.provider));
+    row.appendChild(el("td", account.account));
+    row.appendChild(el("td", account.fingerprint, "muted"));
+    const state = el("td", accountState(account));
+    if (account.reason) state.title = account.reason;
+    row.appendChild(state);
+    row.appendChild(el("td", account.calls_today + (account.in_flight ? ` (${account.in_flight} in flight)` : "")));
+    row.appendChild(el("td", account.credits === null ? "–" : account.credits));
+    return row;
+  });
+  $("account-rows").replaceChildren(...rows);
+  const aside = accounts.filter((a) => a.state !== "healthy" && a.state !== "at its cap").length;
+  $("accounts-summary").textContent = `${accounts.length} in all${aside ? `, ${aside} set aside` : ""}`;
 }
 
 // The strip of latest images: the first image of each of the latest done records, newest first.
@@ -425,14 +457,16 @@ async function refresh() {
     const params = new URLSearchParams({ state: view.state, page: String(view.page), per_page: String(PER_PAGE) });
     if (view.search) params.set("q", view.search);
     const recent = view.state === "recent";
-    const [queue, activity, page, task] = await Promise.all([
+    const [queue, activity, accounts, page, task] = await Promise.all([
       api("GET", "/api/queue"),
       api("GET", `/api/activity?limit=${RECENT}`),
+      api("GET", "/api/accounts"),
       recent ? null : api("GET", `/api/tasks?${params}`),
       view.taskId ? api("GET", `/api/tasks/${encodeURIComponent(view.taskId)}`).catch(taskProblem) : null,
     ]);
     renderQueue(queue);
     renderStrip(activity.items);
+    renderAccounts(accounts.accounts);
     renderList(page || { page: 1, per_page: RECENT, total: activity.items.length, items: activity.items });
     if (task) renderTask(task);
     $("token-form").hidden = true;
