@@ -60,7 +60,7 @@ async def test_an_expiring_and_an_emptied_account_cost_no_prompt_and_no_attempt(
     await enqueue(settings, *[r.id for r in created])
     async with worker_running(settings) as worker:
         finished = await wait_for_records(pocketbase, [r.id for r in created], deadline=180)
-        worker_metrics = worker.ctx["services"].metrics
+        worker_metrics = worker.started.metrics
     assert [r.status for r in finished] == ["done"] * 100
     assert all(r.image_url and not r.error for r in finished)
     # Each prompt paid once: no prompt's images were generated twice.

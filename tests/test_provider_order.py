@@ -123,7 +123,7 @@ async def test_each_provider_has_its_own_daily_limit_and_a_spent_one_passes_call
     async with worker_running(settings) as worker:
         paused = await wait_until(state.paused, deadline=90)
         assert await wait_until(five_done, deadline=60)
-        rendered = worker.ctx["services"].metrics.render().decode()
+        rendered = worker.started.metrics.render().decode()
     today = datetime.now(ZoneInfo("UTC")).date().isoformat()
     assert paused is not None and paused.source == "limit"
     assert paused.reason == (

@@ -42,13 +42,14 @@ from imagegen.queue.spend import Clock, Spend
 from imagegen.queue.state import PauseGate, QueueState
 from imagegen.settings import Settings, require
 
+from .calls import PaidCalls
 from .credits import CreditWatch
 from .exporter import Exporter, metrics_port
 from .heartbeat import Heartbeat
 from .intake import Intake
 from .jobs import JobRunner
 from .outages import POCKETBASE, STORAGE, Outages
-from .pipeline import Pipeline, Services
+from .pipeline import Pipeline
 from .reconcile import Reconciler
 from .runs import Runs
 from .slots import Slots
@@ -70,11 +71,13 @@ WORKER_REQUIRED = (
 
 @dataclass(frozen=True)
 class Started:
-    """What `startup` built that the worker drives itself: when to poll, how many jobs, what a stop sends back."""
+    """What `startup` built that the worker drives itself (when to poll, how many jobs, what a stop sends back),
+    and its metrics, for code that runs a worker itself."""
 
     intake: Intake
     slots: Slots
     runs: Runs
+    metrics: WorkerMetrics
 
 
 async def startup(ctx: dict[str, Any]) -> Started:
@@ -108,18 +111,23 @@ async def startup(ctx: dict[str, Any]) -> Started:
     slots = Slots(settings.queue_concurrency, settings.store_concurrency, settings.store_backlog)
     intake = Intake(ctx["redis"], keys, settings.queue_name, settings.queue_poll_interval)
     metrics = WorkerMetrics()
-    services = Services(
-        settings=settings,
-        http=http,
-        pocketbase=pocketbase,
+    calls = PaidCalls(
+        settings,
         jimeng=JimengClient(http, settings),
-        accounts=accounts,
         ark=ArkClient(http, settings) if "ark" in settings.providers() else None,
+        accounts=accounts,
+        permits=permits,
+        gate=gate,
+        metrics=metrics,
+    )
+    pipeline = Pipeline(
+        settings,
+        calls=calls,
+        pocketbase=pocketbase,
+        http=http,
         storage=storage,
         ledger=GenerationLedger(ctx["redis"], settings.queue_keep_result, keys),
-        gate=gate,
         outages=outages,
-        permits=permits,
         slots=slots,
         metrics=metrics,
     )
@@ -161,10 +169,9 @@ async def startup(ctx: dict[str, Any]) -> Started:
         watcher.start()
         stack.push_async_callback(watcher.stop)
     ctx["exit_stack"] = stack
-    ctx["services"] = services
     ctx["runner"] = JobRunner(
         settings,
-        pipeline=Pipeline(services),
+        pipeline=pipeline,
         pocketbase=pocketbase,
         gate=gate,
         outages=outages,
@@ -200,7 +207,7 @@ async def startup(ctx: dict[str, Any]) -> Started:
         settings.pocketbase_collection,
         " (watching for new records)" if settings.pocketbase_watch else "",
     )
-    return Started(intake, slots, runs)
+    return Started(intake, slots, runs, metrics)
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
