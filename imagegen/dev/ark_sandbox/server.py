@@ -15,7 +15,6 @@ import re
 import secrets
 import threading
 import time
-from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,7 @@ from imagegen.dev.jimeng_sandbox.modes import EXPIRED_BODY, NGINX_502, slow_dela
 from imagegen.dev.jimeng_sandbox.render import render_image
 from imagegen.dev.jimeng_sandbox.scripts import OutcomeScripts
 from imagegen.dev.jimeng_sandbox.site import AppThread, serve_app
+from imagegen.dev.jimeng_sandbox.tally import PromptTally
 from imagegen.models import ImageType
 
 from .modes import ERRORS, count_marker, is_known, markers, outcome_marker
@@ -91,11 +91,7 @@ class ArkSandbox:
     def __init__(self, config: ArkSandboxConfig) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._calls: Counter[str] = Counter()
-        self._images_made: Counter[str] = Counter()
-        self._downloads: Counter[str] = Counter()
-        self._served: dict[str, list[bytes]] = {}
-        self._received: deque[Any] = deque(maxlen=RECEIVED_KEPT)
+        self._tally = PromptTally(RECEIVED_KEPT)
         self._hosted: dict[str, _HostedImage] = {}
         self._scripts = OutcomeScripts(is_known, "Ark sandbox")
         self.base_url = ""
@@ -114,10 +110,7 @@ class ArkSandbox:
 
     def reset(self) -> None:
         with self._lock:
-            for counter in (self._calls, self._images_made, self._downloads):
-                counter.clear()
-            self._served.clear()
-            self._received.clear()
+            self._tally.clear()
             self._hosted.clear()
         self._scripts.clear()
 
@@ -129,26 +122,26 @@ class ArkSandbox:
     def calls(self, prompt: str) -> int:
         """Generation calls for this prompt that passed the checks of key, model and parameters."""
         with self._lock:
-            return self._calls[prompt]
+            return self._tally.calls[prompt]
 
     def images_made(self, prompt: str) -> int:
         """Images delivered (and billed) for this prompt, blocked ones not counted."""
         with self._lock:
-            return self._images_made[prompt]
+            return self._tally.made[prompt]
 
     def downloads(self, prompt: str) -> int:
         with self._lock:
-            return self._downloads[prompt]
+            return self._tally.downloads[prompt]
 
     def received(self, prompt: str | None = None) -> list[Any]:
         """The JSON bodies of the latest generation requests (for `prompt`, or all), refused ones too."""
         with self._lock:
-            return [b for b in self._received if prompt is None or (isinstance(b, dict) and b.get("prompt") == prompt)]
+            return self._tally.bodies(prompt)
 
     def served_images(self, prompt: str) -> list[bytes]:
         """The image bytes of the latest call for this prompt that delivered images, in `data[]` order."""
         with self._lock:
-            return list(self._served.get(prompt, []))
+            return list(self._tally.served.get(prompt, []))
 
     # --- the API ---
     @staticmethod
@@ -228,13 +221,13 @@ class ArkSandbox:
         except ValueError:
             payload = None
         with self._lock:
-            self._received.append(payload)
+            self._tally.received.append(payload)
         try:
             asked = self._check(request, payload)
         except _Refused as refused:
             return self._error(refused.code, refused.message)
         with self._lock:
-            self._calls[asked.prompt] += 1
+            self._tally.calls[asked.prompt] += 1
         mode = self._choose(asked)
         delay = self.config.latency + (slow_delay(mode) or 0.0)
         if delay:
@@ -266,9 +259,9 @@ class ArkSandbox:
         size = f"{asked.size[0]}x{asked.size[1]}"
         data = [self._item(request, asked, images.get(index), size) for index in range(count)]
         with self._lock:
-            self._images_made[asked.prompt] += len(drawn)
+            self._tally.made[asked.prompt] += len(drawn)
             if drawn:
-                self._served[asked.prompt] = drawn
+                self._tally.served[asked.prompt] = drawn
         tokens = len(drawn) * asked.size[0] * asked.size[1] // 256
         return {
             "model": asked.model,
@@ -299,7 +292,7 @@ class ArkSandbox:
         with self._lock:
             image = self._hosted.get(token)
             if image is not None:
-                self._downloads[image.prompt] += 1
+                self._tally.downloads[image.prompt] += 1
         if image is None:
             return web.Response(status=404, text="Not Found")
         if image.expires <= time.time():

@@ -13,7 +13,6 @@ import random
 import secrets
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from .modes import EXPIRED_BODY, HTTP_ERRORS, NGINX_502, PROXY_ERRORS, TRANSIENT
 from .render import FORMAT_CYCLE, render_image
 from .scripts import ANY_PROMPT, OutcomeScripts
 from .site import serve_app
+from .tally import PromptTally
 
 # Where the sandbox process reads the bearer key it requires (kept out of its command line).
 SANDBOX_KEY_ENV = "IMAGEGEN_SANDBOX_API_KEY"
@@ -82,13 +82,8 @@ class JimengSandbox:
         self.config = config
         self._lock = threading.Lock()
         self._random = random.Random(config.seed)
-        self._calls: Counter[str] = Counter()
-        self._generations: Counter[str] = Counter()
-        self._downloads: Counter[str] = Counter()
-        self._served: dict[str, list[bytes]] = {}
-        # The bodies of the latest generation requests, refused ones too, in order of arrival (bounded: the
-        # local stack's sandbox runs for days).
-        self._received: deque[Any] = deque(maxlen=RECEIVED_KEPT)
+        # Bounded: the local stack's sandbox runs for days.
+        self._tally = PromptTally(RECEIVED_KEPT)
         self._images: dict[str, HostedImage] = {}
         self._scripts = OutcomeScripts(is_known, "sandbox")
         self._shared: list[bytes] | None = None
@@ -153,11 +148,7 @@ class JimengSandbox:
     def reset(self) -> None:
         with self._lock:
             self._accounts = self._new_accounts()
-            self._calls.clear()
-            self._generations.clear()
-            self._downloads.clear()
-            self._served.clear()
-            self._received.clear()
+            self._tally.clear()
             self._images.clear()
             self._scripts.clear()
             self._call_starts.clear()
@@ -179,7 +170,7 @@ class JimengSandbox:
     def calls(self, prompt: str) -> int:
         """Generation calls received for this prompt, failed ones included."""
         with self._lock:
-            return self._calls[prompt]
+            return self._tally.calls[prompt]
 
     def call_starts(self, prompt: str) -> list[float]:
         """When each generation call for this prompt arrived (wall clock)."""
@@ -196,31 +187,27 @@ class JimengSandbox:
         """The JSON bodies of the generation requests received (for `prompt`, or all; the latest RECEIVED_KEPT),
         refused ones too."""
         with self._lock:
-            return [
-                body
-                for body in self._received
-                if prompt is None or (isinstance(body, dict) and body.get("prompt") == prompt)
-            ]
+            return self._tally.bodies(prompt)
 
     def generations(self, prompt: str) -> int:
         """Calls for this prompt that returned images: the paid ones."""
         with self._lock:
-            return self._generations[prompt]
+            return self._tally.made[prompt]
 
     def served_images(self, prompt: str) -> list[bytes]:
         """The image bytes of the latest successful generation for this prompt, in link order."""
         with self._lock:
-            return list(self._served.get(prompt, []))
+            return list(self._tally.served.get(prompt, []))
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "calls": dict(self._calls),
-                "generations": dict(self._generations),
-                "downloads": dict(self._downloads),
-                "total_calls": sum(self._calls.values()),
-                "total_generations": sum(self._generations.values()),
-                "total_downloads": sum(self._downloads.values()),
+                "calls": dict(self._tally.calls),
+                "generations": dict(self._tally.made),
+                "downloads": dict(self._tally.downloads),
+                "total_calls": sum(self._tally.calls.values()),
+                "total_generations": sum(self._tally.made.values()),
+                "total_downloads": sum(self._tally.downloads.values()),
                 "inflight": self._inflight,
                 "peak_inflight": self._peak_inflight,
             }
@@ -281,7 +268,7 @@ class JimengSandbox:
         except ValueError:
             payload = None
         with self._lock:
-            self._received.append(payload)
+            self._tally.received.append(payload)
         account = self._check_request(request, payload)
         if isinstance(account, web.Response):
             return account
@@ -290,7 +277,7 @@ class JimengSandbox:
             await asyncio.sleep(0.01)
         started = time.time()
         with self._lock:
-            self._calls[prompt] += 1
+            self._tally.calls[prompt] += 1
             self._call_starts.setdefault(prompt, []).append(started)
             self._inflight += 1
             self._peak_inflight = max(self._peak_inflight, self._inflight)
@@ -382,8 +369,8 @@ class JimengSandbox:
             signature = secrets.token_hex(16)
             links.append({"url": f"{base}/img/{token}.{extension}?x-expires={int(expires)}&x-signature={signature}"})
         with self._lock:
-            self._generations[prompt] += 1
-            self._served[prompt] = served
+            self._tally.made[prompt] += 1
+            self._tally.served[prompt] = served
         if self.on_generation is not None:
             self.on_generation(prompt)
         return links
@@ -434,7 +421,7 @@ class JimengSandbox:
         with self._lock:
             image = self._images.get(token)
             if image is not None:
-                self._downloads[image.prompt] += 1
+                self._tally.downloads[image.prompt] += 1
                 failing = image.failures_left > 0
                 image.failures_left -= int(failing)
         if self.config.image_latency:
