@@ -124,9 +124,9 @@ async def _in_progress(control: Control) -> list[TaskItem]:
     with redis_errors(control.settings):
         workers = await control.state.workers()
     items = [
-        (job.get("since") or 0.0, TaskItem(str(job["job"]), phase=str(job["phase"]), worker=str(worker["id"])))
+        (job.since, TaskItem(job.job, phase=job.phase, worker=worker.id))
         for worker in workers
-        for job in worker.get("jobs") or []
-        if job.get("phase") != "waiting"
+        for job in worker.jobs
+        if job.phase != "waiting"
     ]
     return [item for _, item in sorted(items, key=lambda pair: pair[0])]

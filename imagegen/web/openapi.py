@@ -190,11 +190,38 @@ SCHEMAS: dict[str, Any] = {
         "(never the key); `until`/`since` in epoch seconds while it is set aside; `credits` only where asked of "
         "the proxy (`imagegen accounts`).",
     },
+    "Worker": {
+        **obj(
+            {
+                "id": STRING,
+                "queue": STRING,
+                "started": {"type": "number"},
+                "running": {"type": "array", "items": STRING},
+                "waiting": {"type": "array", "items": STRING},
+                "jobs": {"type": "array", "items": {"type": "object"}},
+                "outages": {"type": "object"},
+                "stopping": {"type": "boolean"},
+                "jobs_done": INT,
+                "seen": {"type": "number"},
+            }
+        ),
+        "description": "A live worker's heartbeat: the job ids it runs and those waiting for a resume, each job's "
+        "phase and stage, the outages it sees; times in epoch seconds.",
+    },
     "Queue": {
         **obj(
             {
                 "jobs": obj({"queued": INT, "deferred": INT, "in_progress": INT, "waiting": INT}),
                 "records": {"oneOf": [{"type": "null"}, COUNTS]},
+                "records_as_of": {
+                    **NULLABLE_TIME,
+                    "description": "when the record counts were counted: they are shared by every viewer for "
+                    "RECORD_COUNTS_MAX_AGE seconds; null without counts",
+                },
+                "records_age_seconds": {
+                    "type": ["number", "null"],
+                    "description": "seconds since `records_as_of`; null without counts",
+                },
                 "records_error": NULLABLE_STRING,
                 "paused": {"oneOf": [{"type": "null"}, ref("Pause")]},
                 "outages": {"type": "array", "items": {"type": "object"}},
@@ -202,7 +229,7 @@ SCHEMAS: dict[str, Any] = {
                 "max_failed": INT,
                 "spend": ref("Spend"),
                 "accounts": {"type": "array", "items": ref("Account")},
-                "workers": {"type": "array", "items": {"type": "object"}},
+                "workers": {"type": "array", "items": ref("Worker")},
                 "last_worker_seen": {
                     **NULLABLE_TIME,
                     "description": "when a worker of this queue last beat; null: never on this Redis",
@@ -212,7 +239,7 @@ SCHEMAS: dict[str, Any] = {
             }
         ),
         "description": "What `imagegen status --json` prints (less its `target`), with the last hour's outcomes "
-        "per minute.",
+        "per minute. Job counts are read in O(log n) Redis work (running jobs from the workers' heartbeats).",
     },
 }
 
