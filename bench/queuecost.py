@@ -5,11 +5,11 @@ shape `imagegen add` writes them (arq's pickled job under `arq:job:<id>` with it
 at its priority-0 score), and a live worker's heartbeat lists RUNNING of them as running (their in-progress
 keys set, as arq's would be). At each size, each of `Control.status()` (what `imagegen status` runs, in
 process), `GET /api/queue` (also what the dashboard polls) and `GET /metrics` of an in-process `imagegen
-serve` app is timed REPEATS times (the median is shown), after one call that is not timed. Meanwhile a
-separate process pings Redis in a loop (`bench.stall`): the longest ping overlapping a call is how long Redis
-kept every other client waiting (on a loaded machine, its own scheduling adds to it: the same client's
-longest ping while nothing runs is shown as the noise floor). Redis's slow log, reset before each call,
-gives the longest single command the call ran, on Redis's side and free of that noise.
+serve` app is timed REPEATS times (the baseline BASELINE_REPEATS; the median is shown), after one call that is
+not timed. Meanwhile a separate process pings Redis in a loop (`bench.stall`): the longest ping overlapping a
+call is how long Redis kept every other client waiting (on a loaded machine, its own scheduling adds to it:
+the same client's longest ping while nothing runs is shown as the noise floor). Redis's slow log, reset
+before each call, gives the longest single command the call ran, on Redis's side and free of that noise.
 
 Baseline: the same calls with the counts read as they were before, `full_scan_counts`: the whole queue
 (ZRANGE 0 -1), one EXISTS with every member's in-progress key, and the live workers found by SCANning the
@@ -49,7 +49,10 @@ from .stall import slowest_ping
 
 SIZES = (3_000, 30_000, 300_000, 1_000_000)
 QUICK_SIZES = (3_000, 30_000)
-REPEATS = 5
+# Calls timed per size: imagegen's are cheap, so many (a median that the load of a shared machine moves less);
+# the full scan takes seconds at 1M.
+REPEATS = 25
+BASELINE_REPEATS = 3
 RUNNING = 50
 FILL_BATCH = 10_000
 TOKEN = "bench-queue-cost-token"
@@ -270,7 +273,7 @@ class Results:
 
 
 async def measure(stack: Stack, quick: bool, profile: bool) -> Figure:
-    sizes, repeats = (QUICK_SIZES, 1) if quick else (SIZES, REPEATS)
+    sizes, repeats = (QUICK_SIZES, {False: 3, True: 1}) if quick else (SIZES, {False: REPEATS, True: BASELINE_REPEATS})
     results = Results()
     rows: list[Row] = []
     names: list[str] = []
@@ -291,7 +294,7 @@ async def measure(stack: Stack, quick: bool, profile: bool) -> Figure:
                     await check_counts(ours, baseline, size)
                     results.idle = max(results.idle, await idle_stall(pings))
                     for full_scan, reader in ((False, ours), (True, baseline)):
-                        await results.measure(reader, size, full_scan, repeats, pings, pool)
+                        await results.measure(reader, size, full_scan, repeats[full_scan], pings, pool)
                     print(f"   {label(size)} jobs ({fill_seconds:.1f} s filling so far, idle ping up to "
                           f"{results.idle * 1000:.1f} ms)", flush=True)  # fmt: skip
                     rows += results.rows(size, names)
@@ -313,7 +316,8 @@ async def measure(stack: Stack, quick: bool, profile: bool) -> Figure:
     notes = [
         f"Queue filled to {', '.join(f'{s:,}' for s in sizes)} jobs ({fill_seconds:.1f} s in all: one Lua script per "
         f"{FILL_BATCH:,} jobs, in the shape `imagegen add` writes); a live worker's heartbeat lists {RUNNING} of "
-        f"them as running. Each call made once untimed, then timed {repeats} time(s) per size: the median shown. "
+        f"them as running. Each call made once untimed, then timed {repeats[False]} times per size (the baseline "
+        f"{repeats[True]}): the median shown. "
         "Record counts are counted once and shared (an empty collection, the same for both sides): this figure "
         "is about the queue.",
         "Ping: the longest PING of a separate client process (`bench.stall`, pinging in a loop) that overlapped "
