@@ -211,12 +211,17 @@ class PauseGate:
         self._refresh = refresh
         self._checked = float("-inf")
         self._info: PauseInfo | None = None
+        self._reading = asyncio.Lock()
 
     async def current(self) -> PauseInfo | None:
-        now = time.monotonic()
-        if now - self._checked >= self._refresh:
-            self._info = await self._state.paused()
-            self._checked = now
+        """The pause as read at most `refresh` seconds ago. Runs that ask while it is being read again wait for
+        that one read: a wave of calls starting at once costs one round trip, not one each."""
+        if time.monotonic() - self._checked >= self._refresh:
+            async with self._reading:
+                started = time.monotonic()
+                if started - self._checked >= self._refresh:
+                    self._info = await self._state.paused()
+                    self._checked = started
         return self._info
 
     def invalidate(self) -> None:
