@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from imagegen.control import Control, JobCounts, open_control
+from imagegen.listing import TaskState, list_tasks
 from imagegen.metrics import queue_metrics
 
 from .conftest import RecordFactory, Stack
@@ -32,6 +33,9 @@ async def test_job_counts_match_the_queue_with_priorities_a_retry_and_a_live_wor
         retried = created[-1]
         await redis_client.zadd(settings.queue_name, {retried.id: await server_ms(redis_client) + 60_000})
         assert await counts(control) == JobCounts(queued=6, deferred=1, in_progress=0, waiting=0)
+        deferred = await list_tasks(control, TaskState.DEFERRED, page=1, per_page=10)
+        assert (deferred.total, [item.id for item in deferred.items]) == (1, [retried.id])
+        assert (await list_tasks(control, TaskState.DEFERRED, page=2, per_page=1)).items == []
 
         await control.pause("counting the waiting jobs")
         async with worker_running(settings):
