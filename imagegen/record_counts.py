@@ -5,7 +5,9 @@ Counting costs PocketBase one query over the whole collection per status. `image
 Redis with the time they were counted, expiring after RECORD_COUNTS_MAX_AGE seconds: whoever asks within
 that time gets them from there, with their age. When they are missing, one viewer counts (it holds a short
 lock in Redis); the others, in this process or any other, wait for its result instead of counting too. A
-viewer whose counter died or failed counts itself once the lock is gone.
+viewer whose counter died or failed counts itself once the lock is gone. A count that failed (PocketBase down
+or slow) is not tried again by the same process for RECORD_COUNTS_MAX_AGE seconds: its viewers get the same
+error at once rather than each waiting out PocketBase's timeout in turn.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
+from .errors import ImagegenError
 from .keys import RedisKeys
 from .pocketbase import PocketBaseClient
 from .record_states import count_by_status
@@ -54,6 +57,7 @@ class RecordCounts:
         self._pocketbase = pocketbase
         self._max_age = max_age
         self._local = asyncio.Lock()  # viewers of one process wait here rather than in Redis
+        self._failed: tuple[float, ImagegenError] | None = None  # when this process's last count failed, and why
         self._release = redis.register_script(_RELEASE)
 
     async def read(self) -> CountsSeen:
@@ -62,17 +66,28 @@ class RecordCounts:
         if self._max_age <= 0:
             return await self._count()
         async with self._local:
-            deadline = time.monotonic() + LOCK_SECONDS
-            while True:
-                shared = await self._shared()
-                if shared is not None:
-                    return shared
-                token = secrets.token_hex(8)
-                if await self._redis.set(self._keys.record_counts_lock, token, nx=True, px=int(LOCK_SECONDS * 1000)):
-                    return await self._count_and_share(token)
-                if time.monotonic() >= deadline:
-                    return await self._count()  # the lock outlived its holder's count: count without it
-                await asyncio.sleep(WAIT_STEP)
+            if self._failed is not None and time.monotonic() - self._failed[0] < self._max_age:
+                raise self._failed[1]
+            try:
+                seen = await self._shared_or_counted()
+            except ImagegenError as exc:
+                self._failed = (time.monotonic(), exc)
+                raise
+            self._failed = None
+            return seen
+
+    async def _shared_or_counted(self) -> CountsSeen:
+        deadline = time.monotonic() + LOCK_SECONDS
+        while True:
+            shared = await self._shared()
+            if shared is not None:
+                return shared
+            token = secrets.token_hex(8)
+            if await self._redis.set(self._keys.record_counts_lock, token, nx=True, px=int(LOCK_SECONDS * 1000)):
+                return await self._count_and_share(token)
+            if time.monotonic() >= deadline:
+                return await self._count()  # the lock outlived its holder's count: count without it
+            await asyncio.sleep(WAIT_STEP)
 
     async def _shared(self) -> CountsSeen | None:
         raw = await self._redis.get(self._keys.record_counts)
