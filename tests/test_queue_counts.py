@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from imagegen.control import Control, JobCounts, open_control
+from imagegen.layout import FieldLayout
 from imagegen.listing import TaskState, list_tasks
 from imagegen.metrics import queue_metrics
 
@@ -60,18 +61,24 @@ async def _counted(control: Control, expected: JobCounts) -> bool:
 
 
 class CountingViewer:
-    """A viewer of its own (its own Redis pool and PocketBase client), counting its PocketBase count queries."""
+    """A viewer of its own (its own Redis pool and PocketBase client), counting its PocketBase count queries
+    (and its reads of the collection's fields, the first request of a count)."""
 
     def __init__(self, control: Control) -> None:
         self.control = control
         self.queries = 0
-        count = control.pocketbase.count
+        count, fields = control.pocketbase.count, control.pocketbase.fields
 
         async def counted(record_filter: str) -> int:
             self.queries += 1
             return await count(record_filter)
 
+        async def fields_read() -> FieldLayout:
+            self.queries += 1
+            return await fields()
+
         control.pocketbase.count = counted  # type: ignore[method-assign]
+        control.pocketbase.fields = fields_read  # type: ignore[method-assign]
 
 
 async def test_record_counts_are_counted_once_for_every_viewer_and_say_how_old_they_are(
@@ -101,3 +108,13 @@ async def test_record_counts_are_counted_once_for_every_viewer_and_say_how_old_t
         assert again.records == one.records and again.records_as_of == one.records_as_of
         assert sum(viewer.queries for viewer in viewers) == per_round
         assert b"imagegen_records_age_seconds" in queue_metrics(await second.queue_figures())
+
+
+async def test_a_count_that_failed_is_not_tried_again_by_every_viewer_of_the_process(stack: Stack):
+    settings = stack.settings(pocketbase_url="http://127.0.0.1:1", record_counts_max_age=300)
+    async with open_control(settings) as control:
+        viewer = CountingViewer(control)
+        first, second = await control.status(), await control.status()
+    assert first.records is None and "cannot reach http://127.0.0.1:1" in first.records_error
+    assert (second.records, second.records_error) == (None, first.records_error)
+    assert viewer.queries == 1
