@@ -10,7 +10,7 @@ setup:
 
 ## The two commands of the README
 demo: setup
-	@$(BIN)/python -m imagegen.devstack up
+	@$(BIN)/python -m imagegen.dev.devstack up
 
 # Three test processes, each with its own Redis, PocketBase and SeaweedFS (most tests wait on a fault window or
 # a worker, not the CPU: on two cores three overlap those waits best); a long test never holds the others up
@@ -20,7 +20,7 @@ test: setup
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=30
 
 demo-stop:
-	@$(BIN)/python -m imagegen.devstack down
+	@$(BIN)/python -m imagegen.dev.devstack down
 
 ## Tooling
 format: setup

@@ -15,7 +15,7 @@ import statistics
 
 from arq.jobs import Job, JobResult
 
-from imagegen.control import EnqueueOutcome, open_control
+from imagegen.ops.control import EnqueueOutcome, open_control
 
 from .baseline import READY
 from .report import Figure, Row, Target

@@ -35,11 +35,11 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 
-from imagegen.beats import WorkerBeat
-from imagegen.control import Control, JobCounts, open_control
 from imagegen.models import JOB_NAME
-from imagegen.priority import queue_score
-from imagegen.state import QueueState
+from imagegen.ops.control import Control, JobCounts, open_control
+from imagegen.queue.beats import WorkerBeat
+from imagegen.queue.priority import queue_score
+from imagegen.queue.state import QueueState
 from imagegen.web.app import create_app
 from imagegen.web.context import BACKENDS
 

@@ -12,7 +12,7 @@ import time
 
 from arq.constants import in_progress_key_prefix
 
-from imagegen.control import open_control
+from imagegen.ops.control import open_control
 from imagegen.settings import Settings
 
 from .baseline import READY

@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import redis
 
-from imagegen.localstack import find_binary
+from imagegen.dev.localstack import find_binary
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 

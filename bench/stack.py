@@ -26,10 +26,10 @@ from arq import create_pool
 from arq.connections import ArqRedis, RedisSettings
 from arq.jobs import JobResult
 
-from imagegen.enqueue import JobQueue
-from imagegen.jimeng_sandbox import SandboxConfig, SandboxThread
-from imagegen.keys import RedisKeys
-from imagegen.localstack import Credentials, RunningService, local_services
+from imagegen.dev.jimeng_sandbox import SandboxConfig, SandboxThread
+from imagegen.dev.localstack import Credentials, RunningService, local_services
+from imagegen.queue.enqueue import JobQueue
+from imagegen.queue.keys import RedisKeys
 from imagegen.settings import Settings
 
 BIN = Path(sys.executable).parent

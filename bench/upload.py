@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from imagegen.download import open_image
+from imagegen.clients.download import open_image
+from imagegen.clients.storage import Storage, open_s3_client
 from imagegen.settings import Settings
-from imagegen.storage import Storage, open_s3_client
 
 from .report import Figure, Row
 from .stack import JIMENG_KEY, BenchError, Stack

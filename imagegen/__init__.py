@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, FailureKind, ImagegenError
-from .settings import Settings, load_settings
+from imagegen.errors import ConfigError, FailureKind, ImagegenError
+from imagegen.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from .arqworker import ArqCommandSettings, ImagegenWorker
+    from imagegen.worker.arqworker import ArqCommandSettings, ImagegenWorker
 
     WorkerSettings: ArqCommandSettings
 
@@ -21,7 +21,7 @@ def __getattr__(name: str) -> Any:
     first use: only a worker loads the worker's modules (every CLI command imports this package, and would
     otherwise spend half a second importing them)."""
     if name in ("WorkerSettings", "ImagegenWorker"):
-        from . import arqworker
+        from imagegen.worker import arqworker
 
         found: Any = arqworker.ArqCommandSettings() if name == "WorkerSettings" else arqworker.ImagegenWorker
         globals()[name] = found

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
-from .errors import ConfigError
-from .settings import Settings
+from imagegen.errors import ConfigError
+from imagegen.settings import Settings
 
 MIN_TOKEN_CHARS = 16
 MAKE_A_TOKEN = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))' makes one"

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .errors import PromptRejected
+from imagegen.errors import PromptRejected
 
 RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "21:9")
 RESOLUTIONS = ("1k", "2k", "4k")

@@ -18,20 +18,20 @@ from typing import Any, NoReturn
 import aiohttp
 import click
 
-from .accounts import AccountHealth, AccountState
-from .collection_setup import setup_collection
-from .control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
-from .errors import ConfigError, DailyLimitReached, ImagegenError
-from .jimeng import AccountRoutes
-from .layout import FieldLayout
-from .logs import setup_logging
-from .models import iso_time
-from .pocketbase import PocketBaseClient
-from .priority import PRIORITY_RULE, check_priority
-from .progress import Progress
-from .settings import Settings, load_settings, require
-from .spend import DaySpend, total
-from .target import Target
+from imagegen.clients.jimeng import AccountRoutes
+from imagegen.clients.layout import FieldLayout
+from imagegen.clients.pocketbase import PocketBaseClient
+from imagegen.errors import ConfigError, DailyLimitReached, ImagegenError
+from imagegen.logs import setup_logging
+from imagegen.models import iso_time
+from imagegen.ops.collection_setup import setup_collection
+from imagegen.ops.control import Control, EnqueueReport, EnqueueTally, JobReport, StatusReport, open_control
+from imagegen.progress import Progress
+from imagegen.queue.accounts import AccountHealth, AccountState
+from imagegen.queue.priority import PRIORITY_RULE, check_priority
+from imagegen.queue.spend import DaySpend, total
+from imagegen.settings import Settings, load_settings, require
+from imagegen.target import Target
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_SERVICE, EXIT_LIMIT = 0, 1, 2, 3, 4
 # `check`, `generate` and `serve` import their modules when they run: those load the S3 client (boto) and the
@@ -281,7 +281,7 @@ def inspect(ctx: click.Context, prompt_id: str, as_json: bool) -> None:
         return EXIT_OK
 
     try:
-        from .models import validate_prompt_id
+        from imagegen.models import validate_prompt_id
 
         validate_prompt_id(prompt_id)
     except ImagegenError as exc:
@@ -488,7 +488,7 @@ def spend(ctx: click.Context, days: int, as_json: bool) -> None:
 def check(ctx: click.Context, as_json: bool) -> None:
     """Test each configured service; one line per service saying what is wrong."""
 
-    from .checks import check_services
+    from imagegen.ops.checks import check_services
 
     async def work(settings: Settings) -> int:
         target = Target.of(settings)
@@ -578,7 +578,7 @@ def generate(
 ) -> None:
     """Generate images for PROMPT with exactly one paid jimeng call (no PocketBase, no queue) and print their
     links, or with --upload their URLs in the bucket. The API's links expire within hours."""
-    from .oneoff import OneOffRequest, generate_once
+    from imagegen.ops.oneoff import OneOffRequest, generate_once
 
     try:
         given = {"model": model, "ratio": ratio, "resolution": resolution}
@@ -601,7 +601,7 @@ def generate(
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Serve the HTTP API under /api/ and the dashboard at / (beyond loopback only with API_TOKEN set)."""
-    from .web import serve as serve_web
+    from imagegen.web import serve as serve_web
 
     async def work(settings: Settings) -> int:
         require(settings, "pocketbase_email", "pocketbase_password")
@@ -618,7 +618,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None) -> None:
 @click.pass_context
 def worker(ctx: click.Context, check: bool, burst: bool) -> None:
     """Run a worker process: take jobs off the queue until SIGTERM or SIGINT (supervisord runs several)."""
-    from .arqworker import check_worker, run_worker  # the worker's modules: loaded by this command alone
+    from imagegen.worker.arqworker import check_worker, run_worker
 
     settings = _settings(ctx)
     sys.exit(check_worker(settings) if check else run_worker(settings, burst=burst))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from loguru import logger
 
-from .errors import PromptFailed
+from imagegen.errors import PromptFailed
 
 if TYPE_CHECKING:
     from loguru import Record

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from .errors import InvalidPromptId, PromptFailed
+from imagegen.errors import InvalidPromptId, PromptFailed
 
 PROMPT_ID_PATTERN = "^[a-z0-9]{15}$"
 _PROMPT_ID = re.compile(PROMPT_ID_PATTERN)

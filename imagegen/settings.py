@@ -17,9 +17,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .choices import Choices, check_ark_model, check_model, check_ratio, check_resolution
-from .errors import ConfigError
-from .models import RecordStatus
+from imagegen.choices import Choices, check_ark_model, check_model, check_ratio, check_resolution
+from imagegen.errors import ConfigError
+from imagegen.models import RecordStatus
 
 MIB = 1024 * 1024
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .settings import Settings
+from imagegen.settings import Settings
 
 
 @dataclass(frozen=True)

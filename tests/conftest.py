@@ -20,14 +20,14 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from imagegen.jimeng_sandbox import SandboxConfig, SandboxThread
-from imagegen.keys import RedisKeys
-from imagegen.localstack import Credentials, RunningService, free_port, local_services
+from imagegen.clients.pocketbase import PocketBaseClient
+from imagegen.clients.storage import open_s3_client
+from imagegen.dev.jimeng_sandbox import SandboxConfig, SandboxThread
+from imagegen.dev.localstack import Credentials, RunningService, free_port, local_services
 from imagegen.models import PromptRecord
-from imagegen.pocketbase import PocketBaseClient
+from imagegen.queue.keys import RedisKeys
+from imagegen.queue.state import QueueState
 from imagegen.settings import Settings
-from imagegen.state import QueueState
-from imagegen.storage import open_s3_client
 
 BIN = Path(sys.executable).parent
 REDIS_PASSWORD = "test-redis-pw-3f9c"

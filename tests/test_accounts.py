@@ -12,11 +12,11 @@ import pytest
 from loguru import logger
 from pydantic import SecretStr
 
-from imagegen.accounts import COOL_AFTER, AccountPool, AccountState, accounts_of
-from imagegen.credits import CreditWatch
+from imagegen.clients.jimeng import AccountRoutes
 from imagegen.errors import FailureKind, JimengError
-from imagegen.jimeng import AccountRoutes
-from imagegen.keys import RedisKeys
+from imagegen.queue.accounts import COOL_AFTER, AccountPool, AccountState, accounts_of
+from imagegen.queue.keys import RedisKeys
+from imagegen.worker.credits import CreditWatch
 
 from .conftest import JIMENG_KEY, RecordFactory, Stack, queue_state, run_cli, wait_for_records
 from .test_pipeline import enqueue, wait_until, worker_running

@@ -9,11 +9,11 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from imagegen.ark import SIZES, ArkClient, ark_size, classify_error, parse_generation
-from imagegen.ark_sandbox import ERRORS, ArkSandboxConfig, ArkSandboxThread
 from imagegen.choices import RATIOS, RESOLUTIONS, Choices
+from imagegen.clients.ark import SIZES, ArkClient, ark_size, classify_error, parse_generation
+from imagegen.clients.provider import ImageFailure, ImageLink, InlineImage, Provider
+from imagegen.dev.ark_sandbox import ERRORS, ArkSandboxConfig, ArkSandboxThread
 from imagegen.errors import ArkError, ConfigError, FailureKind
-from imagegen.provider import ImageFailure, ImageLink, InlineImage, Provider
 from imagegen.settings import Settings, load_settings
 
 KEY = "ark-test-key-0d6b2f9c4a71e8"

@@ -15,13 +15,13 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
 import imagegen
-from imagegen.arqworker import OVERRIDDEN, START_LINE, ImagegenWorker, check_arq
-from imagegen.control import open_control
-from imagegen.enqueue import JobQueue
+from imagegen.dev.localstack import free_port
 from imagegen.errors import ConfigError
-from imagegen.intake import Intake
-from imagegen.keys import RedisKeys
-from imagegen.localstack import free_port
+from imagegen.ops.control import open_control
+from imagegen.queue.enqueue import JobQueue
+from imagegen.queue.keys import RedisKeys
+from imagegen.worker.arqworker import OVERRIDDEN, START_LINE, ImagegenWorker, check_arq
+from imagegen.worker.intake import Intake
 
 from .conftest import (
     ARQ_WORKER,
@@ -37,7 +37,7 @@ from .conftest import (
 from .test_pipeline import wait_until
 
 PACKAGE = Path(imagegen.__file__).parent
-SEAM = PACKAGE / "arqworker.py"
+SEAM = PACKAGE / "worker" / "arqworker.py"
 COMMANDS = {"imagegen worker": IMAGEGEN_WORKER, "arq imagegen.WorkerSettings": ARQ_WORKER}
 
 

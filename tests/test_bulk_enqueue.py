@@ -14,11 +14,11 @@ from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
 from arq.jobs import Job, deserialize_job_raw, serialize_job
 
-from imagegen.control import open_control
-from imagegen.keys import RedisKeys
 from imagegen.models import JOB_NAME, PromptRecord, RecordStatus
-from imagegen.priority import queue_score
-from imagegen.record_states import count_by_status
+from imagegen.ops.control import open_control
+from imagegen.ops.record_states import count_by_status
+from imagegen.queue.keys import RedisKeys
+from imagegen.queue.priority import queue_score
 
 from .conftest import BIN, RecordFactory, Stack, after_target, run_cli, wait_for_records
 from .test_pipeline import run_queue
@@ -110,7 +110,7 @@ async def test_jobs_queued_in_bulk_are_what_arq_writes_and_a_worker_runs_them(
         assert stored == serialize_job(JOB_NAME, (record.id, False), {}, None, enqueued_ms)
         assert (function, args, kwargs) == (JOB_NAME, (record.id, False), {})
         assert job_try is None  # as arq writes a new job (its type says int)
-        # Scored by enqueue time, shifted into the band of priority 0 (see imagegen.priority).
+        # Scored by enqueue time, shifted into the band of priority 0 (see imagegen.queue.priority).
         assert (await queue_entries(redis_client, settings))[record.id] == queue_score(enqueued_ms, 0)
         assert abs(enqueued_ms - arq_job[4]) < 60_000
         assert abs(await redis_client.pttl(job_key_prefix + record.id) - arq_ttl) < 60_000

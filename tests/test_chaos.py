@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from imagegen.keys import RedisKeys
+from imagegen.clients.storage import open_s3_client
 from imagegen.models import RecordStatus
-from imagegen.storage import open_s3_client
+from imagegen.queue.keys import RedisKeys
 
 from .conftest import RecordFactory, Stack, after_target, run_cli, wait_for_records
 from .faultproxy import FaultProxy

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from imagegen.control import open_control
+from imagegen.ops.control import open_control
 from imagegen.settings import Settings
 
 from .conftest import RecordFactory, Stack

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from arq.jobs import Job
 
-from imagegen.keys import RedisKeys
+from imagegen.queue.keys import RedisKeys
 
 from .conftest import BIN, SECRETS, RecordFactory, Stack, after_target, queue_state, run_cli, wait_for_records
 from .test_pipeline import run_queue, wait_until

@@ -24,10 +24,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from imagegen.keys import RedisKeys
-from imagegen.marks import RecordMarks
+from imagegen.clients.pocketbase import PocketBaseClient
 from imagegen.models import RecordStatus
-from imagegen.pocketbase import PocketBaseClient
+from imagegen.queue.keys import RedisKeys
+from imagegen.queue.marks import RecordMarks
 from imagegen.settings import Settings
 from imagegen.web import create_app
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.download import sniff_image_type
+from imagegen.clients.download import sniff_image_type
 
 from .conftest import SETTING_PREFIXES
 
@@ -22,7 +22,7 @@ def devstack(project: Path, *args: str, timeout: float = 240) -> subprocess.Comp
     env = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
     env[CANARY] = "must-not-be-written-anywhere"
     return subprocess.run(
-        [sys.executable, "-m", "imagegen.devstack", *args],
+        [sys.executable, "-m", "imagegen.dev.devstack", *args],
         cwd=project,
         env=env,
         capture_output=True,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.control import open_control
 from imagegen.models import RecordStatus
-from imagegen.state import QueueState
+from imagegen.ops.control import open_control
+from imagegen.queue.state import QueueState
 
 from .conftest import BIN, RecordFactory, Stack, queue_state, run_cli, wait_for_records
 from .test_pipeline import enqueue, run_queue, wait_until, worker_running

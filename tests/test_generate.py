@@ -6,10 +6,10 @@ import json
 import re
 from urllib.parse import urlsplit
 
-from imagegen.download import sniff_image_type
-from imagegen.localstack import free_port
+from imagegen.clients.download import sniff_image_type
+from imagegen.clients.storage import open_s3_client
+from imagegen.dev.localstack import free_port
 from imagegen.settings import Settings
-from imagegen.storage import open_s3_client
 
 from .conftest import Stack, run_cli
 from .test_cli import assert_no_secret

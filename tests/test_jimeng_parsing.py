@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from imagegen.clients.jimeng import parse_generation, parse_retry_after
 from imagegen.errors import FailureKind, JimengError
-from imagegen.jimeng import parse_generation, parse_retry_after
 
 
 def body(code: int, message: str) -> str:

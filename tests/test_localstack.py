@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from botocore.exceptions import ClientError
 from redis.exceptions import AuthenticationError
 
-from imagegen.localstack import (
+from imagegen.dev.localstack import (
     Credentials,
     LocalStackError,
     RunningService,
@@ -28,9 +28,9 @@ from imagegen.localstack import (
     redis_spec,
     seaweed_spec,
 )
-from imagegen.localstack.process import child_env
-from imagegen.localstack.seaweed import s3_config
-from imagegen.localstack.services import local_settings
+from imagegen.dev.localstack.process import child_env
+from imagegen.dev.localstack.seaweed import s3_config
+from imagegen.dev.localstack.services import local_settings
 
 PB_EMAIL = "admin@localstack.test"
 PB_PASSWORD = "localstack-pb-pw-4e1d"

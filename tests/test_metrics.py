@@ -12,9 +12,9 @@ import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from imagegen.control import open_control
-from imagegen.localstack import free_port
-from imagegen.storage import open_s3_client
+from imagegen.clients.storage import open_s3_client
+from imagegen.dev.localstack import free_port
+from imagegen.ops.control import open_control
 from imagegen.web import create_app
 
 from .conftest import BIN, SECRETS, RecordFactory, Stack, run_cli, wait_for_records

@@ -15,10 +15,10 @@ import pytest
 import redis as sync_redis
 from arq.constants import in_progress_key_prefix
 
-from imagegen.control import open_control
-from imagegen.keys import RedisKeys
-from imagegen.ledger import GenerationLedger
-from imagegen.state import QueueState
+from imagegen.ops.control import open_control
+from imagegen.queue.keys import RedisKeys
+from imagegen.queue.ledger import GenerationLedger
+from imagegen.queue.state import QueueState
 
 from .conftest import REDIS_PASSWORD, RecordFactory, Stack, queue_state, run_cli, wait_for_records
 from .test_pipeline import bucket_keys, enqueue, run_queue, wait_until, worker_running

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from imagegen.state import PauseGate, PauseInfo
+from imagegen.queue.state import PauseGate, PauseInfo
 
 from .conftest import queue_state
 

@@ -16,11 +16,11 @@ from contextlib import asynccontextmanager
 import aiohttp
 import pytest
 
-from imagegen.arqworker import ImagegenWorker
-from imagegen.control import open_control
-from imagegen.download import sniff_image_type
+from imagegen.clients.download import sniff_image_type
+from imagegen.clients.storage import open_s3_client
+from imagegen.ops.control import open_control
 from imagegen.settings import Settings
-from imagegen.storage import open_s3_client
+from imagegen.worker.arqworker import ImagegenWorker
 
 from .conftest import RecordFactory, Stack, queue_state
 

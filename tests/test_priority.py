@@ -12,22 +12,14 @@ import time
 import pytest
 from arq.constants import in_progress_key_prefix
 
-from imagegen.arqworker import ShiftedDelayFilter
-from imagegen.beats import WorkerBeat
-from imagegen.control import Control, open_control
-from imagegen.intake import Intake
-from imagegen.keys import RedisKeys
-from imagegen.listing import TaskState, list_tasks
 from imagegen.models import PromptRecord
-from imagegen.priority import (
-    BAND,
-    PRIORITY_MAX,
-    PRIORITY_MIN,
-    check_priority,
-    due_ms,
-    priority_of,
-    queue_score,
-)
+from imagegen.ops.control import Control, open_control
+from imagegen.ops.listing import TaskState, list_tasks
+from imagegen.queue.beats import WorkerBeat
+from imagegen.queue.keys import RedisKeys
+from imagegen.queue.priority import BAND, PRIORITY_MAX, PRIORITY_MIN, check_priority, due_ms, priority_of, queue_score
+from imagegen.worker.arqworker import ShiftedDelayFilter
+from imagegen.worker.intake import Intake
 
 from .conftest import RecordFactory, Stack, after_target, run_cli, wait_for_records
 from .test_pipeline import wait_until

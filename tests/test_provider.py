@@ -5,8 +5,8 @@ import base64
 import aiohttp
 import pytest
 
+from imagegen.clients.provider import ImageFailure, ImageLink, InlineImage, ProviderResult, transport_failure
 from imagegen.errors import FailureKind, JimengError, ProviderError
-from imagegen.provider import ImageFailure, ImageLink, InlineImage, ProviderResult, transport_failure
 
 
 def test_a_link_lasts_its_lifetime_from_when_the_call_left():

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from imagegen.ark_sandbox import ArkSandboxConfig, ArkSandboxThread
-from imagegen.download import sniff_image_type
+from imagegen.clients.download import sniff_image_type
+from imagegen.dev.ark_sandbox import ArkSandboxConfig, ArkSandboxThread
 from imagegen.errors import ConfigError
 from imagegen.settings import Settings, load_settings
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from imagegen.control import Control, JobCounts, open_control
-from imagegen.layout import FieldLayout
-from imagegen.listing import TaskState, list_tasks
-from imagegen.metrics import queue_metrics
+from imagegen.clients.layout import FieldLayout
+from imagegen.ops.control import Control, JobCounts, open_control
+from imagegen.ops.listing import TaskState, list_tasks
+from imagegen.ops.metrics import queue_metrics
 
 from .conftest import RecordFactory, Stack
 from .test_pipeline import wait_until, worker_running

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from imagegen.localstack import RunningService, ServiceSpec, child_env, find_binary, free_port
-from imagegen.localstack.redis import REDIS_INSTALL_HINT, redis_ping
+from imagegen.dev.localstack import RunningService, ServiceSpec, child_env, find_binary, free_port
+from imagegen.dev.localstack.redis import REDIS_INSTALL_HINT, redis_ping
 
 from .conftest import RecordFactory, Stack, run_cli, wait_for_records
 

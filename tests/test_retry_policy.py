@@ -2,8 +2,8 @@
 
 import pytest
 
-from imagegen.jobs import retry_delay
 from imagegen.settings import Settings
+from imagegen.worker.jobs import retry_delay
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from imagegen.download import sniff_image_type
-from imagegen.jimeng_sandbox import PROXY_ERRORS, SandboxConfig, SandboxThread
+from imagegen.clients.download import sniff_image_type
+from imagegen.dev.jimeng_sandbox import PROXY_ERRORS, SandboxConfig, SandboxThread
 
 KEY = "sandbox-test-key"
 

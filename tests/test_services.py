@@ -5,11 +5,11 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from imagegen.control import open_control
+from imagegen.clients.pocketbase import PocketBaseClient
+from imagegen.clients.storage import Storage, open_s3_client
 from imagegen.errors import FailureKind, PocketBaseError, RecordNotFound, StorageError
 from imagegen.models import RecordStatus
-from imagegen.pocketbase import PocketBaseClient
-from imagegen.storage import Storage, open_s3_client
+from imagegen.ops.control import open_control
 
 from .conftest import RecordFactory, Stack, queue_state
 from .test_pipeline import bucket_keys, enqueue, run_queue, wait_until, worker_running

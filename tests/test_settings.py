@@ -2,8 +2,8 @@
 
 import pytest
 
+from imagegen.clients.layout import FieldLayout, filter_literal
 from imagegen.errors import ConfigError
-from imagegen.layout import FieldLayout, filter_literal
 from imagegen.models import validate_prompt_id
 from imagegen.settings import load_settings
 

@@ -11,14 +11,14 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from imagegen.dev.localstack import free_port
 from imagegen.errors import DailyLimitReached
-from imagegen.keys import RedisKeys
-from imagegen.localstack import free_port
 from imagegen.models import RecordStatus
-from imagegen.permits import CallPermits
+from imagegen.queue.keys import RedisKeys
+from imagegen.queue.permits import CallPermits
+from imagegen.queue.spend import CallOutcome, Spend
+from imagegen.queue.state import QueueState
 from imagegen.settings import Settings
-from imagegen.spend import CallOutcome, Spend
-from imagegen.state import QueueState
 
 from .conftest import RecordFactory, Stack, after_target, queue_state, run_cli, wait_for_records
 from .test_generate import assert_error_line

@@ -11,11 +11,11 @@ import signal
 import aiohttp
 import pytest
 
-from imagegen.control import open_control
+from imagegen.clients.sse import ServerEvent, SSEParser
 from imagegen.errors import PocketBaseError
-from imagegen.keys import RedisKeys
-from imagegen.sse import ServerEvent, SSEParser
-from imagegen.watch import Watcher
+from imagegen.ops.control import open_control
+from imagegen.queue.keys import RedisKeys
+from imagegen.worker.watch import Watcher
 
 from .conftest import SECRETS, RecordFactory, Stack, wait_for_records
 from .faultproxy import FaultProxy

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from imagegen.localstack import free_port
+from imagegen.dev.localstack import free_port
 from imagegen.settings import Settings
 from imagegen.web import create_app
 from imagegen.web.openapi import document

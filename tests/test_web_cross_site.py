@@ -14,7 +14,7 @@ import requests
 from aiohttp import web
 from playwright.async_api import Browser, async_playwright
 
-from imagegen.localstack import free_port
+from imagegen.dev.localstack import free_port
 from imagegen.models import RecordStatus
 
 from .conftest import RecordFactory, Stack, run_cli

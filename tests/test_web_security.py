@@ -16,7 +16,7 @@ import requests
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from imagegen.localstack import free_port
+from imagegen.dev.localstack import free_port
 from imagegen.web import protocol
 
 from .conftest import SECRETS, RecordFactory, Stack, run_cli

@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from imagegen.localstack import free_port
+from imagegen.dev.localstack import free_port
 
 from .conftest import BIN, SECRETS, RecordFactory, Stack, run_cli
 from .test_cli import assert_one_clean_line

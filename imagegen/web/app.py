@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from ..settings import Settings
+from imagegen.settings import Settings
+
 from .context import BACKENDS, HOST_RULE, SETTINGS, Backends
 from .middleware import cross_site_middleware, error_middleware, host_middleware, token_middleware
 from .routes import routes

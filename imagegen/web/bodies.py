@@ -6,9 +6,9 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from ..errors import InvalidRequest
-from ..listing import MAX_PER_PAGE, MAX_RECENT, TaskState
-from ..priority import PRIORITY_MAX, PRIORITY_MIN
+from imagegen.errors import InvalidRequest
+from imagegen.ops.listing import MAX_PER_PAGE, MAX_RECENT, TaskState
+from imagegen.queue.priority import PRIORITY_MAX, PRIORITY_MIN
 
 MAX_IDS = 500
 DEFAULT_PAUSE_REASON = "paused from the web API"

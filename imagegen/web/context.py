@@ -8,8 +8,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from ..control import Control, connect_queue, pocketbase_client
-from ..settings import Settings
+from imagegen.ops.control import Control, connect_queue, pocketbase_client
+from imagegen.settings import Settings
+
 from .security import HostRule
 
 

@@ -15,9 +15,10 @@ from aiohttp import http_exceptions, web
 from aiohttp.typedefs import Handler
 from loguru import logger
 
-from ..access import token_refusal
-from ..errors import ConfigError, ImagegenError, InvalidPromptId, InvalidRequest, RecordNotFound, ServiceError
-from ..logs import scrub
+from imagegen.access import token_refusal
+from imagegen.errors import ConfigError, ImagegenError, InvalidPromptId, InvalidRequest, RecordNotFound, ServiceError
+from imagegen.logs import scrub
+
 from .context import HOST_RULE, SETTINGS
 from .protocol import fault_message
 from .security import WRONG_HOST, write_refusal

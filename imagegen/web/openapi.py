@@ -9,11 +9,12 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from ..accounts import AccountState
-from ..control import EnqueueOutcome
-from ..listing import TaskState
-from ..models import PROMPT_ID_PATTERN, JobState
-from ..stages import TIMED, Stage
+from imagegen.models import PROMPT_ID_PATTERN, JobState
+from imagegen.ops.control import EnqueueOutcome
+from imagegen.ops.listing import TaskState
+from imagegen.queue.accounts import AccountState
+from imagegen.queue.stages import TIMED, Stage
+
 from .bodies import ActivityQuery, CreateTasks, NoOptions, PauseQueue, TaskQuery
 
 STRING = {"type": "string"}

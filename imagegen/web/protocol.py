@@ -25,7 +25,8 @@ from aiohttp.web_request import BaseRequest
 from loguru import logger
 from typing_extensions import override
 
-from ..errors import ConfigError
+from imagegen.errors import ConfigError
+
 from .security import apply_headers
 
 # What aiohttp's private parts must look like for the overrides below to take effect.

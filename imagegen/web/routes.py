@@ -12,12 +12,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ..access import token_refusal
-from ..control import EnqueueOutcome, EnqueueTally, pause_json, redis_errors
-from ..errors import ImagegenError, InvalidRequest, RecordNotFound
-from ..listing import list_tasks, recent_activity
-from ..metrics import CONTENT_TYPE, queue_metrics
-from ..models import JobState, validate_prompt_id
+from imagegen.access import token_refusal
+from imagegen.errors import ImagegenError, InvalidRequest, RecordNotFound
+from imagegen.models import JobState, validate_prompt_id
+from imagegen.ops.control import EnqueueOutcome, EnqueueTally, pause_json, redis_errors
+from imagegen.ops.listing import list_tasks, recent_activity
+from imagegen.ops.metrics import CONTENT_TYPE, queue_metrics
+
 from .bodies import DEFAULT_PAUSE_REASON, ActivityQuery, CreateTasks, NoOptions, PauseQueue, TaskQuery, parse
 from .context import DASHBOARD_PAGE, SETTINGS, STATIC_DIR, control_of
 from .openapi import document

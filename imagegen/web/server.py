@@ -8,10 +8,11 @@ import signal
 from aiohttp import web
 from loguru import logger
 
-from ..access import check_bind
-from ..errors import ConfigError
-from ..settings import Settings
-from ..target import Target
+from imagegen.access import check_bind
+from imagegen.errors import ConfigError
+from imagegen.settings import Settings
+from imagegen.target import Target
+
 from .app import create_app
 from .protocol import ApiRunner, check_aiohttp
 
