@@ -1,9 +1,10 @@
 """`python -m bench`: start the local stack, measure each figure next to its baseline, print the table and
 write docs/benchmarks.md.
 
-Figures: overhead, occupancy, memory, backlog, pickup, recovery (all by default) and upload (only when
-named: one large image, streamed vs buffered). docs/benchmarks.md is written by a full run: every default
-figure, not --quick, not --no-write.
+Figures: overhead, occupancy, memory, backlog, pickup, recovery, queue-cost (status, the API and /metrics
+as the backlog grows to 1M jobs), batch-occupancy (short batches of 100 and 400 prompts) (all by default) and
+upload (only when named: one large image, streamed vs buffered). docs/benchmarks.md is written by a full
+run: every default figure, not --quick, not --no-write.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import backlog, memory, occupancy, overhead, pickup, recovery, upload
+from . import backlog, memory, occupancy, overhead, pickup, queuecost, recovery, upload
 from .report import Figure, console_table, machine, write_docs
 from .stack import Stack, clean, running_stack
 
@@ -29,9 +30,11 @@ FIGURES: dict[str, Measure] = {
     "backlog": backlog.measure,
     "pickup": pickup.measure,
     "recovery": recovery.measure,
+    "queue-cost": queuecost.measure,
+    "batch-occupancy": occupancy.measure_batches,
     "upload": upload.measure,
 }
-DEFAULT = ("overhead", "occupancy", "memory", "backlog", "pickup", "recovery")
+DEFAULT = ("overhead", "occupancy", "memory", "backlog", "pickup", "recovery", "queue-cost", "batch-occupancy")
 
 
 def parse_args() -> argparse.Namespace:

@@ -324,7 +324,12 @@ def _format_status(report: StatusReport, providers: list[str]) -> str:
     lines = [
         "jobs:      " + ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in data["jobs"].items()),
         "records:   "
-        + (", ".join(f"{n} {name}" for name, n in records.items()) if records else f"unknown ({report.records_error})"),
+        + (
+            ", ".join(f"{n} {name}" for name, n in records.items())
+            + f" (counted {data['records_age_seconds']:.0f} s ago)"
+            if records
+            else f"unknown ({report.records_error})"
+        ),
     ]
     paused = data["paused"]
     lines.append(
@@ -347,12 +352,12 @@ def _format_status(report: StatusReport, providers: list[str]) -> str:
         lines[-1] += f" (the last one seen {data['last_worker_seen']})"
     lines += [f"warning:   {warning}" for warning in data["warnings"]]
     for worker in report.workers:
-        stopping = ", stopping" if worker.get("stopping") else ""
-        phases = Counter(job["phase"] for job in worker.get("jobs") or [] if job["phase"] != "waiting")
+        stopping = ", stopping" if worker.stopping else ""
+        phases = Counter(job.phase for job in worker.jobs if job.phase != "waiting")
         detail = f" ({', '.join(f'{n} {phase}' for phase, n in sorted(phases.items()))})" if phases else ""
         lines.append(
-            f"  {worker['id']}  running {len(worker['running'])}{detail}, "
-            f"waiting {len(worker.get('waiting') or [])}, done {worker['jobs_done']}{stopping}"
+            f"  {worker.id}  running {len(worker.running)}{detail}, "
+            f"waiting {len(worker.waiting)}, done {worker.jobs_done}{stopping}"
         )
     return "\n".join(lines)
 

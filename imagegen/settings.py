@@ -161,6 +161,9 @@ class Settings(BaseSettings):
     # Host names the server answers to besides its bind address and localhost (comma-separated): the names a
     # reverse proxy or the operator's browser use for it.
     web_allowed_hosts: str = ""
+    # How long record counts (status, the API, the dashboard, /metrics) are shared before PocketBase is counted
+    # again; 0 counts on every look.
+    record_counts_max_age: float = Field(5.0, ge=0, le=3600, description="seconds")
 
     log_level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import subprocess
@@ -10,12 +11,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
 import imagegen
 from imagegen.dev.localstack import free_port
 from imagegen.errors import ConfigError
+from imagegen.ops.control import open_control
+from imagegen.queue.enqueue import JobQueue
+from imagegen.queue.keys import RedisKeys
 from imagegen.worker.arqworker import OVERRIDDEN, START_LINE, ImagegenWorker, check_arq
+from imagegen.worker.intake import Intake
 
 from .conftest import (
     ARQ_WORKER,
@@ -79,6 +85,30 @@ def test_a_changed_arq_is_named_with_its_version(monkeypatch):
     monkeypatch.setattr(Worker, "start_jobs", start_jobs)
     with pytest.raises(ConfigError, match=r"^arq 0\.28\.0 is not the arq .*start_jobs.*pyproject"):
         check_arq()
+
+
+def test_an_arq_whose_run_job_changed_is_named_too(monkeypatch):
+    async def run_job(self: Worker, job_id: str) -> None: ...
+
+    monkeypatch.setattr(Worker, "run_job", run_job)
+    with pytest.raises(ConfigError, match=r"^arq 0\.28\.0 is not the arq .*run_job.*pyproject"):
+        check_arq()
+
+
+async def test_workers_claiming_at_once_share_no_job_and_mark_each_in_progress(settings, redis_client):
+    keys = RedisKeys(settings.queue_name)
+    ids = [f"claimtest{n:06d}" for n in range(30)]
+    async with open_control(settings) as control:
+        assert all(await JobQueue(control.redis, settings.queue_name, keys).put(ids))
+    first, second = (Intake(redis_client, keys, settings.queue_name, 0.5) for _ in range(2))
+    claimed = await asyncio.gather(first.claim(20, 60_000), second.claim(20, 60_000))
+    taken = [job_id.decode() for found in claimed for job_id, _ in found]
+    assert sorted(taken) == ids  # 20 and 10: every job once
+    scores = {job_id.decode(): score for found in claimed for job_id, score in found}
+    assert scores == {i: int(await redis_client.zscore(settings.queue_name, i)) for i in ids}
+    lives = [await redis_client.pttl(in_progress_key_prefix + i) for i in ids]
+    assert all(0 < ms <= 60_000 for ms in lives)
+    assert await first.claim(20, 60_000) == []
 
 
 def test_no_module_but_the_seam_touches_arq_internals():

@@ -62,7 +62,7 @@ async def test_no_credits_pauses_at_once_and_resume_finishes_with_attempts_intac
 async def _parked(state: QueueState):
     """Every worker holds a job that waits for a resume (and none that runs)."""
     workers = await state.workers()
-    return workers and all(w["waiting"] and not w["running"] for w in workers)
+    return workers and all(w.waiting and not w.running for w in workers)
 
 
 async def test_consecutive_exhausted_jobs_pause_the_queue(
@@ -103,7 +103,7 @@ async def test_manual_pause_holds_every_worker_process(
 
     async def both_parked():
         workers = await live_workers(settings, redis_client)
-        return len(workers) == 2 and all(w["waiting"] for w in workers)
+        return len(workers) == 2 and all(w.waiting for w in workers)
 
     assert await wait_until(both_parked)
     assert stack.jimeng.sandbox.stats()["total_calls"] == 0

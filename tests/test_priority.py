@@ -15,6 +15,7 @@ from arq.constants import in_progress_key_prefix
 from imagegen.models import PromptRecord
 from imagegen.ops.control import Control, open_control
 from imagegen.ops.listing import TaskState, list_tasks
+from imagegen.queue.beats import WorkerBeat
 from imagegen.queue.keys import RedisKeys
 from imagegen.queue.priority import BAND, PRIORITY_MAX, PRIORITY_MIN, check_priority, due_ms, priority_of, queue_score
 from imagegen.worker.arqworker import ShiftedDelayFilter
@@ -154,12 +155,16 @@ async def test_a_retry_that_comes_due_goes_back_to_its_priority(
         now = int(await server_ms(redis_client))
         # What arq does to a job that raised Retry(defer=60): its score becomes the plain time it is due.
         await redis_client.zadd(settings.queue_name, {high.id: now + 60_000})
-        # A running job's score is arq's to change, even a plain one come due.
+        # A running job's score is arq's to change, even a plain one come due; its worker's heartbeat lists it.
         await redis_client.set(in_progress_key_prefix + running.id, b"1")
         await redis_client.zadd(settings.queue_name, {running.id: now - 1})
+        beat = WorkerBeat(
+            id="host:1", queue=settings.queue_name, started=now / 1000, running=[running.id], seen=now / 1000
+        )
+        await control.state.heartbeat(beat, ttl=60)
 
         status = await control.status(records=False)
-        assert (status.queued, status.deferred) == (2, 1)
+        assert (status.jobs.queued, status.jobs.deferred, status.jobs.in_progress) == (2, 1, 1)
         report = await control.inspect(high.id)
         assert (report.state.value, report.priority) == ("deferred", 10)
         assert report.scheduled_for is not None and report.scheduled_for.timestamp() == pytest.approx(now / 1000 + 60)
@@ -181,7 +186,7 @@ async def server_ms(redis_client) -> int:
 
 async def control_counts(control: Control) -> tuple[int, int]:
     status = await control.status(records=False)
-    return status.queued, status.deferred
+    return status.jobs.queued, status.jobs.deferred
 
 
 async def test_the_web_api_takes_a_priority_and_refuses_one_out_of_range(stack: Stack, records: RecordFactory):

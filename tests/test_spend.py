@@ -56,7 +56,7 @@ def _now() -> float:
 async def _parked(state: QueueState) -> bool:
     """No live worker runs a job, and jobs wait for a resume."""
     workers = await state.workers()
-    return bool(workers) and not any(w["running"] for w in workers) and any(w["waiting"] for w in workers)
+    return bool(workers) and not any(w.running for w in workers) and any(w.waiting for w in workers)
 
 
 @pytest.mark.timeout(180)
@@ -151,7 +151,7 @@ async def test_the_limit_pause_lifts_by_itself_when_the_day_turns_and_a_manual_p
 
 async def _heartbeats_after(state: QueueState, moment: float) -> bool:
     workers = await state.workers()
-    return bool(workers) and all(float(w["seen"]) > moment for w in workers)
+    return bool(workers) and all(w.seen > moment for w in workers)
 
 
 async def test_calls_are_counted_by_outcome_and_shown_by_spend_and_status(

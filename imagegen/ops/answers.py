@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.models import JobState, iso_time
 from imagegen.queue.accounts import AccountHealth, AccountState
+from imagegen.queue.beats import WorkerBeat
 from imagegen.queue.enqueue import EnqueueOutcome, EnqueueReport, EnqueueTally
 from imagegen.queue.stages import Stage, StageTiming, StageView
 from imagegen.queue.state import PauseInfo
@@ -398,10 +399,16 @@ class OutageAnswer(Answer):
 
 
 class QueueAnswer(Answer):
-    """What `imagegen status --json` prints (less its `target`)."""
+    """What `imagegen status --json` prints (less its `target`). Job counts are read in O(log n) Redis work
+    (running jobs from the workers' heartbeats)."""
 
     jobs: JobCountsAnswer
     records: Counts | None
+    records_as_of: Time | None = Field(
+        description="when the record counts were counted: they are shared by every viewer for "
+        "RECORD_COUNTS_MAX_AGE seconds; null without counts"
+    )
+    records_age_seconds: float | None = Field(description="seconds since `records_as_of`; null without counts")
     records_error: str | None
     paused: PauseAnswer | None
     outages: list[OutageAnswer]
@@ -409,7 +416,10 @@ class QueueAnswer(Answer):
     max_failed: int
     spend: SpendAnswer
     accounts: list[AccountAnswer]
-    workers: list[dict[str, Any]]
+    workers: list[WorkerBeat] = Field(
+        description="each live worker's heartbeat: the job ids it runs and those waiting for a resume, each job's "
+        "phase and stage, the outages it sees; times in epoch seconds"
+    )
     last_worker_seen: Time | None = Field(
         description="when a worker of this queue last beat; null: never on this Redis"
     )
@@ -418,10 +428,10 @@ class QueueAnswer(Answer):
     @classmethod
     def fields_of(cls, report: StatusReport) -> dict[str, Any]:
         return {
-            "jobs": JobCountsAnswer(
-                queued=report.queued, deferred=report.deferred, in_progress=report.in_progress, waiting=report.waiting
-            ),
+            "jobs": JobCountsAnswer.model_validate(report.jobs, from_attributes=True),
             "records": report.records,
+            "records_as_of": None if report.records_as_of is None else iso_time(report.records_as_of),
+            "records_age_seconds": report.age_of_records(),
             "records_error": report.records_error or None,
             "paused": PauseAnswer.maybe(report.paused),
             "outages": [OutageAnswer.model_validate(outage) for outage in report.outages()],

@@ -15,7 +15,6 @@ from typing import Any
 import aiohttp
 from arq import create_pool
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
 from arq.jobs import Job, JobResult, JobStatus
 from loguru import logger
 from redis.exceptions import RedisError
@@ -32,19 +31,21 @@ from imagegen.models import (
     validate_prompt_id,
 )
 from imagegen.queue.accounts import AccountHealth, account_pool, ark_health
+from imagegen.queue.beats import WorkerBeat
 from imagegen.queue.connections import REDIS_AUTH_ERRORS, redis_auth_message, redis_settings
 from imagegen.queue.enqueue import EnqueueOutcome, EnqueueReport, EnqueueTally, JobQueue
 from imagegen.queue.keys import RedisKeys
 from imagegen.queue.marks import RecordMarks
 from imagegen.queue.priority import check_priority, priority_of
 from imagegen.queue.spend import DaySpend, Spend, limit_json
-from imagegen.queue.stages import FINAL, Stage, StageLog, StageView, combine, parse_live
+from imagegen.queue.stages import FINAL, Stage, StageLog, StageView, combine
 from imagegen.queue.state import PauseInfo, QueueState
 from imagegen.queue.throughput import OutcomeCounter, Throughput
 from imagegen.settings import Settings
 
 from .metrics import QueueFigures
-from .record_states import count_by_status, iter_status
+from .record_counts import RecordCounts
+from .record_states import iter_status
 
 
 @dataclass
@@ -83,20 +84,44 @@ def redis_errors(settings: Settings) -> Iterator[None]:
         ) from None
 
 
-@dataclass
-class StatusReport:
-    """Everything `imagegen status` shows; `records_error` says why the record counts are missing."""
+@dataclass(frozen=True)
+class JobCounts:
+    """The queue's jobs by state: due and not taken, deferred (a retry's backoff), running, waiting for a resume."""
 
     queued: int
     deferred: int
     in_progress: int
     waiting: int
+
+    @classmethod
+    def of(cls, due: int, deferred: int, workers: list[WorkerBeat]) -> JobCounts:
+        """From the due and deferred jobs in the queue and what the live workers run (running jobs stay in
+        the queue, due, until they end)."""
+        in_progress = sum(len(worker.running) for worker in workers)
+        waiting = sum(len(worker.waiting) for worker in workers)
+        return cls(max(0, due - in_progress - waiting), deferred, in_progress, waiting)
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "queued": self.queued,
+            "deferred": self.deferred,
+            "in_progress": self.in_progress,
+            "waiting": self.waiting,
+        }
+
+
+@dataclass
+class StatusReport:
+    """Everything `imagegen status` shows; `records_error` says why the record counts are missing."""
+
+    jobs: JobCounts
     paused: PauseInfo | None
     consecutive_failures: int
     max_failed: int
-    workers: list[dict[str, Any]]
+    workers: list[WorkerBeat]
     spend: dict[str, Any] = field(default_factory=dict)  # today's jimeng calls against JIMENG_DAILY_LIMIT
     records: dict[str, int] | None = None
+    records_as_of: float | None = None  # when the record counts were counted (they are shared a few seconds)
     records_error: str = ""
     accounts: list[AccountHealth] = field(default_factory=list)  # the jimeng accounts, in JIMENG_API_KEY's order
     last_worker_seen: float | None = None  # when a worker of this queue last beat; None: never on this Redis
@@ -111,14 +136,18 @@ class StatusReport:
             "your workers use (REDIS_*, QUEUE_NAME, --env-file)?"
         )
 
+    def age_of_records(self) -> float | None:
+        """Seconds since the record counts were counted (None without counts)."""
+        return None if self.records_as_of is None else round(max(0.0, time.time() - self.records_as_of), 1)
+
     def outages(self) -> list[dict[str, Any]]:
         """Each service some worker waits for, with since when and how many workers see it."""
         found: dict[str, dict[str, Any]] = {}
         for worker in self.workers:
-            for service, outage in (worker.get("outages") or {}).items():
-                entry = found.setdefault(service, {"service": service, "since": outage["since"], "workers": 0})
-                entry["since"] = min(entry["since"], outage["since"])
-                entry["error"] = outage.get("error", "")
+            for service, outage in worker.outages.items():
+                entry = found.setdefault(service, {"service": service, "since": outage.since, "workers": 0})
+                entry["since"] = min(entry["since"], outage.since)
+                entry["error"] = outage.error
                 entry["workers"] += 1
         return [{**o, "since": iso_time(o["since"])} for o in found.values()]
 
@@ -137,6 +166,7 @@ class Control:
         self.stages = StageLog(redis, self.keys, settings.queue_keep_result)
         self.spending = Spend(redis, self.keys, settings.daily_limits(), settings.daily_limit_zone)
         self.accounts = account_pool(redis, self.keys, settings, self.spending)
+        self.record_counts = RecordCounts(redis, self.keys, pocketbase, settings.record_counts_max_age)
 
     async def pause(self, reason: str) -> PauseInfo:
         with redis_errors(self.settings):
@@ -172,25 +202,29 @@ class Control:
         with redis_errors(self.settings):
             return await self.spending.days(days)
 
+    async def count_jobs(self, workers: list[WorkerBeat]) -> JobCounts:
+        """Jobs by state in O(log n) Redis work however long the queue: due and deferred are two ZCOUNTs by
+        score (a job is due when its score is at most now: a priority's band, or a plain time come due), and
+        the jobs running or waiting are the ones the live workers' heartbeats list (they stay in the queue,
+        due, until they end)."""
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(self.settings.queue_name, "-inf", now_ms)
+            pipe.zcount(self.settings.queue_name, f"({now_ms}", "+inf")
+            due, deferred = await pipe.execute()
+        return JobCounts.of(int(due), int(deferred), workers)
+
     async def status(self, *, records: bool = True) -> StatusReport:
         """Jobs by state, records by status, the pause, outages, the failure streak and the live workers.
 
-        What lives in Redis is always shown; when PocketBase can't be read, `records_error` says so."""
-        now_ms = time.time() * 1000
+        What lives in Redis is always shown; when PocketBase can't be read, `records_error` says so. The record
+        counts are shared by every viewer for RECORD_COUNTS_MAX_AGE seconds (`records_as_of` says when they were
+        counted)."""
         with redis_errors(self.settings):
-            members = await self.redis.zrange(self.settings.queue_name, 0, -1, withscores=True)
-            running = 0
-            if members:
-                flags = await self.redis.exists(*(in_progress_key_prefix + m.decode() for m, _ in members))
-                running = int(flags)
-            due = sum(1 for _, score in members if score <= now_ms)
             workers = await self.state.workers()
-            waiting = sum(len(w.get("waiting") or []) for w in workers)
+            jobs = await self.count_jobs(workers)
             report = StatusReport(
-                queued=due - running,
-                deferred=len(members) - due,
-                in_progress=max(0, running - waiting),
-                waiting=waiting,
+                jobs=jobs,
                 paused=await self.state.paused(),
                 consecutive_failures=await self.state.consecutive_failures(),
                 max_failed=self.settings.queue_max_failed,
@@ -203,9 +237,12 @@ class Control:
         if not records:
             return report
         try:
-            report.records = await count_by_status(self.pocketbase)
+            with redis_errors(self.settings):
+                seen = await self.record_counts.read()
         except ImagegenError as exc:
             report.records_error = str(exc)
+        else:
+            report.records, report.records_as_of = seen.counts, seen.as_of
         return report
 
     async def queue_figures(self) -> QueueFigures:
@@ -213,14 +250,8 @@ class Control:
         report = await self.status()
         with redis_errors(self.settings):
             finished = await self.outcomes.totals()
-        jobs = {
-            "queued": report.queued,
-            "deferred": report.deferred,
-            "in_progress": report.in_progress,
-            "waiting": report.waiting,
-        }
         return QueueFigures(
-            jobs=jobs,
+            jobs=report.jobs.to_json(),
             paused=report.paused is not None,
             paused_source=report.paused.source if report.paused is not None else "",
             consecutive_failures=report.consecutive_failures,
@@ -228,6 +259,7 @@ class Control:
             workers=len(report.workers),
             finished=finished,
             records=report.records,
+            records_age=None if report.records_as_of is None else report.age_of_records(),
         )
 
     async def stage(self, prompt_id: str) -> StageView | None:
@@ -237,9 +269,9 @@ class Control:
             workers = await self.state.workers()
         live = None
         for worker in workers:
-            for job in worker.get("jobs") or []:
-                if job.get("job") == prompt_id:
-                    live = parse_live(job, float(worker.get("seen") or 0))
+            for job in worker.jobs:
+                if job.job == prompt_id:
+                    live = job.stage_view(worker.seen)
         return combine(recorded, live)
 
     def job(self, prompt_id: str) -> Job:
@@ -447,6 +479,7 @@ __all__ = [
     "EnqueueReport",
     "EnqueueTally",
     "ImagegenError",
+    "JobCounts",
     "JobReport",
     "StatusReport",
     "connect_queue",

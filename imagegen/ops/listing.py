@@ -77,6 +77,8 @@ async def list_tasks(control: Control, state: TaskState, *, page: int, per_page:
         pocketbase = control.pocketbase
         found = await list_status(pocketbase, status, page=page, per_page=per_page, search=search)
         return TaskPage(state, page, per_page, found.total, [TaskItem.of_record(r) for r in found.items])
+    if state is TaskState.DEFERRED and not search:
+        return await _deferred_page(control, page, per_page)
     every = await (_deferred(control) if state is TaskState.DEFERRED else _in_progress(control))
     matching = [item for item in every if search.lower() in item.id]
     start = (page - 1) * per_page
@@ -88,13 +90,22 @@ async def recent_activity(control: Control, limit: int) -> list[TaskItem]:
     return [TaskItem.of_record(record) for record in await control.pocketbase.recent(limit)]
 
 
-async def _deferred(control: Control) -> list[TaskItem]:
-    """Jobs in arq's queue whose time has not come, soonest first."""
+async def _deferred(control: Control, page: int = 1, per_page: int | None = None) -> list[TaskItem]:
+    """Jobs in arq's queue whose time has not come, soonest first: all of them, or one page."""
+    start, count = (None, None) if per_page is None else ((page - 1) * per_page, per_page)
     with redis_errors(control.settings):
         members = await control.redis.zrangebyscore(
-            control.settings.queue_name, f"({time.time() * 1000:.0f}", "+inf", withscores=True
+            control.settings.queue_name, f"({time.time() * 1000:.0f}", "+inf", start, count, withscores=True
         )
     return [TaskItem(member.decode(), scheduled_for=score / 1000) for member, score in members]
+
+
+async def _deferred_page(control: Control, page: int, per_page: int) -> TaskPage:
+    """One page of the deferred jobs without reading the others (a search reads them all)."""
+    items = await _deferred(control, page, per_page)
+    with redis_errors(control.settings):
+        total = await control.redis.zcount(control.settings.queue_name, f"({time.time() * 1000:.0f}", "+inf")
+    return TaskPage(TaskState.DEFERRED, page, per_page, int(total), items)
 
 
 async def _in_progress(control: Control) -> list[TaskItem]:
@@ -102,9 +113,9 @@ async def _in_progress(control: Control) -> list[TaskItem]:
     with redis_errors(control.settings):
         workers = await control.state.workers()
     items = [
-        (job.get("since") or 0.0, TaskItem(str(job["job"]), phase=str(job["phase"]), worker=str(worker["id"])))
+        (job.since, TaskItem(job.job, phase=job.phase, worker=worker.id))
         for worker in workers
-        for job in worker.get("jobs") or []
-        if job.get("phase") != "waiting"
+        for job in worker.jobs
+        if job.phase != "waiting"
     ]
     return [item for _, item in sorted(items, key=lambda pair: pair[0])]

@@ -147,6 +147,7 @@ class QueueFigures:
     workers: int
     finished: Mapping[str, int]  # jobs ended done / failed since the queue began
     records: Mapping[str, int] | None = None  # by status; None when PocketBase can't be read
+    records_age: float | None = None  # seconds since the record counts were counted (shared between viewers)
 
 
 class _QueueCollector(Collector):
@@ -195,7 +196,7 @@ class _QueueCollector(Collector):
         yield finished
         yield GaugeMetricFamily(
             "imagegen_records_up",
-            "1 when PocketBase answered the record counts of this scrape.",
+            "1 when the record counts of this scrape could be read (from PocketBase or their shared copy).",
             value=int(f.records is not None),
         )
         if f.records is not None:
@@ -203,6 +204,12 @@ class _QueueCollector(Collector):
             for status, count in f.records.items():
                 records.add_metric([status], count)
             yield records
+        if f.records_age is not None:
+            yield GaugeMetricFamily(
+                "imagegen_records_age_seconds",
+                "Seconds since the record counts were counted (shared by every viewer, RECORD_COUNTS_MAX_AGE).",
+                value=f.records_age,
+            )
 
 
 def queue_metrics(figures: QueueFigures) -> bytes:

@@ -36,6 +36,12 @@ class RedisKeys:
         self.watch_lease = f"{self.prefix}watch:lease"
         # When a worker of this queue last beat (never expires): `status` warns about a queue none ever used.
         self.worker_seen = f"{self.prefix}worker-seen"
+        # The live workers' ids, scored by when their heartbeat expires: read instead of scanning for them.
+        self.worker_index = f"{self.prefix}workers"
+        # The records' counts by status, shared by every viewer for RECORD_COUNTS_MAX_AGE seconds, and the
+        # lock of the one viewer counting them meanwhile (`record_counts`).
+        self.record_counts = f"{self.prefix}records:counts"
+        self.record_counts_lock = f"{self.prefix}records:counts:lock"
         # A collection with no status field: each record's `queued`/`processing`/`failed` and its error (hashes
         # by prompt id; `marks`).
         self.record_status = f"{self.prefix}records:status"

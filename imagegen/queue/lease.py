@@ -83,9 +83,11 @@ class PromptLease:
     async def ensure(self) -> None:
         """Raise LeaseLost unless this run still holds the lease (renewing it); call before paying or committing.
 
-        A lease renewed less than a quarter of its life ago can't have passed to another run yet (that takes
-        it expiring first), so the check is free then; otherwise it renews in Redis."""
-        if self.held and not self.released and time.monotonic() - self._confirmed < self._ttl / 4:
+        A lease renewed less than a third of its life ago can't have passed to another run yet (that takes
+        it expiring first), so the check is free then; otherwise it renews in Redis. The heartbeat renews every
+        lease a quarter of its life after the last renewal, so a run that waited for a generation slot finds
+        its lease fresh and starts its call the moment the slot frees, without a round trip."""
+        if self.held and not self.released and time.monotonic() - self._confirmed < self._ttl / 3:
             return
         if not await self.claim():
             raise LeaseLost(f"another run holds the lease on {self.prompt_id}; this run stops without paying")

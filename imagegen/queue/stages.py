@@ -125,9 +125,9 @@ class StageClock:
             seconds[self.stage] = seconds.get(self.stage, 0.0) + time.monotonic() - self._entered
         return [StageTiming(stage, seconds[stage], self._first[stage]) for stage in TIMED if stage in seconds]
 
-    def describe(self) -> dict[str, Any]:
-        """For the heartbeat: the current stage and this run's timings."""
-        return StageView(self.stage, self.since, self.timings()).to_json()
+    def view(self) -> StageView:
+        """The current stage and this run's timings (for the heartbeat)."""
+        return StageView(self.stage, self.since, self.timings())
 
 
 class StageLog:
@@ -165,17 +165,6 @@ def parse_record(raw: dict[bytes, bytes]) -> StageView | None:
                 started = float(fields.get(f"{stage.value}:at", view.since))
                 view.timings.append(StageTiming(stage, float(fields[stage.value]), started))
     except (KeyError, ValueError):
-        return None
-    return view
-
-
-def parse_live(job: dict[str, Any], seen: float) -> StageView | None:
-    """The stage of a running job as a worker's heartbeat, written at `seen`, describes it."""
-    try:
-        view = StageView(Stage(job["stage"]), float(job["stage_since"]), as_of=seen)
-        for entry in job.get("stages") or []:
-            view.timings.append(StageTiming(Stage(entry["stage"]), float(entry["seconds"]), float(entry["started"])))
-    except (KeyError, TypeError, ValueError):
         return None
     return view
 

@@ -9,7 +9,9 @@
 - consecutive failures: jobs that exhausted their attempts in a row; QUEUE_MAX_FAILED of them pause.
 - attempts: real attempts per prompt run; waiting while paused never counts, and a give-back stops at zero.
 - verdicts: a final outcome decided while the record store was down, written by the job's next run.
-- worker heartbeats: one key per live worker process, expiring shortly after it dies.
+- worker heartbeats: one key per live worker process, expiring shortly after it dies, and an index of them
+  (a sorted set scored by expiry) so that reading them costs a look at the live workers only, never a scan of
+  the keyspace (which holds a key per queued job).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import asyncio
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
+from loguru import logger
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from .beats import WorkerBeat
 from .keys import RedisKeys
 
 ATTEMPTS_TTL = 14 * 24 * 3600
@@ -162,10 +166,14 @@ class QueueState:
     async def forget_verdict(self, prompt_id: str) -> None:
         await self._redis.delete(self.keys.verdict(prompt_id))
 
-    async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl: float) -> None:
+    async def heartbeat(self, beat: WorkerBeat, ttl: float) -> None:
+        """Write a worker's heartbeat, alive for `ttl` seconds unless written again."""
+        now = time.time()
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.worker(worker_id), json.dumps(info), px=int(ttl * 1000))
-            pipe.set(self.keys.worker_seen, str(time.time()))
+            pipe.set(self.keys.worker(beat.id), beat.model_dump_json(), px=int(ttl * 1000))
+            pipe.zadd(self.keys.worker_index, {beat.id: now + ttl})
+            pipe.zremrangebyscore(self.keys.worker_index, "-inf", now)  # workers that died without a word
+            pipe.set(self.keys.worker_seen, str(now))
             await pipe.execute()
 
     async def last_worker_seen(self) -> float | None:
@@ -174,15 +182,25 @@ class QueueState:
         return float(raw) if raw is not None else None
 
     async def stop_heartbeat(self, worker_id: str) -> None:
-        await self._redis.delete(self.keys.worker(worker_id))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.worker(worker_id))
+            pipe.zrem(self.keys.worker_index, worker_id)
+            await pipe.execute()
 
-    async def workers(self) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        async for key in self._redis.scan_iter(match=self.keys.worker("*"), count=500):
-            raw = await self._redis.get(key)
-            if raw:
-                found.append(json.loads(raw))
-        return sorted(found, key=lambda w: str(w.get("id")))
+    async def workers(self) -> list[WorkerBeat]:
+        """The live workers' heartbeats, by id: two round trips, however long the queue."""
+        ids = await self._redis.zrangebyscore(self.keys.worker_index, time.time(), "+inf")
+        if not ids:
+            return []
+        found: list[WorkerBeat] = []
+        for raw in await self._redis.mget([self.keys.worker(i.decode()) for i in ids]):
+            if raw is None:
+                continue  # expired since the index was read
+            try:
+                found.append(WorkerBeat.model_validate_json(raw))
+            except ValidationError as exc:
+                logger.debug("a worker heartbeat that does not parse is left out: {}", exc)
+        return sorted(found, key=lambda beat: beat.id)
 
 
 class PauseGate:
@@ -193,12 +211,17 @@ class PauseGate:
         self._refresh = refresh
         self._checked = float("-inf")
         self._info: PauseInfo | None = None
+        self._reading = asyncio.Lock()
 
     async def current(self) -> PauseInfo | None:
-        now = time.monotonic()
-        if now - self._checked >= self._refresh:
-            self._info = await self._state.paused()
-            self._checked = now
+        """The pause as read at most `refresh` seconds ago. Runs that ask while it is being read again wait for
+        that one read: a wave of calls starting at once costs one round trip, not one each."""
+        if time.monotonic() - self._checked >= self._refresh:
+            async with self._reading:
+                started = time.monotonic()
+                if started - self._checked >= self._refresh:
+                    self._info = await self._state.paused()
+                    self._checked = started
         return self._info
 
     def invalidate(self) -> None:

@@ -6,7 +6,8 @@ imagegen changes three things about how, each an override in this class and nowh
 - **picking**: arq sleeps `poll_delay` between reads of the queue and re-reads its head each time. Here the
   worker polls the moment it is woken (jobs were queued, one of its jobs ended or lent its slot: `intake`),
   else every QUEUE_POLL_INTERVAL; and it starts only the due jobs nobody runs, highest priority first, that
-  `Intake.pick` returns (`_poll_iteration`, `start_jobs`, `_release_sem_dec_counter_on_complete`);
+  `Intake.claim` found and marked in progress in one step, all at once rather than arq's one check and start
+  after the other (`_poll_iteration`, `start_jobs`, `_release_sem_dec_counter_on_complete`);
 - **job slots**: a job whose paid call returned lends its job slot back while it stores its images
   (`slots`): the worker's `max_jobs` goes up by one for it and down when it ends, and arq's semaphore is made
   wide enough that `max_jobs` alone limits (`lend_job_slot`, `return_job_slot`);
@@ -62,6 +63,8 @@ OVERRIDDEN = {
     "handle_sig": ("self", "signum"),
     "handle_sig_wait_for_completion": ("self", "signum"),
 }
+# arq's methods called as arq itself calls them, with their parameters.
+CALLED = {"run_job": ("self", "job_id", "score")}
 ATTRIBUTES = (
     "max_jobs",
     "job_counter",
@@ -72,6 +75,8 @@ ATTRIBUTES = (
     "job_tasks",
     "main_task",
     "poll_delay_s",
+    "in_progress_timeout_s",
+    "loop",
 )
 ARGUMENTS = (
     "functions",
@@ -99,7 +104,7 @@ START_LINE = "%6.2fs → %s(%s)%s"
 def check_arq() -> None:
     """ConfigError naming arq's version when the installed arq is not shaped as this class expects."""
     problems = []
-    for name, parameters in OVERRIDDEN.items():
+    for name, parameters in {**OVERRIDDEN, **CALLED}.items():
         method = getattr(Worker, name, None)
         if method is None:
             problems.append(f"Worker.{name} is gone")
@@ -194,13 +199,19 @@ class ImagegenWorker(Worker):
     @override
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """`job_ids` is arq's read of the queue's head (one id: whether anything is due); the jobs started
-        are the due ones nobody runs, as many as there is room for."""
+        are the due ones nobody runs, as many as there is room for, claimed in one step and started at once
+        with arq's own bookkeeping (its `run_job` runs each, as from arq's `start_jobs`)."""
         room = self.max_jobs - self.job_counter
         if not job_ids or room <= 0:
             return
-        free = await self.started.intake.pick(room)
-        if free:
-            await super().start_jobs(free)
+        claimed = await self.started.intake.claim(room, int(self.in_progress_timeout_s * 1000))
+        for job_id_b, score in claimed:
+            job_id = job_id_b.decode()
+            await self.sem.acquire()  # never waits: `max_jobs` alone limits (see `_UNBOUNDED`)
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     @override
     def _release_sem_dec_counter_on_complete(self) -> None:

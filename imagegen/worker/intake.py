@@ -10,8 +10,10 @@ empty until the next poll; polling faster burns CPU while idle. Instead:
 
 arq also re-reads the head of its queue on every poll and checks the jobs there one at a time, although the
 head is mostly jobs already running (they stay in the queue until they finish); with a hundred running jobs
-that is hundreds of round trips per job started. Here one script returns just the due jobs nobody runs, as
-many as the worker has room for, and arq's own start (with its check against a double start) takes them.
+that is hundreds of round trips per job started. And arq starts the jobs it found one after the other, four
+round trips each (watch, check, mark in progress), so the first wave of a batch trickles in. Here one script
+finds the due jobs nobody runs, as many as the worker has room for, and marks each in progress in the same
+step (`claim`: atomic in Redis, so no two workers start one job); the worker then starts them all at once.
 
 `arqworker.ImagegenWorker` is what calls these: it waits on `wait()` between polls and starts what `pick()`
 returns; this module holds no reference to arq's worker.
@@ -38,7 +40,8 @@ from .periodic import Periodic
 # How far into the due part of the queue one pick looks for jobs nobody runs (and for retries come due).
 SCAN_LIMIT = 5000
 
-# KEYS: queue; ARGV: now ms, how many wanted, scan limit, in-progress key prefix, priority key prefix.
+# KEYS: queue; ARGV: now ms, how many wanted, scan limit, in-progress key prefix, priority key prefix, and the
+# milliseconds a claimed job's in-progress key lives (0: only look, claim nothing). Returns id, score, id, ...
 # Scores from 0 to now are arq's plain times come due (a retry after its backoff): each goes to the band of
 # its priority, due since that time, unless it runs (arq keeps a running job's score and does its own sums).
 _PICK = (
@@ -54,12 +57,15 @@ for i = 1, #plain, 2 do
   end
 end
 local ids = redis.call('zrangebyscore', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
-local wanted = tonumber(ARGV[2])
-local found = {}
+local wanted, claim_ms = tonumber(ARGV[2]), tonumber(ARGV[6])
+local found, taken = {}, 0
 for _, id in ipairs(ids) do
+  if taken >= wanted then break end
   if redis.call('exists', ARGV[4] .. id) == 0 then
+    if claim_ms > 0 then redis.call('set', ARGV[4] .. id, '1', 'PX', claim_ms) end
     found[#found + 1] = id
-    if #found >= wanted then break end
+    found[#found + 1] = redis.call('zscore', KEYS[1], id)
+    taken = taken + 1
   end
 end
 return found
@@ -100,9 +106,18 @@ class Intake(Periodic):
 
     async def pick(self, room: int, now_ms: int | None = None) -> list[bytes]:
         """Up to `room` due jobs nobody runs, highest priority first (retries come due re-scored first)."""
+        return [job_id for job_id, _ in await self._find(room, 0, now_ms)]
+
+    async def claim(self, room: int, in_progress_ms: int) -> list[tuple[bytes, int]]:
+        """Like `pick`, and each job found is marked in progress (for `in_progress_ms`, as arq marks a job it
+        starts) in the same atomic step; the jobs with their queue scores, for the worker to run."""
+        return await self._find(room, in_progress_ms, None)
+
+    async def _find(self, room: int, claim_ms: int, now_ms: int | None) -> list[tuple[bytes, int]]:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        args: list[str | int] = [now_ms, room, SCAN_LIMIT, in_progress_key_prefix, self._priority_prefix]
-        return list(await self._pick(keys=[self._queue], args=args))
+        args: list[str | int] = [now_ms, room, SCAN_LIMIT, in_progress_key_prefix, self._priority_prefix, claim_ms]
+        found = list(await self._pick(keys=[self._queue], args=args))
+        return [(found[i], int(float(found[i + 1]))) for i in range(0, len(found), 2)]
 
     def clear(self) -> None:
         """A poll begins: what woke the worker until now is being handled by it."""

@@ -24,6 +24,7 @@ from loguru import logger
 from redis.exceptions import RedisError
 
 from imagegen.errors import FailureKind, PocketBaseError, QueueError, ServiceDown, StorageError
+from imagegen.queue.beats import OutageSeen
 from imagegen.queue.connections import is_redis_outage
 from imagegen.queue.state import PauseGate, QueueState
 
@@ -74,9 +75,9 @@ class Outages:
         self._probes = probes
         self._down: dict[str, Outage] = {}
 
-    def snapshot(self) -> dict[str, dict[str, object]]:
+    def snapshot(self) -> dict[str, OutageSeen]:
         """The current outages, for the heartbeat."""
-        return {name: {"since": o.since, "error": o.error} for name, o in self._down.items()}
+        return {name: OutageSeen(since=o.since, error=o.error) for name, o in self._down.items()}
 
     async def call(self, service: str, step: Callable[[], Awaitable[T]], run: JobRun | None = None) -> T:
         """Run one step against `service`, waiting out outages; raises ServiceDown past the run's deadline."""

@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from imagegen.errors import JobInterrupted
+from imagegen.queue.beats import LiveJob, TimingSeen
 from imagegen.queue.lease import PromptLease
 from imagegen.queue.stages import Stage, StageClock
 
@@ -150,6 +151,8 @@ class JobRun:
         self.check_stop()
 
     def set_phase(self, phase: Phase) -> None:
+        if (phase is Phase.WAITING) != (self._phase is Phase.WAITING):
+            self.registry.changed.set()  # it moves between waiting and running in the heartbeat's counts
         self._phase = phase
         stage = _STAGE_OF.get(phase)
         if stage is not None:
@@ -164,14 +167,18 @@ class JobRun:
         self._interrupted = True
         self.task.cancel()
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "job": self.job_id,
-            "phase": self.phase.value,
-            "since": self.started,
-            "outage": self.outage,
-            **self.clock.describe(),
-        }
+    def describe(self) -> LiveJob:
+        """The run as the worker's heartbeat shows it."""
+        view = self.clock.view()
+        return LiveJob(
+            job=self.job_id,
+            phase=self.phase.value,
+            since=self.started,
+            outage=self.outage,
+            stage=view.stage,
+            stage_since=view.since,
+            stages=[TimingSeen(stage=t.stage, seconds=t.seconds, started=t.started) for t in view.timings],
+        )
 
 
 class Runs:
@@ -181,6 +188,8 @@ class Runs:
         self._runs: dict[str, JobRun] = {}
         self.stopping = False
         self.jobs_done = 0
+        # Set when a run opens, closes or starts or stops waiting for a resume: the heartbeat then says so soon.
+        self.changed = asyncio.Event()
 
     def open(
         self, job_id: str, prompt_id: str, lease: PromptLease, budget: float, queued_since: float | None = None
@@ -192,11 +201,13 @@ class Runs:
         if queued_since is not None:
             run.clock = StageClock(queued_since)
         self._runs[job_id] = run
+        self.changed.set()
         return run
 
     def close(self, run: JobRun) -> None:
         if self._runs.get(run.job_id) is run:
             del self._runs[run.job_id]
+            self.changed.set()
 
     def __iter__(self) -> Iterator[JobRun]:
         return iter(list(self._runs.values()))
