@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -100,14 +100,6 @@ class JobCounts:
         in_progress = sum(len(worker.running) for worker in workers)
         waiting = sum(len(worker.waiting) for worker in workers)
         return cls(max(0, due - in_progress - waiting), deferred, in_progress, waiting)
-
-    def to_json(self) -> dict[str, int]:
-        return {
-            "queued": self.queued,
-            "deferred": self.deferred,
-            "in_progress": self.in_progress,
-            "waiting": self.waiting,
-        }
 
 
 @dataclass
@@ -251,7 +243,7 @@ class Control:
         with redis_errors(self.settings):
             finished = await self.outcomes.totals()
         return QueueFigures(
-            jobs=report.jobs.to_json(),
+            jobs=asdict(report.jobs),
             paused=report.paused is not None,
             paused_source=report.paused.source if report.paused is not None else "",
             consecutive_failures=report.consecutive_failures,

@@ -9,19 +9,9 @@ the debug log, as a worker that stopped beating would be.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from .stages import Stage, StageTiming, StageView
-
-
-class TimingSeen(BaseModel):
-    """The seconds a running job has spent in one stage so far."""
-
-    stage: Stage
-    seconds: float
-    started: float  # epoch
 
 
 class LiveJob(BaseModel):
@@ -35,12 +25,11 @@ class LiveJob(BaseModel):
     outage: str | None = None  # the service the run waits for
     stage: Stage
     stage_since: float
-    stages: list[TimingSeen] = Field(default_factory=list)
+    stages: list[StageTiming] = Field(default_factory=list)  # the seconds in each stage so far
 
     def stage_view(self, seen: float) -> StageView:
         """The job's stage and timings as of the heartbeat written at `seen`."""
-        timings = [StageTiming(t.stage, t.seconds, t.started) for t in self.stages]
-        return StageView(self.stage, self.stage_since, timings, as_of=seen)
+        return StageView(self.stage, self.stage_since, list(self.stages), as_of=seen)
 
 
 class OutageSeen(BaseModel):
@@ -66,8 +55,5 @@ class WorkerBeat(BaseModel):
     jobs_done: int = 0
     seen: float  # epoch of this heartbeat
 
-    def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
-
-__all__ = ["LiveJob", "OutageSeen", "TimingSeen", "WorkerBeat"]
+__all__ = ["LiveJob", "OutageSeen", "WorkerBeat"]

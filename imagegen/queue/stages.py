@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -61,9 +60,6 @@ class StageTiming:
     seconds: float
     started: float  # epoch
 
-    def to_json(self) -> dict[str, Any]:
-        return {"stage": self.stage.value, "seconds": round(self.seconds, 3), "started": self.started}
-
 
 @dataclass
 class StageView:
@@ -73,13 +69,6 @@ class StageView:
     since: float  # epoch the current stage began
     timings: list[StageTiming] = field(default_factory=list)
     as_of: float | None = None  # for a running job: the epoch of the heartbeat it was read from
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage.value,
-            "stage_since": self.since,
-            "stages": [timing.to_json() for timing in self.timings],
-        }
 
 
 class StageClock:

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from imagegen.errors import JobInterrupted
-from imagegen.queue.beats import LiveJob, TimingSeen
+from imagegen.queue.beats import LiveJob
 from imagegen.queue.lease import PromptLease
 from imagegen.queue.stages import Stage, StageClock
 
@@ -177,7 +177,7 @@ class JobRun:
             outage=self.outage,
             stage=view.stage,
             stage_since=view.since,
-            stages=[TimingSeen(stage=t.stage, seconds=t.seconds, started=t.started) for t in view.timings],
+            stages=view.timings,
         )
 
 
