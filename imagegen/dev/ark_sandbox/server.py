@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from imagegen.dev.jimeng_sandbox.modes import EXPIRED_BODY, NGINX_502, slow_delay
+from imagegen.dev.jimeng_sandbox.modes import EXPIRED_BODY, network_fault, slow_delay
 from imagegen.dev.jimeng_sandbox.render import render_image
 from imagegen.dev.jimeng_sandbox.scripts import OutcomeScripts
 from imagegen.dev.jimeng_sandbox.site import AppThread, serve_app
@@ -236,14 +236,9 @@ class ArkSandbox:
             retry = self.config.retry_after
             headers = {"Retry-After": str(retry)} if ERRORS[mode][0] == 429 and retry is not None else None
             return self._error(mode, headers=headers)
-        if mode == "html-502":
-            return web.Response(status=502, text=NGINX_502, content_type="text/html")
-        if mode == "hang":
-            await asyncio.sleep(3600)
-        if mode == "drop":
-            assert request.transport is not None
-            request.transport.close()
-            raise asyncio.CancelledError
+        fault = await network_fault(request, mode)
+        if fault is not None:
+            return fault
         return web.json_response(await self._success(request, asked))
 
     async def _success(self, request: web.Request, asked: _Request) -> dict[str, Any]:

@@ -7,7 +7,10 @@ errors with HTTP 200 and `{"code", "message", "data": null}`.
 
 from __future__ import annotations
 
+import asyncio
 import re
+
+from aiohttp import web
 
 MARKER = re.compile(r"\[\[jimeng:([^\]]+)\]\]")
 
@@ -74,3 +77,17 @@ def marker_mode(prompt: str) -> str | None:
     """The outcome a prompt asks for with `[[jimeng:<mode>]]`, if any."""
     found = MARKER.search(prompt)
     return found.group(1) if found else None
+
+
+async def network_fault(request: web.Request, mode: str) -> web.Response | None:
+    """How the faults on the way to an API play out, in either fake: a proxy's HTML 502 page, a call that never
+    answers, a connection dropped mid-call. None for any other mode."""
+    if mode == "html-502":
+        return web.Response(status=502, text=NGINX_502, content_type="text/html")
+    if mode == "hang":
+        await asyncio.sleep(3600)
+    if mode == "drop":
+        assert request.transport is not None
+        request.transport.close()
+        raise asyncio.CancelledError
+    return None

@@ -21,7 +21,15 @@ from aiohttp import web
 
 from imagegen.models import ImageType
 
-from .modes import EXPIRED_BODY, HTTP_ERRORS, NGINX_502, PROXY_ERRORS, TRANSIENT_MODES, is_known, marker_mode
+from .modes import (
+    EXPIRED_BODY,
+    HTTP_ERRORS,
+    PROXY_ERRORS,
+    TRANSIENT_MODES,
+    is_known,
+    marker_mode,
+    network_fault,
+)
 from .render import FORMAT_CYCLE, render_image
 from .scripts import ANY_PROMPT, OutcomeScripts
 from .site import serve_app
@@ -337,18 +345,13 @@ class JimengSandbox:
             headers = {"Retry-After": str(self.config.retry_after)} if status == 429 else {}
             body = {"error": {"message": f"gateway: {kind.replace('_', ' ')}", "type": kind, "code": status}}
             return web.json_response(body, status=status, headers=headers)
-        if mode == "html-502":
-            return web.Response(status=502, text=NGINX_502, content_type="text/html")
         if mode == "nonjson":
             return web.Response(text="upstream error: please retry later", content_type="text/plain")
         if mode == "empty":
             return web.json_response({"created": int(time.time()), "data": []})
-        if mode == "hang":
-            await asyncio.sleep(3600)
-        if mode == "drop":
-            assert request.transport is not None
-            request.transport.close()
-            raise asyncio.CancelledError
+        fault = await network_fault(request, mode)
+        if fault is not None:
+            return fault
         assert rendering is not None
         images = await rendering
         return web.json_response({"created": int(time.time()), "data": self._new_images(request, prompt, mode, images)})
